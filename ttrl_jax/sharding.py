@@ -1,0 +1,198 @@
+"""Device mesh, logical-axis rules tables, and sharded initialisation.
+
+Mesh axis names appear only in this file; everything else speaks of logical axes (batch, embed,
+heads, ...). Two tables, one per mode: training shards params FSDP-style over `data` and
+tensor-parallel over `model`; sampling keeps params replicated over `data` (tensor-parallel
+only) so a decode step does no per-token all-gather of weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from ttrl_jax import model as model_lib
+
+MESH_AXES = ("data", "model")
+Rules = tuple[tuple[str, str | None], ...]
+
+TRAIN_RULES: Rules = (
+    ("batch", "data"),
+    ("embed", "data"),  # FSDP: every weight matrix is split along its model dimension
+    ("vocab", "model"),
+    ("heads", "model"),
+    ("kv_heads", "model"),
+    ("mlp", "model"),
+    ("head_dim", None),
+    ("layers", None),
+    ("seq", None),
+    ("act_embed", None),
+    ("cache_seq", None),
+)
+
+SAMPLE_RULES: Rules = (
+    ("batch", "data"),
+    ("embed", None),  # replicated over data: decode reads weights locally
+    ("vocab", "model"),
+    ("heads", "model"),
+    ("kv_heads", "model"),
+    ("mlp", "model"),
+    ("head_dim", None),
+    ("layers", None),
+    ("seq", None),
+    ("act_embed", None),
+    ("cache_seq", None),
+)
+
+# Logical axes that fall back to replication when they do not divide the mesh axis: GQA models
+# often have fewer kv heads than tensor-parallel shards (Qwen2.5-1.5B: 2), and copying kv heads
+# is the standard remedy. Every other non-dividing dimension is an error.
+REPLICATE_IF_INDIVISIBLE = frozenset({"kv_heads"})
+
+
+def parse_mesh_shape(spec: str) -> tuple[int, int]:
+    """'4x4' -> (4, 4); 'auto' -> (all devices, 1)."""
+    if spec == "auto":
+        return (jax.device_count(), 1)
+    try:
+        d, m = (int(s) for s in spec.lower().split("x"))
+    except ValueError:
+        raise ValueError(
+            f"mesh {spec!r} is not of the form DxM (e.g. 4x4: data=4, model=4) or 'auto'"
+        ) from None
+    if d < 1 or m < 1:
+        raise ValueError(f"mesh {spec!r}: both sizes must be at least 1")
+    return d, m
+
+
+def make_mesh(spec: str | tuple[int, int] = "auto", devices: Sequence[Any] | None = None) -> Mesh:
+    """A (data, model) mesh over all devices; D×M must equal the device count."""
+    d, m = parse_mesh_shape(spec) if isinstance(spec, str) else spec
+    devices = list(devices) if devices is not None else jax.devices()
+    if d * m != len(devices):
+        raise ValueError(
+            f"mesh {d}x{m} needs {d * m} devices but {len(devices)} are available "
+            f"({jax.process_count()} process(es)); choose D and M with D*M = {len(devices)}"
+        )
+    return jax.make_mesh(
+        (d, m), MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices
+    )
+
+
+def mesh_axes_for(logical: Sequence[str | None], rules: Rules) -> PartitionSpec:
+    """Logical axis names -> a PartitionSpec of mesh axes."""
+    return nn.logical_to_mesh_axes(tuple(logical), rules)
+
+
+def logical_to_shardings(
+    shapes: Any, logical: Any, mesh: Mesh, rules: Rules, what: str = "params"
+) -> Any:
+    """NamedShardings for a pytree of shapes, checking that every sharded dimension divides.
+
+    Args:
+      shapes: pytree of arrays or ShapeDtypeStructs.
+      logical: matching pytree of logical PartitionSpecs (tuples of logical names).
+      mesh: the device mesh.
+      rules: a rules table (TRAIN_RULES or SAMPLE_RULES).
+      what: a word for error messages.
+
+    Returns:
+      The matching pytree of NamedShardings.
+    """
+    shape_leaves, treedef = jax.tree.flatten_with_path(shapes)
+    spec_leaves = treedef.flatten_up_to(
+        jax.tree.map(lambda s: s, logical, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    )
+    out = []
+    for (path, x), names in zip(shape_leaves, spec_leaves):
+        names = tuple(names) if names is not None else (None,) * len(x.shape)
+        axes = list(mesh_axes_for(names, rules))
+        axes += [None] * (len(x.shape) - len(axes))
+        for i, (dim, axis) in enumerate(zip(x.shape, axes)):
+            size = _axis_size(mesh, axis)
+            if dim % size == 0:
+                continue
+            if names[i] in REPLICATE_IF_INDIVISIBLE:
+                axes[i] = None
+                continue
+            raise ValueError(
+                f"{what} {jax.tree_util.keystr(path)} with shape {tuple(x.shape)}: dimension {i} "
+                f"({names[i]}={dim}) does not divide over mesh axis {axis!r} of size {size}; "
+                f"choose a mesh whose {axis!r} size divides {dim}"
+            )
+        out.append(NamedSharding(mesh, PartitionSpec(*axes)))
+    return treedef.unflatten(out)
+
+
+def _axis_size(mesh: Mesh, axis: str | tuple[str, ...] | None) -> int:
+    if axis is None:
+        return 1
+    names = (axis,) if isinstance(axis, str) else axis
+    return math.prod(mesh.shape[a] for a in names)
+
+
+def param_shardings(cfg: model_lib.ModelConfig, mesh: Mesh, rules: Rules) -> Any:
+    """NamedShardings for the params of `cfg` under one rules table."""
+    shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+    return logical_to_shardings(shapes, model_lib.param_logical_axes(cfg), mesh, rules)
+
+
+def cache_shardings(cache_shapes: Any, mesh: Mesh, rules: Rules) -> Any:
+    """NamedShardings for a KVCache (or its ShapeDtypeStructs)."""
+    return logical_to_shardings(
+        cache_shapes, model_lib.CACHE_LOGICAL_AXES, mesh, rules, what="kv cache"
+    )
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = SAMPLE_RULES) -> NamedSharding:
+    """Leading axis over the batch (data) axis, the rest replicated."""
+    return NamedSharding(mesh, mesh_axes_for(("batch",) + (None,) * (ndim - 1), rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules):
+    """Makes the mesh and rules visible to `nn.with_logical_constraint` (use inside jit)."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def with_rules(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
+    """Wraps `fn` so that it is always traced under `activate(mesh, rules)`."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with activate(mesh, rules):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def sharded_init(cfg: model_lib.ModelConfig, mesh: Mesh, rules: Rules, key: jax.Array) -> Any:
+    """Random params created directly in their sharded layout (never whole on one device)."""
+    shardings = param_shardings(cfg, mesh, rules)
+    init = with_rules(lambda k: model_lib.init_params(cfg, k), mesh, rules)
+    return jax.jit(init, out_shardings=shardings)(key)
+
+
+def reshard(tree: Any, shardings: Any) -> Any:
+    """Moves a pytree to new shardings (e.g. train layout -> sample layout)."""
+    return jax.device_put(tree, shardings)
+
+
+def spec_snapshot(shardings: Any) -> dict[str, str]:
+    """'param/path' -> str(PartitionSpec), for golden tests and logs."""
+    flat = jax.tree.flatten_with_path(shardings)[0]
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): str(tuple(s.spec)) for path, s in flat
+    }
