@@ -1,0 +1,434 @@
+"""The compiled TTRL train step: vote → rewards → select → advantages → GRPO mini-batch updates.
+
+One jit does all of it, so a step is one dispatch: the host's only work between sampling and
+the update is turning response text into answer ids (rewards.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from ttrl_jax import grpo
+from ttrl_jax import model as model_lib
+from ttrl_jax import sharding as sharding_lib
+
+REWARDS = ("majority", "soft_frequency", "self_certainty", "evol_novelty")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static settings of the train step (changing one recompiles)."""
+
+    n_train: int  # responses per prompt used for the update (N_train <= N_vote)
+    mini_batch_prompts: int = 1  # prompts per optimizer update (upstream: 1 × 32 responses)
+    micro_batch_rows: int = 0  # rows per gradient-accumulation slice; 0 = whole mini-batch
+    reward: str = "majority"
+    random_select: bool = True  # random N_train subset (default) or the first N_train
+    use_kl: bool = True  # k3 KL to the initial policy (needs ref params)
+    use_entropy_bonus: bool = False
+    dual_clip: float | None = 3.0
+    recompute_old_logp: bool = True  # verl recomputes; False uses the sampler's log-probs
+    ettrl: bool = False
+    logit_chunk: int = 512  # positions unembedded at once (bounds the B×T×V logits)
+
+    def __post_init__(self):
+        if self.reward not in REWARDS:
+            raise ValueError(f"unknown reward {self.reward!r}; choose one of {REWARDS}")
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"dual_clip={self.dual_clip} must be > 1 or None")
+
+
+@flax.struct.dataclass
+class StepHyper:
+    """Traced scalars of the step (changing one never recompiles)."""
+
+    temperature: jax.Array  # rollout temperature: log-probs are of logits / temperature
+    clip_low: jax.Array
+    clip_high: jax.Array
+    kl_coef: jax.Array
+    entropy_coef: jax.Array
+    min_majority_ratio: jax.Array  # SRT prompt filter; 0 keeps every prompt with an answer
+    ettrl_alpha: jax.Array
+
+    @classmethod
+    def make(cls, temperature=1.0, clip_low=0.2, clip_high=0.2, kl_coef=0.001,
+             entropy_coef=0.0, min_majority_ratio=0.0, ettrl_alpha=0.0) -> StepHyper:  # fmt: skip
+        f = lambda v: jnp.asarray(v, jnp.float32)
+        return cls(f(temperature), f(clip_low), f(clip_high), f(kl_coef), f(entropy_coef),
+                   f(min_majority_ratio), f(ettrl_alpha))  # fmt: skip
+
+
+@flax.struct.dataclass
+class StepBatch:
+    """One rollout batch as the train step consumes it (R = response length)."""
+
+    prompt_PT: jax.Array  # int32, left-padded
+    prompt_mask_PT: jax.Array  # bool
+    response_PNR: jax.Array  # int32, padded after the stop token
+    response_mask_PNR: jax.Array  # bool, True up to and including the stop token
+    logp_PNR: jax.Array  # float32, rollout log-probs of the sampled tokens
+    entropy_PNR: jax.Array  # float32, rollout per-token entropies
+    answer_id_PN: jax.Array  # int32, -1 = no answer
+    gold_id_P: jax.Array  # int32, -1 = no gold label (metrics only, never trained on)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32: optimizer updates done so far
+    params: Any
+    opt_state: Any
+
+
+def make_optimizer(
+    lr: float,
+    total_updates: int,
+    warmup_ratio: float = 0.03,
+    min_lr_ratio: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    weight_decay: float = 0.01,
+    grad_clip: float = 1.0,
+    schedule: str = "cosine",
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with global-norm clipping and a warmup + cosine (or constant) schedule."""
+    warmup = int(warmup_ratio * total_updates)
+    if schedule == "cosine":
+        lr_fn = optax.warmup_cosine_decay_schedule(
+            0.0, lr, warmup, max(total_updates, warmup + 1), end_value=lr * min_lr_ratio
+        )
+    elif schedule == "constant":
+        lr_fn = optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)],
+            [warmup],
+        )
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}; choose 'cosine' or 'constant'")
+    tx = optax.chain(
+        optax.clip_by_global_norm(grad_clip),
+        optax.adamw(lr_fn, b1=b1, b2=b2, weight_decay=weight_decay),
+    )
+    return tx, lr_fn
+
+
+def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def sequence_inputs(prompt_BT, prompt_mask_BT, response_BR, response_mask_BR):
+    """Prompt and response joined into one sequence: tokens, mask, positions."""
+    tokens_BS = jnp.concatenate([prompt_BT, response_BR], axis=1)
+    mask_BS = jnp.concatenate([prompt_mask_BT, response_mask_BR], axis=1)
+    return tokens_BS, mask_BS, model_lib.left_pad_positions(mask_BS)
+
+
+def response_logp(
+    cfg: model_lib.ModelConfig,
+    params: Any,
+    prompt_BT: jax.Array,
+    prompt_mask_BT: jax.Array,
+    response_BR: jax.Array,
+    response_mask_BR: jax.Array,
+    temperature: jax.Array,
+    *,
+    with_entropy: bool = False,
+    with_self_certainty: bool = False,
+    with_features: bool = False,
+    logit_chunk: int = 512,
+) -> dict[str, jax.Array]:
+    """Log-probs (of logits / temperature) of the response tokens, plus optional extras.
+
+    The vocabulary projection runs over chunks of positions under `jax.checkpoint`, so the
+    full B×R×V logits never exist at once, in the forward or the backward pass.
+
+    Returns:
+      dict with "logp_BR", and "entropy_BR", "self_certainty_BR" (raw logits, temperature 1),
+      "feature_BD" (mean final hidden state over the response) when asked for.
+    """
+    tokens_BS, mask_BS, positions_BS = sequence_inputs(
+        prompt_BT, prompt_mask_BT, response_BR, response_mask_BR
+    )
+    module = model_lib.Transformer(cfg)
+    h_BSD, _ = module.apply(params, tokens_BS, positions_BS, mask_BS, return_hidden=True)
+    T, R = prompt_BT.shape[1], response_BR.shape[1]
+    # Position t predicts token t + 1: responses are predicted from positions T-1 .. T+R-2.
+    h_BRD = h_BSD[:, T - 1 : T + R - 1]
+    chunk = min(logit_chunk, R)
+    n_chunks = -(-R // chunk)
+    pad = n_chunks * chunk - R
+    h_CBcD = jnp.pad(h_BRD, ((0, 0), (0, pad), (0, 0)))
+    h_CBcD = h_CBcD.reshape(h_BRD.shape[0], n_chunks, chunk, -1).swapaxes(0, 1)
+    target_CBc = jnp.pad(response_BR, ((0, 0), (0, pad))).reshape(-1, n_chunks, chunk)
+    target_CBc = target_CBc.swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_chunk(h_BcD, target_Bc):
+        logits_BcV = module.apply(params, h_BcD, method=model_lib.Transformer.unembed)
+        logp_BcV = jax.nn.log_softmax(logits_BcV / temperature, axis=-1)
+        out = {"logp": jnp.take_along_axis(logp_BcV, target_Bc[..., None], axis=-1)[..., 0]}
+        if with_entropy:
+            out["entropy"] = -(jnp.exp(logp_BcV) * logp_BcV).sum(-1)
+        if with_self_certainty:
+            out["self_certainty"] = grpo.token_self_certainty(logits_BcV)
+        return out
+
+    outs = jax.lax.map(lambda xs: one_chunk(*xs), (h_CBcD, target_CBc))
+    result = {
+        k + "_BR": v.swapaxes(0, 1).reshape(h_BRD.shape[0], -1)[:, :R] for k, v in outs.items()
+    }
+    if with_features:
+        w_BR1 = response_mask_BR[..., None].astype(jnp.float32)
+        result["feature_BD"] = (h_BRD.astype(jnp.float32) * w_BR1).sum(1) / jnp.maximum(
+            w_BR1.sum(1), 1.0
+        )
+    return result
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def _rows(x_PK, n_groups: int):
+    """[P, K, ...] -> [n_groups, P*K/n_groups, ...] (consecutive rows stay together)."""
+    flat = x_PK.reshape((-1,) + x_PK.shape[2:])
+    return flat.reshape((n_groups, -1) + flat.shape[1:])
+
+
+def train_step(
+    state: TrainState,
+    ref_params: Any,
+    batch: StepBatch,
+    key: jax.Array,
+    hyper: StepHyper,
+    *,
+    cfg: model_lib.ModelConfig,
+    step_cfg: StepConfig,
+    tx: optax.GradientTransformation,
+    lr_fn: optax.Schedule,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One TTRL step on a rollout batch; pure, meant to run under `jax.jit`.
+
+    Args:
+      state: params and optimizer state (fp32 master params).
+      ref_params: the initial policy for the k3 KL penalty (ignored unless step_cfg.use_kl).
+      batch: the rollout and its answer ids (gold ids only for metrics).
+      key: PRNG key for the response subset.
+      hyper: traced scalars (temperature, clip range, coefficients).
+      cfg: model architecture.
+      step_cfg: static settings.
+      tx, lr_fn: the optax optimizer and its schedule (for the lr metric).
+
+    Returns:
+      (new state, dict of scalar device metrics).
+    """
+    sc = step_cfg
+    P, N = batch.answer_id_PN.shape
+    K = sc.n_train
+    if P % sc.mini_batch_prompts:
+        raise ValueError(
+            f"batch of {P} prompts does not split into mini-batches of {sc.mini_batch_prompts}"
+        )
+    n_mini = P // sc.mini_batch_prompts
+    rows_mini = sc.mini_batch_prompts * K
+    rows_micro = sc.micro_batch_rows or rows_mini
+    if rows_mini % rows_micro:
+        raise ValueError(
+            f"mini-batch of {rows_mini} rows does not split into micro-batches of {rows_micro}"
+        )
+    n_micro = rows_mini // rows_micro
+
+    # 1. Vote over all N_vote responses, then choose the N_train to learn from.
+    majority_P, ratio_P = grpo.majority_vote(batch.answer_id_PN)
+    index_PK = grpo.select_responses(key, P, N, K, sc.random_select)
+    take = functools.partial(grpo.gather_responses, index_PK=index_PK)
+    answer_PK = take(batch.answer_id_PN)
+    response_PKR = take(batch.response_PNR)
+    rmask_PKR = take(batch.response_mask_PNR)
+    prompt_PKT = jnp.broadcast_to(batch.prompt_PT[:, None], (P, K) + batch.prompt_PT.shape[1:])
+    pmask_PKT = jnp.broadcast_to(
+        batch.prompt_mask_PT[:, None], (P, K) + batch.prompt_mask_PT.shape[1:]
+    )
+
+    # 2. Old (rollout-policy) and reference log-probs, one forward per micro-batch, no grad.
+    def forward_rows(params, with_extras):
+        def one(xs):
+            p, pm, r, rm = xs
+            return response_logp(
+                cfg, params, p, pm, r, rm, hyper.temperature,
+                with_self_certainty=with_extras and sc.reward == "self_certainty",
+                with_features=with_extras and sc.reward == "evol_novelty",
+                logit_chunk=sc.logit_chunk,
+            )  # fmt: skip
+
+        n = P * K // rows_micro
+        xs = tuple(_rows(x, n) for x in (prompt_PKT, pmask_PKT, response_PKR, rmask_PKR))
+        out = jax.lax.map(one, xs)
+        return {k: v.reshape((P, K) + v.shape[2:]) for k, v in out.items()}
+
+    if sc.recompute_old_logp:
+        old = forward_rows(state.params, with_extras=True)
+        logp_old_PKR = old["logp_BR"]
+    else:
+        old = forward_rows(state.params, with_extras=True) if sc.reward in (
+            "self_certainty", "evol_novelty") else {}  # fmt: skip
+        logp_old_PKR = take(batch.logp_PNR)
+    logp_old_PKR = jax.lax.stop_gradient(logp_old_PKR)
+    if sc.use_kl:
+        logp_ref_PKR = jax.lax.stop_gradient(forward_rows(ref_params, False)["logp_BR"])
+    else:
+        logp_ref_PKR = jnp.zeros_like(logp_old_PKR)
+
+    # 3. Rewards and advantages.
+    if sc.reward == "majority":
+        reward_PK = take(grpo.vote_reward(batch.answer_id_PN, majority_P))
+    elif sc.reward == "soft_frequency":
+        reward_PK = take(grpo.soft_frequency_reward(batch.answer_id_PN))
+    elif sc.reward == "self_certainty":
+        reward_PK = grpo.response_mean(old["self_certainty_BR"], rmask_PKR)
+    else:
+        reward_PK = grpo.evol_novelty_reward(old["feature_BD"], answer_PK, majority_P)
+    advantage_PK = grpo.group_advantages(reward_PK)
+    if sc.ettrl:
+        entropy_PK = grpo.response_mean(take(batch.entropy_PNR), rmask_PKR)
+        advantage_PK = grpo.ettrl_reshape(advantage_PK, entropy_PK, hyper.ettrl_alpha)
+    keep_P = grpo.prompt_filter_mask(ratio_P, hyper.min_majority_ratio) * (majority_P >= 0)
+    loss_mask_PKR = rmask_PKR & (keep_P[:, None, None] > 0)
+
+    # 4. Mini-batch updates; old log-probs stay those of the rollout policy throughout.
+    minis = tuple(
+        _rows(x, n_mini)
+        for x in (prompt_PKT, pmask_PKT, response_PKR, rmask_PKR, loss_mask_PKR,
+                  logp_old_PKR, logp_ref_PKR, advantage_PK)
+    )  # fmt: skip
+
+    def micro_loss(params, micro, num_tokens):
+        p, pm, r, rm, lm, lo, lr, adv = micro
+        out = response_logp(
+            cfg, params, p, pm, r, rm, hyper.temperature,
+            with_entropy=sc.use_entropy_bonus, logit_chunk=sc.logit_chunk,
+        )  # fmt: skip
+        return grpo.grpo_loss(
+            out["logp_BR"], lo, adv, lm,
+            logp_ref_BT=lr if sc.use_kl else None,
+            entropy_BT=out.get("entropy_BR"),
+            clip_low=hyper.clip_low, clip_high=hyper.clip_high, dual_clip=sc.dual_clip,
+            kl_coef=hyper.kl_coef if sc.use_kl else 0.0,
+            entropy_coef=hyper.entropy_coef if sc.use_entropy_bonus else 0.0,
+            num_tokens=num_tokens,
+        )  # fmt: skip
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def mini_update(carry, mini):
+        params, opt_state = carry
+        num_tokens = mini[4].sum()
+        micros = tuple(x.reshape((n_micro, rows_micro) + x.shape[1:]) for x in mini)
+
+        def accumulate(acc, micro):
+            return jax.tree.map(jnp.add, acc, grad_fn(params, micro, num_tokens)), None
+
+        first = jax.tree.map(lambda x: x[0], micros)
+        zero = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype),
+            jax.eval_shape(grad_fn, params, first, num_tokens),
+        )
+        ((loss, aux), grads), _ = jax.lax.scan(accumulate, zero, micros)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return (params, opt_state), {"loss": loss, "grad_norm": grad_norm, **aux}
+
+    (params, opt_state), mini_metrics = jax.lax.scan(
+        mini_update, (state.params, state.opt_state), minis
+    )
+    new_state = TrainState(step=state.step + n_mini, params=params, opt_state=opt_state)
+
+    # 5. Metrics (gold ids are used here only).
+    metrics = {k: v.mean() for k, v in mini_metrics.items()}
+    metrics["ratio_first_minibatch"] = mini_metrics["ratio_mean"][0]
+    metrics["lr"] = lr_fn(new_state.step - 1)
+    metrics.update(rollout_metrics(batch, majority_P, ratio_P, reward_PK, advantage_PK, keep_P))
+    return new_state, metrics
+
+
+def rollout_metrics(batch: StepBatch, majority_P, ratio_P, reward_PK, advantage_PK, keep_P):
+    """Per-step TTRL measurements; gold-dependent ones average over prompts with a label."""
+    answer_PN = batch.answer_id_PN
+    has_gold_P = batch.gold_id_P >= 0
+    n_gold = jnp.maximum(has_gold_P.sum(), 1)
+    correct_PN = (answer_PN == batch.gold_id_P[:, None]) & has_gold_P[:, None]
+    vote_PN = grpo.vote_reward(answer_PN, majority_P) > 0
+    length_PN = batch.response_mask_PNR.sum(-1)
+    gold_mean = lambda x_P: jnp.where(has_gold_P, x_P, 0.0).sum() / n_gold
+    return {
+        "majority_ratio": ratio_P.mean(),
+        "answered": (answer_PN >= 0).mean(),
+        "label_accuracy": gold_mean((majority_P == batch.gold_id_P).astype(jnp.float32)),
+        # Fraction of responses whose vote reward equals the reward gold labels would give.
+        "reward_accuracy": gold_mean((vote_PN == correct_PN).mean(-1)),
+        "rollout_accuracy": gold_mean(correct_PN.mean(-1)),
+        "pass_at_n_vote": gold_mean(correct_PN.any(-1).astype(jnp.float32)),
+        "reward_mean": reward_PK.mean(),
+        "advantage_abs_mean": jnp.abs(advantage_PK).mean(),
+        "prompts_kept": keep_P.mean(),
+        "entropy": grpo.masked_token_mean(batch.entropy_PNR, batch.response_mask_PNR),
+        "response_length": length_PN.mean(),
+        "response_length_max": length_PN.max(),
+    }
+
+
+def build_train_step(
+    cfg: model_lib.ModelConfig,
+    step_cfg: StepConfig,
+    tx: optax.GradientTransformation,
+    lr_fn: optax.Schedule,
+    mesh=None,
+    state_shardings: Any = None,
+    ref_shardings: Any = None,
+):
+    """The jitted step, with explicit shardings and the state donated.
+
+    Without a mesh it is a plain jit. With one, the state and reference params use the train
+    rules table (FSDP over data + tensor over model) and batch rows are split over data.
+    """
+    fn = functools.partial(train_step, cfg=cfg, step_cfg=step_cfg, tx=tx, lr_fn=lr_fn)
+    if mesh is None:
+        return jax.jit(fn, donate_argnames=("state",))
+    fn = sharding_lib.with_rules(fn, mesh, sharding_lib.TRAIN_RULES)
+    rows = lambda ndim: sharding_lib.batch_sharding(mesh, ndim, sharding_lib.TRAIN_RULES)
+    batch_shardings = StepBatch(
+        prompt_PT=rows(2), prompt_mask_PT=rows(2), response_PNR=rows(3),
+        response_mask_PNR=rows(3), logp_PNR=rows(3), entropy_PNR=rows(3),
+        answer_id_PN=rows(2), gold_id_P=rows(1),
+    )  # fmt: skip
+    rep = sharding_lib.replicated(mesh)
+    return jax.jit(
+        fn,
+        in_shardings=(state_shardings, ref_shardings, batch_shardings, rep, rep),
+        out_shardings=(state_shardings, rep),
+        donate_argnames=("state",),
+    )
+
+
+def state_shardings(cfg: model_lib.ModelConfig, tx, mesh) -> TrainState:
+    """TrainState shardings: params and their optimizer moments in the train layout."""
+    p_sh = sharding_lib.param_shardings(cfg, mesh, sharding_lib.TRAIN_RULES)
+    rep = sharding_lib.replicated(mesh)
+    p_shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+    # Adam moments mirror the params and take their shardings; counts are replicated.
+    opt_sh = optax.tree_map_params(
+        tx,
+        lambda _, sh: sh,
+        jax.eval_shape(tx.init, p_shapes),
+        p_sh,
+        transform_non_params=lambda _: rep,
+    )
+    return TrainState(step=rep, params=p_sh, opt_state=opt_sh)
