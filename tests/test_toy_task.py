@@ -1,0 +1,196 @@
+"""Toy task generator and toy tokenizer."""
+
+import json
+import re
+import string
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from ttrl_jax.toy import task
+from ttrl_jax.toy import tokenizer as toy_tokenizer
+
+_LINE_RE = re.compile(r"(\d+)([-+*])(\d)=(\d+)")
+
+
+def _solution_lines(response):
+    """(a, op, d, b) per step line, and the boxed value."""
+    *lines, last = response.split("\n")
+    steps = []
+    for line in lines:
+        match = _LINE_RE.fullmatch(line)
+        assert match, f"bad step line {line!r}"
+        a, op, d, b = match.groups()
+        steps.append((int(a), op, int(d), int(b)))
+    assert re.fullmatch(r"\\boxed\{\d+\}", last), last
+    return steps, task.extract_boxed_int(last)
+
+
+def _chat(tokenizer, question, response=None):
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+    return prompt if response is None else prompt + response + toy_tokenizer.IM_END
+
+
+# --- task ---------------------------------------------------------------------------------
+
+
+def test_apply_op_reduces_modulo_100():
+    assert task.apply_op(37, ("+", 8)) == 45
+    assert task.apply_op(3, ("-", 5)) == 98
+    assert task.apply_op(45, ("*", 3)) == 35
+    with pytest.raises(ValueError, match="Unknown operation"):
+        task.apply_op(1, ("/", 2))
+
+
+def test_question_and_solution_format():
+    problem = task.Problem(37, (("+", 8), ("*", 3), ("-", 5)))
+    assert problem.question == "Start at 37 and apply +8, *3, -5 in order, modulo 100."
+    assert task.format_solution(problem) == "37+8=45\n45*3=35\n35-5=30\n\\boxed{30}"
+    assert task.format_solution(problem, slip_step=1, slip_value=36) == (
+        "37+8=45\n45*3=36\n36-5=31\n\\boxed{31}"
+    )
+    assert problem.answer == 30
+
+
+def test_generators_are_deterministic_per_seed():
+    assert task.pretrain_examples(3, 50, slip_prob=0.3) == task.pretrain_examples(
+        3, 50, slip_prob=0.3
+    )
+    assert task.pretrain_examples(3, 50) != task.pretrain_examples(4, 50)
+    assert task.test_split(3, 20) == task.test_split(3, 20)
+    assert task.test_split(3, 20) != task.test_split(4, 20)
+    draw = lambda: task.make_problem(np.random.default_rng(7), 5)
+    assert draw() == draw()
+
+
+def test_clean_solutions_are_correct_and_lengths_in_range():
+    examples = task.pretrain_examples(0, 500, min_steps=2, max_steps=4, slip_prob=0.0)
+    assert not any(ex["slipped"] for ex in examples)
+    n_steps = set()
+    for ex in examples:
+        problem = task.parse_question(ex["prompt"])
+        n_steps.add(len(problem.ops))
+        assert task.is_correct(ex["prompt"], ex["response"])
+        assert task.extract_boxed_int(ex["response"]) == int(ex["answer"]) == problem.answer
+    assert n_steps == {2, 3, 4}
+
+
+def test_slips_happen_at_rate_and_chain_continues_from_them():
+    examples = task.pretrain_examples(1, 2000, slip_prob=0.3)
+    slipped = [ex["slipped"] for ex in examples]
+    assert 0.27 < np.mean(slipped) < 0.33
+    n_wrong_final = 0
+    for ex in examples:
+        problem = task.parse_question(ex["prompt"])
+        steps, boxed = _solution_lines(ex["response"])
+        assert [(op, d) for _, op, d, _ in steps] == list(problem.ops)
+        previous = [problem.start] + [b for *_, b in steps[:-1]]
+        assert [a for a, *_ in steps] == previous  # each line restates the last written value
+        n_wrong = sum(b != task.apply_op(a, (op, d)) for a, op, d, b in steps)
+        assert n_wrong == int(ex["slipped"])  # one slip, every later step computed correctly
+        assert boxed == steps[-1][3]
+        assert int(ex["answer"]) == problem.answer
+        n_wrong_final += boxed != problem.answer
+    # A slip is rarely erased later (only by a *2, *4, *5, ... that maps both values together).
+    assert 0.95 * sum(slipped) < n_wrong_final <= sum(slipped)
+
+
+def test_exclude_removes_questions():
+    questions = [ex["prompt"] for ex in task.pretrain_examples(0, 40)]
+    kept = task.pretrain_examples(0, 40, exclude=questions[:10])
+    assert len(kept) == 40
+    assert not {ex["prompt"] for ex in kept} & set(questions[:10])
+
+
+def test_test_split_rows_like_benchmark_files():
+    rows = task.test_split(0, 64, n_steps=5)
+    assert len({row["prompt"] for row in rows}) == 64
+    assert [row["id"] for row in rows] == [str(i) for i in range(64)]
+    json.dumps(rows)  # written as a benchmark file as is
+    for row in rows:
+        problem = task.parse_question(row["prompt"])
+        assert len(problem.ops) == 5
+        assert row["answer"] == str(problem.answer)
+    with pytest.raises(ValueError, match="distinct"):
+        task.test_split(0, 3000, n_steps=1)
+
+
+def test_is_correct_and_parse_errors():
+    question = task.Problem(37, (("+", 8),)).question
+    assert task.is_correct(question, "37+8=45\n\\boxed{45}")
+    assert task.is_correct(question, "\\boxed{12} no, \\boxed{ 45 }")
+    assert not task.is_correct(question, "37+8=45\n\\boxed{46}")
+    assert not task.is_correct(question, "37+8=45")
+    with pytest.raises(ValueError, match="Not a toy-task question"):
+        task.parse_question("What is 2+2?")
+
+
+# --- tokenizer ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return toy_tokenizer.build_tokenizer()
+
+
+def test_vocab_and_special_tokens(tokenizer):
+    assert len(tokenizer) == toy_tokenizer.VOCAB_SIZE == 128
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.pad_token == "<|endoftext|>"
+    assert tokenizer.bos_token is None
+    ids = tokenizer.convert_tokens_to_ids(list(toy_tokenizer.SPECIAL_TOKENS))
+    assert ids == [125, 126, 127]
+    for text in ["0", "7", "\\boxed", " *", "assistant"]:
+        assert len(tokenizer(text)["input_ids"]) == 1, text
+
+
+def test_round_trip(tokenizer):
+    ascii_text = string.digits + string.ascii_letters + string.punctuation + " \n"
+    texts = [ascii_text, "x's  3 .\n\n  end "]
+    for ex in task.pretrain_examples(5, 20, slip_prob=0.5):
+        texts += [ex["prompt"], ex["response"], _chat(tokenizer, ex["prompt"], ex["response"])]
+    for text in texts:
+        assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+def test_chat_template(tokenizer):
+    messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert rendered == (
+        "<|im_start|>system\nPut the final answer in \\boxed{}.<|im_end|>\n"
+        "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
+    )
+    with_system = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
+    prompt = tokenizer.apply_chat_template(with_system, tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n" + (
+        "<|im_start|>assistant\n"
+    )
+    ids = tokenizer(prompt)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids[-3:]) == ["<|im_start|>", "assistant", "Ċ"]
+
+
+@pytest.mark.parametrize("with_model_config", [False, True])
+def test_saved_folder_loads_with_auto_tokenizer(tmp_path, tokenizer, with_model_config):
+    toy_tokenizer.save_tokenizer(tmp_path)
+    if with_model_config:  # a qwen2 model folder: recent transformers pick Qwen2's class
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert (loaded.eos_token, loaded.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    assert len(loaded) == 128
+    ex = task.pretrain_examples(2, 1, min_steps=5, max_steps=5)[0]
+    assert _chat(loaded, ex["prompt"]) == _chat(tokenizer, ex["prompt"])
+    full = _chat(tokenizer, ex["prompt"], ex["response"])
+    assert loaded(full)["input_ids"] == tokenizer(full)["input_ids"]
+    assert loaded.decode(loaded(full)["input_ids"]) == full
+
+
+def test_token_lengths_within_budget(tokenizer):
+    for n_steps, max_full in [(5, 150), (6, 160)]:
+        for ex in task.pretrain_examples(6, 100, min_steps=n_steps, max_steps=n_steps):
+            prompt = _chat(tokenizer, ex["prompt"])
+            full = _chat(tokenizer, ex["prompt"], ex["response"])
+            assert len(tokenizer(prompt)["input_ids"]) <= 100
+            assert len(tokenizer(full)["input_ids"]) <= max_full
