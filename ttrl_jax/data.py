@@ -1,0 +1,563 @@
+"""Benchmarks → items → chat-templated prompt ids → left-padded buckets, and the prompt order.
+
+An item is a dict `{"id": str, "prompt": str, "answer": str | None, "source": str}`: the
+question text, the gold answer (used only for metrics, never for training) and a unique id.
+
+Built-in benchmarks come from the Hugging Face hub; each has a fixed field mapping
+(hub dataset, split: prompt field / gold field / id field):
+
+- aime24: HuggingFaceH4/aime_2024, train: problem / answer / id (30 items)
+- amc: AI-MO/aimo-validation-amc, train: problem / answer, a float / id (83, upstream's AMC-TTT)
+- math500: HuggingFaceH4/MATH-500, test: problem / answer / unique_id (500)
+- math500_l1..l5: the same, rows with level == k (43 / 90 / 105 / 128 / 134)
+- gpqa: Idavidrein/gpqa config gpqa_diamond, train: Question with the correct and three
+  incorrect answers as options A-D in a per-record shuffled order / the correct letter /
+  Record ID (198; gated: accept the terms on the hub, then set HF_TOKEN)
+- toy: ttrl_jax.toy.task.test_split: prompt / answer / id (synthetic, no download)
+
+AMC answers stay as upstream writes them ("142.0"); the answer checker compares values. Local
+files use the upstream TTRL format (`prompt`, `answer`, `id` or `unique_id`), see
+`load_benchmark`.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+Item = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class HubBenchmark:
+    """Where a built-in benchmark lives on the hub and how its fields map to an item."""
+
+    hub_id: str
+    hub_config: str | None
+    hub_split: str
+    prompt_field: str
+    answer_field: str
+    id_field: str
+    size: int  # number of items, to catch a changed upstream dataset
+    level: int | None = None  # keep only rows of this MATH difficulty level
+    multiple_choice: bool = False  # GPQA columns -> question with options and a letter
+
+
+_MATH500 = dict(
+    hub_id="HuggingFaceH4/MATH-500",
+    hub_config=None,
+    hub_split="test",
+    prompt_field="problem",
+    answer_field="answer",
+    id_field="unique_id",
+)
+_MATH500_LEVEL_SIZES = {1: 43, 2: 90, 3: 105, 4: 128, 5: 134}
+
+HUB_BENCHMARKS: dict[str, HubBenchmark] = {
+    "aime24": HubBenchmark(
+        "HuggingFaceH4/aime_2024", None, "train", "problem", "answer", "id", size=30
+    ),
+    "amc": HubBenchmark(
+        "AI-MO/aimo-validation-amc", None, "train", "problem", "answer", "id", size=83
+    ),
+    "math500": HubBenchmark(**_MATH500, size=500),
+    **{
+        f"math500_l{k}": HubBenchmark(**_MATH500, size=n, level=k)
+        for k, n in _MATH500_LEVEL_SIZES.items()
+    },
+    "gpqa": HubBenchmark(
+        "Idavidrein/gpqa",
+        "gpqa_diamond",
+        "train",
+        "Question",
+        "Correct Answer",
+        "Record ID",
+        size=198,
+        multiple_choice=True,
+    ),
+}
+TOY = "toy"
+BENCHMARK_NAMES = (*HUB_BENCHMARKS, TOY)
+# The toy split the packaged model was pretrained to leave out (ttrl_jax.toy.task.test_split).
+TOY_TEST_SEED = 0
+TOY_TEST_SIZE = 64
+
+# Accepted field names in local files, in order of preference.
+PROMPT_FIELDS = ("prompt", "problem", "question")
+ANSWER_FIELDS = ("answer",)
+ID_FIELDS = ("id", "unique_id")
+GPQA_FIELDS = ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2")
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+CHOICE_LETTERS = "ABCD"
+
+
+class HubLoadError(RuntimeError):
+    """A built-in benchmark could not be fetched from the Hugging Face hub."""
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_benchmark(name_or_path: str, split: str = "test") -> list[Item]:
+    """Loads a benchmark's items by name (see the module table) or from a local file/folder.
+
+    Args:
+      name_or_path: a name in BENCHMARK_NAMES, or a path. A file may be a JSON array, JSONL,
+        parquet or CSV of records with `prompt` (or `problem`/`question`), optional `answer`
+        and optional `id` (or `unique_id`; default: the row index). Upstream's verl parquet
+        rows (`prompt` = chat messages, `reward_model.ground_truth`, `extra_info.index`) and
+        GPQA CSV rows (`Question`, `Correct Answer`, `Incorrect Answer 1..3`) also work. A
+        folder holds `{split}.json` (or .jsonl/.parquet/.csv), like upstream's `AIME-TTT/`.
+      split: the folder file to read; built-in benchmarks only have "test" (TTRL trains on the
+        test questions without their answers).
+
+    Returns:
+      Items `{"id", "prompt", "answer", "source"}` in file order, ids unique.
+
+    Raises:
+      FileNotFoundError: the path (or the folder's split file) does not exist.
+      ValueError: unknown name, records without the expected fields, empty or duplicate ids.
+      HubLoadError: the hub could not provide a built-in benchmark.
+    """
+    if name_or_path in BENCHMARK_NAMES:  # names win; write ./amc for a local folder "amc"
+        if split != "test":
+            raise ValueError(
+                f"benchmark '{name_or_path}' has only the 'test' split (TTRL trains on the "
+                f"test questions without their labels); got split={split!r}"
+            )
+        if name_or_path == TOY:
+            return _load_toy()
+        return _load_hub(name_or_path, HUB_BENCHMARKS[name_or_path])
+    path = Path(name_or_path)
+    if path.is_dir():
+        return _load_file(_split_file(path, split))
+    if path.is_file():
+        return _load_file(path)
+    if os.sep in name_or_path or path.suffix in LOCAL_SUFFIXES:
+        raise FileNotFoundError(f"benchmark file or folder {name_or_path} does not exist")
+    raise ValueError(
+        f"unknown benchmark {name_or_path!r}: not one of {', '.join(BENCHMARK_NAMES)} and not an "
+        "existing file or folder (set data.path to a local file in the TTRL format)"
+    )
+
+
+def _split_file(folder: Path, split: str) -> Path:
+    for suffix in LOCAL_SUFFIXES:
+        candidate = folder / f"{split}{suffix}"
+        if candidate.is_file():
+            return candidate
+    present = sorted(p.name for p in folder.iterdir())
+    raise FileNotFoundError(
+        f"benchmark folder {folder} has no '{split}' split: expected one of "
+        f"{', '.join(split + s for s in LOCAL_SUFFIXES)}; found {present or 'nothing'}"
+    )
+
+
+def _load_file(path: Path) -> list[Item]:
+    # Upstream keeps each benchmark in a folder of {split}.json files: the folder names it.
+    source = path.parent.name if path.stem in ("test", "train") else path.stem
+    return _records_to_items(_read_records(path), source=source, origin=str(path))
+
+
+def _read_records(path: Path) -> list[Any]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    if suffix not in (".json", ".jsonl"):
+        raise ValueError(
+            f"benchmark file {path}: unsupported suffix {suffix!r}; use one of "
+            f"{', '.join(LOCAL_SUFFIXES)}"
+        )
+    text = path.read_text(encoding="utf-8")
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError:
+        loaded = None  # JSON lines: several documents in one file
+    if isinstance(loaded, list):
+        return loaded
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ValueError(f"benchmark file {path}: expected a JSON array of objects or JSON lines")
+    try:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"benchmark file {path} is neither a JSON array nor JSON lines: {e}"
+        ) from None
+
+
+def _records_to_items(records: Sequence[Any], source: str, origin: str) -> list[Item]:
+    """Maps raw records onto items; `origin` names the file (or function) in errors."""
+    if not records:
+        raise ValueError(f"benchmark {origin} has no records")
+    items = []
+    for index, record in enumerate(records):
+        if not isinstance(record, Mapping):
+            raise ValueError(
+                f"benchmark {origin}: record {index} is a {type(record).__name__}, "
+                "expected an object with fields"
+            )
+        items.append(_record_to_item(record, index, source, origin))
+    _check_unique_ids(items, origin)
+    return items
+
+
+def _record_to_item(record: Mapping[str, Any], index: int, source: str, origin: str) -> Item:
+    if all(field in record for field in GPQA_FIELDS):
+        return _choice_item(record, index, source)
+    prompt = next((record[f] for f in PROMPT_FIELDS if record.get(f) is not None), None)
+    if isinstance(prompt, list):  # verl parquet: a list of chat messages
+        prompt = next((m.get("content") for m in reversed(prompt) if m.get("role") == "user"), None)
+    if not isinstance(prompt, str):
+        raise ValueError(
+            f"benchmark {origin}: record {index} has fields {sorted(record)}; expected a "
+            f"question in one of {', '.join(PROMPT_FIELDS)} (a string), optionally "
+            f"{', '.join(ANSWER_FIELDS)} and {' or '.join(ID_FIELDS)}"
+        )
+    answer = next((record[f] for f in ANSWER_FIELDS if record.get(f) is not None), None)
+    if answer is None and isinstance(record.get("reward_model"), Mapping):
+        answer = record["reward_model"].get("ground_truth")
+    item_id = next((record[f] for f in ID_FIELDS if record.get(f) is not None), None)
+    if item_id is None and isinstance(record.get("extra_info"), Mapping):
+        item_id = record["extra_info"].get("index")
+    return _item(prompt, answer, index if item_id is None else item_id, source, origin)
+
+
+def _item(prompt: str, answer: Any, item_id: Any, source: str, origin: str) -> Item:
+    if not prompt.strip():
+        raise ValueError(f"benchmark {origin}: item {item_id} has an empty question")
+    return {
+        "id": str(item_id),
+        "prompt": prompt,
+        "answer": None if answer is None else str(answer).strip(),
+        "source": source,
+    }
+
+
+def _choice_item(record: Mapping[str, Any], index: int, source: str) -> Item:
+    """GPQA row → question with options A-D in a per-record shuffled order, gold = a letter."""
+    question = str(record["Question"]).strip()
+    item_id = record.get("Record ID") or index
+    options = [str(record["Correct Answer"]).strip()] + [
+        str(record[f"Incorrect Answer {k}"]).strip()
+        for k in (1, 2, 3)
+        if record.get(f"Incorrect Answer {k}") is not None
+    ]
+    # Seeded by the record itself, so an option order never depends on row order or run.
+    digest = hashlib.sha256(f"{item_id}\n{question}".encode()).digest()
+    order = np.random.default_rng(int.from_bytes(digest[:8], "little")).permutation(len(options))
+    lines = [f"{CHOICE_LETTERS[i]}) {options[j]}" for i, j in enumerate(order)]
+    gold = CHOICE_LETTERS[int(np.flatnonzero(order == 0)[0])]
+    letters = ", ".join(CHOICE_LETTERS[: len(options)])
+    prompt = (
+        f"{question}\n\n" + "\n".join(lines) + "\n\nPut the letter of the correct option "
+        f"({letters}) in \\boxed{{}}."
+    )
+    return {"id": str(item_id), "prompt": prompt, "answer": gold, "source": source}
+
+
+def _check_unique_ids(items: Sequence[Item], origin: str) -> None:
+    counts = collections.Counter(it["id"] for it in items)
+    repeated = sorted(i for i, c in counts.items() if c > 1)
+    if repeated:
+        raise ValueError(
+            f"benchmark {origin}: ids must be unique, repeated: {repeated[:5]}; fix the file's "
+            "id/unique_id field or remove it (ids then default to the row index)"
+        )
+
+
+def _load_hub(name: str, spec: HubBenchmark) -> list[Item]:
+    where = spec.hub_id + (f" ({spec.hub_config})" if spec.hub_config else "")
+    try:
+        import datasets
+
+        rows = list(datasets.load_dataset(spec.hub_id, spec.hub_config, split=spec.hub_split))
+    except Exception as e:  # the hub raises many types: connection, gated, missing
+        raise HubLoadError(
+            f"cannot load benchmark '{name}' from the Hugging Face hub dataset {where}, split "
+            f"'{spec.hub_split}': {type(e).__name__}: {e}. Fix: download it where the hub is "
+            "reachable and pass the local file or folder with data.path=... (fields prompt, "
+            "answer, id); for gpqa also accept the dataset's terms and set HF_TOKEN."
+        ) from e
+    return hub_rows_to_items(name, rows)
+
+
+def hub_rows_to_items(name: str, rows: Sequence[Mapping[str, Any]]) -> list[Item]:
+    """Applies a built-in benchmark's field mapping (and level filter) to its hub rows."""
+    spec = HUB_BENCHMARKS[name]
+    origin = f"'{name}' ({spec.hub_id})"
+    if spec.level is not None:
+        rows = [r for r in rows if int(r["level"]) == spec.level]
+    required = (spec.prompt_field, spec.answer_field, spec.id_field)
+    if spec.multiple_choice:
+        required = GPQA_FIELDS
+    items = []
+    for index, row in enumerate(rows):
+        missing = [f for f in required if f not in row]
+        if missing:
+            raise ValueError(
+                f"benchmark {origin}: row {index} lacks {missing} (has {sorted(row)}); the hub "
+                "dataset changed its format, pass a local copy with data.path"
+            )
+        if spec.multiple_choice:
+            items.append(_choice_item(row, index, name))
+        else:
+            items.append(
+                _item(
+                    row[spec.prompt_field], row[spec.answer_field], row[spec.id_field], name, origin
+                )
+            )
+    _check_unique_ids(items, origin)
+    if len(items) != spec.size:
+        logger.warning("benchmark %s has %d items, expected %d", origin, len(items), spec.size)
+    return items
+
+
+def _load_toy() -> list[Item]:
+    from ttrl_jax.toy import task
+
+    records = task.test_split(seed=TOY_TEST_SEED, n=TOY_TEST_SIZE)
+    return _records_to_items(records, source=TOY, origin="ttrl_jax.toy.task.test_split")
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def chat_prompt_text(
+    question: str, tokenizer: Any, system_prompt: str | None, enable_thinking: bool | None = None
+) -> str:
+    """The chat template applied to one question as the user turn, ready for the assistant."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)!r} has no "
+            "chat template; use a checkpoint whose tokenizer_config.json defines chat_template"
+        )
+    messages = [{"role": "user", "content": question}]
+    if system_prompt is not None:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **kwargs
+    )
+
+
+def build_prompts(
+    items: Sequence[Item],
+    tokenizer: Any,
+    system_prompt: str | None,
+    max_prompt_tokens: int,
+    skip_long: bool,
+    enable_thinking: bool | None = None,
+) -> tuple[list[list[int]], list[Item], int]:
+    """Token ids of each item's chat prompt, checked against the prompt budget.
+
+    Args:
+      items: from `load_benchmark`.
+      tokenizer: a transformers tokenizer with a chat template.
+      system_prompt: the system turn; None keeps the template's default (Qwen2.5-Math's asks
+        for the final answer in \\boxed{}).
+      max_prompt_tokens: the longest prompt allowed.
+      skip_long: drop longer prompts (and count them) instead of raising.
+      enable_thinking: passed to templates that know it (Qwen3); None = template default.
+
+    Returns:
+      (prompt_ids, kept_items, n_skipped): ids per kept item, the kept items in order, and
+      how many were skipped as too long.
+
+    Raises:
+      ValueError: a prompt is longer than max_prompt_tokens and skip_long is False.
+    """
+    texts = [
+        chat_prompt_text(it["prompt"], tokenizer, system_prompt, enable_thinking) for it in items
+    ]
+    # The template already holds any BOS token, so the tokenizer must not add another.
+    all_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    prompt_ids, kept, n_skipped = [], [], 0
+    for item, ids in zip(items, all_ids):
+        if len(ids) > max_prompt_tokens:
+            if not skip_long:
+                raise ValueError(
+                    f"prompt of item '{item['id']}' has {len(ids)} tokens, more than "
+                    f"data.max_prompt_tokens={max_prompt_tokens}. Fix: raise "
+                    "data.max_prompt_tokens (with a sample.prompt_buckets entry that large) or "
+                    "set data.skip_long_prompts=true"
+                )
+            n_skipped += 1
+            continue
+        prompt_ids.append(list(ids))
+        kept.append(item)
+    if n_skipped:
+        logger.warning(
+            "skipped %d of %d prompts longer than %d tokens",
+            n_skipped,
+            len(items),
+            max_prompt_tokens,
+        )
+    return prompt_ids, kept, n_skipped
+
+
+def bucket_and_pad(
+    prompt_ids: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads a batch of prompts to the smallest bucket that holds its longest prompt.
+
+    Args:
+      prompt_ids: P token-id lists, none empty.
+      buckets: allowed padded lengths.
+      pad_id: id written into padding positions.
+
+    Returns:
+      (tokens_PT int32, mask_PT bool) with T the chosen bucket; mask is True on real tokens,
+      which sit at the right end of each row.
+    """
+    if not prompt_ids:
+        raise ValueError("bucket_and_pad needs at least one prompt")
+    lengths = [len(ids) for ids in prompt_ids]
+    if min(lengths) == 0:
+        raise ValueError(f"prompt {lengths.index(0)} of the batch is empty")
+    longest = max(lengths)
+    fitting = [b for b in buckets if b >= longest]
+    if not fitting:
+        raise ValueError(
+            f"the longest prompt of the batch has {longest} tokens but the largest prompt bucket "
+            f"is {max(buckets, default=0)}; add a bucket >= {longest} to sample.prompt_buckets "
+            "or lower data.max_prompt_tokens"
+        )
+    t = min(fitting)
+    tokens_PT = np.full((len(prompt_ids), t), pad_id, dtype=np.int32)
+    mask_PT = np.zeros((len(prompt_ids), t), dtype=bool)
+    for p, ids in enumerate(prompt_ids):
+        tokens_PT[p, t - len(ids) :] = ids
+        mask_PT[p, t - len(ids) :] = True
+    return tokens_PT, mask_PT
+
+
+# ----------------------------------------------------------------------------- order
+
+_ORDER_STREAM = 0x5EED  # keeps the data-order stream apart from other uses of the run seed
+
+
+def episode_order(seed: int, n_items: int, episode: int, shuffle: bool = True) -> np.ndarray:
+    """The order of prompt indices in one episode: a permutation fixed by (seed, episode)."""
+    if not shuffle:
+        return np.arange(n_items)
+    return np.random.default_rng((seed, _ORDER_STREAM, episode)).permutation(n_items)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSchedule:
+    """Which prompts each global step trains on; a pure function of the step, so resume is exact.
+
+    Every step gets exactly `batch_prompts` prompts (static shapes). When `batch_prompts` does
+    not divide `n_items`, `last_batch` decides the remainder: "drop" leaves it out of that
+    episode (upstream's drop_last; with shuffling a different remainder sits out each episode;
+    the count is logged) and "wrap" completes the batch from the next episode's order, so the
+    steps run through the concatenated episode orders.
+    """
+
+    n_items: int
+    batch_prompts: int
+    episodes: int
+    seed: int
+    shuffle: bool = True
+    last_batch: str = "drop"
+
+    def __post_init__(self):
+        if self.n_items < 1 or self.batch_prompts < 1 or self.episodes < 1:
+            raise ValueError(
+                f"PromptSchedule needs n_items, batch_prompts and episodes >= 1, got "
+                f"{self.n_items}, {self.batch_prompts}, {self.episodes}"
+            )
+        if self.last_batch not in ("drop", "wrap"):
+            raise ValueError(f"last_batch={self.last_batch!r} must be 'drop' or 'wrap'")
+        if self.last_batch == "drop" and self.n_items < self.batch_prompts:
+            raise ValueError(
+                f"{self.n_items} prompts cannot fill one batch of data.batch_prompts="
+                f"{self.batch_prompts}; lower data.batch_prompts or set data.last_batch=wrap"
+            )
+        if self.n_dropped_per_episode:
+            log = logger.info if self.shuffle else logger.warning
+            log(
+                "%d prompts, batches of %d: %d prompts sit out each episode (%s)",
+                self.n_items,
+                self.batch_prompts,
+                self.n_dropped_per_episode,
+                "a different random set each time"
+                if self.shuffle
+                else "the SAME ones every episode, as data.shuffle=false",
+            )
+
+    @property
+    def n_dropped_per_episode(self) -> int:
+        return self.n_items % self.batch_prompts if self.last_batch == "drop" else 0
+
+    @property
+    def total_steps(self) -> int:
+        if self.last_batch == "drop":
+            return self.episodes * (self.n_items // self.batch_prompts)
+        return math.ceil(self.episodes * self.n_items / self.batch_prompts)
+
+    def batch_indices(self, step: int) -> np.ndarray:
+        """Indices into the items of the prompts of global step `step` (shape [batch_prompts])."""
+        self._check_step(step)
+        b, n = self.batch_prompts, self.n_items
+        if self.last_batch == "drop":
+            episode, k = divmod(step, n // b)
+            return episode_order(self.seed, n, episode, self.shuffle)[k * b : (k + 1) * b]
+        stream = np.arange(step * b, (step + 1) * b)
+        episodes = stream // n
+        orders = {e: episode_order(self.seed, n, int(e), self.shuffle) for e in set(episodes)}
+        return np.array([orders[e][p % n] for e, p in zip(episodes, stream)])
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(episode, step within that episode) of a global step; with "wrap", the episode in
+        which the step's batch starts."""
+        self._check_step(step)
+        if self.last_batch == "drop":
+            return divmod(step, self.n_items // self.batch_prompts)
+        episode = step * self.batch_prompts // self.n_items
+        return episode, step - self._first_step(episode)
+
+    def step_of(self, episode: int, step_in_episode: int) -> int:
+        """Inverse of `position`."""
+        if self.last_batch == "drop":
+            per_episode = self.n_items // self.batch_prompts
+            if not 0 <= step_in_episode < per_episode:
+                raise ValueError(f"step_in_episode must be in [0, {per_episode})")
+            step = episode * per_episode + step_in_episode
+        else:
+            step = self._first_step(episode) + step_in_episode
+            if step_in_episode < 0 or step * self.batch_prompts // self.n_items != episode:
+                raise ValueError(f"episode {episode} has no step {step_in_episode}")
+        self._check_step(step)
+        return step
+
+    def iter_steps(self, start_step: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+        """(step, batch_indices) from `start_step` to the end; resuming passes the next step."""
+        for step in range(start_step, self.total_steps):
+            yield step, self.batch_indices(step)
+
+    def _first_step(self, episode: int) -> int:
+        """With "wrap": the first step whose batch starts inside `episode`."""
+        return -(-episode * self.n_items // self.batch_prompts)
+
+    def _check_step(self, step: int) -> None:
+        if not 0 <= step < self.total_steps:
+            raise ValueError(f"step {step} is outside the schedule's [0, {self.total_steps})")
