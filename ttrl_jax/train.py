@@ -299,7 +299,7 @@ def train_step(
     if sc.ettrl:
         entropy_PK = grpo.response_mean(take(batch.entropy_PNR), rmask_PKR)
         advantage_PK = grpo.ettrl_reshape(advantage_PK, entropy_PK, hyper.ettrl_alpha)
-    keep_P = grpo.prompt_filter_mask(ratio_P, hyper.min_majority_ratio) * (majority_P >= 0)
+    keep_P = grpo.prompt_filter_mask(ratio_P, hyper.min_majority_ratio)
     loss_mask_PKR = rmask_PKR & (keep_P[:, None, None] > 0)
 
     # 4. Mini-batch updates; old log-probs stay those of the rollout policy throughout.
@@ -341,7 +341,7 @@ def train_step(
             jax.eval_shape(grad_fn, params, first, num_tokens),
         )
         ((loss, aux), grads), _ = jax.lax.scan(accumulate, zero, micros)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return (params, opt_state), {"loss": loss, "grad_norm": grad_norm, **aux}

@@ -1,0 +1,207 @@
+"""The compiled TTRL step against slow, obvious references."""
+
+from collections import Counter
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ttrl_jax import model as model_lib
+from ttrl_jax import sharding as sharding_lib
+from ttrl_jax import train
+
+CFG = model_lib.ModelConfig.tiny("qwen2", num_heads=8, num_kv_heads=4)
+P, N, T, R = 4, 6, 5, 4
+
+
+def make_batch(seed=0, answer_id_PN=None, gold_id_P=None):
+    rng = np.random.default_rng(seed)
+    lengths_PN = rng.integers(1, R + 1, (P, N))
+    rmask = np.arange(R)[None, None] < lengths_PN[..., None]
+    if answer_id_PN is None:
+        answer_id_PN = np.array(
+            [[0, 0, 1, 0, -1, 2], [0, 1, 1, 2, 1, 0], [-1, -1, -1, -1, -1, -1], [0, 0, 0, 0, 0, 0]]
+        )
+    if gold_id_P is None:
+        gold_id_P = np.array([0, 2, -1, 1])
+    return train.StepBatch(
+        prompt_PT=jnp.asarray(rng.integers(0, CFG.vocab_size, (P, T)), jnp.int32),
+        prompt_mask_PT=jnp.asarray(np.arange(T)[None] >= rng.integers(0, 3, (P, 1))),
+        response_PNR=jnp.asarray(rng.integers(0, CFG.vocab_size, (P, N, R)), jnp.int32),
+        response_mask_PNR=jnp.asarray(rmask),
+        logp_PNR=jnp.asarray(rng.normal(-2.0, 0.3, (P, N, R)), jnp.float32),
+        entropy_PNR=jnp.asarray(rng.uniform(0.5, 2.0, (P, N, R)), jnp.float32),
+        answer_id_PN=jnp.asarray(answer_id_PN, jnp.int32),
+        gold_id_P=jnp.asarray(gold_id_P, jnp.int32),
+    )
+
+
+def params_copy(params):
+    return jax.tree.map(jnp.copy, params)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return model_lib.init_params(CFG, jax.random.key(0))
+
+
+def naive_advantages(answer_id_PN, k):
+    """Majority vote with Counter (first-seen wins ties), then (r - mean) / (std + eps)."""
+    out = np.zeros((len(answer_id_PN), k))
+    for p, row in enumerate(np.asarray(answer_id_PN)):
+        counts = Counter(int(a) for a in row if a >= 0)
+        majority = counts.most_common(1)[0][0] if counts else None
+        r = np.array([float(a == majority) for a in row[:k]])
+        if r.max() != r.min():
+            out[p] = (r - r.mean()) / (r.std(ddof=1) + 1e-6)
+    return out
+
+
+def naive_loss(params, batch, old_PKR, ref_params, adv_PK, k, temp, kl_coef, clip, dual):
+    """Token-mean clipped PPO + k3 KL, one response and one token at a time."""
+    total, count = 0.0, 0
+    for p in range(P):
+        for n in range(k):
+            tokens = jnp.concatenate([batch.prompt_PT[p], batch.response_PNR[p, n]])
+            mask = jnp.concatenate([batch.prompt_mask_PT[p], batch.response_mask_PNR[p, n]])
+            pos = jnp.maximum(jnp.cumsum(mask) - 1, 0)
+            logits = model_lib.forward(CFG, params, tokens[None], pos[None], mask[None])[0][0]
+            ref = model_lib.forward(CFG, ref_params, tokens[None], pos[None], mask[None])[0][0]
+            for r in range(R):
+                if not batch.response_mask_PNR[p, n, r]:
+                    continue
+                tok = batch.response_PNR[p, n, r]
+                lp = jax.nn.log_softmax(logits[T - 1 + r] / temp)[tok]
+                lp_ref = jax.nn.log_softmax(ref[T - 1 + r] / temp)[tok]
+                a = adv_PK[p, n]
+                ratio = jnp.exp(lp - old_PKR[p, n, r])
+                loss = jnp.maximum(-a * ratio, -a * jnp.clip(ratio, 1 - clip, 1 + clip))
+                if a < 0:
+                    loss = jnp.minimum(loss, -a * dual)
+                d = lp_ref - lp
+                total = total + loss + kl_coef * (jnp.exp(d) - d - 1)
+                count += 1
+    return total / count
+
+
+def test_response_logp_matches_full_forward(params):
+    batch = make_batch()
+    p, pm = batch.prompt_PT, batch.prompt_mask_PT
+    r, rm = batch.response_PNR[:, 0], batch.response_mask_PNR[:, 0]
+    out = train.response_logp(
+        CFG, params, p, pm, r, rm, jnp.float32(0.7), with_entropy=True,
+        with_self_certainty=True, with_features=True, logit_chunk=3,
+    )  # fmt: skip
+    tokens, mask, pos = train.sequence_inputs(p, pm, r, rm)
+    logits = model_lib.forward(CFG, params, tokens, pos, mask)[0][:, T - 1 : T + R - 1]
+    logp_all = jax.nn.log_softmax(logits / 0.7)
+    chex.assert_trees_all_close(
+        out["logp_BR"], jnp.take_along_axis(logp_all, r[..., None], -1)[..., 0], atol=1e-5
+    )
+    chex.assert_trees_all_close(
+        out["entropy_BR"], -(jnp.exp(logp_all) * logp_all).sum(-1), atol=1e-5
+    )
+    chex.assert_shape(out["feature_BD"], (P, CFG.embed_dim))
+    chex.assert_shape(out["self_certainty_BR"], (P, R))
+
+
+def test_update_equals_naive_sgd_step(params):
+    """One mini-batch of two micro-batches, SGD: new params = params - lr * grad(naive loss)."""
+    batch = make_batch(1)
+    k, lr, temp, kl_coef = 4, 0.5, 0.7, 0.1
+    ref_params = jax.tree.map(lambda x: x + 0.01, params)
+    step_cfg = train.StepConfig(
+        n_train=k, mini_batch_prompts=P, micro_batch_rows=P * k // 2, random_select=False,
+        recompute_old_logp=False, use_kl=True, dual_clip=3.0,
+    )  # fmt: skip
+    tx = optax.sgd(lr)
+    step = train.build_train_step(CFG, step_cfg, tx, optax.constant_schedule(lr))
+    hyper = train.StepHyper.make(temperature=temp, kl_coef=kl_coef)
+    state = train.init_state(params_copy(params), tx)
+    new_state, metrics = step(state, params_copy(ref_params), batch, jax.random.key(0), hyper)
+
+    adv = naive_advantages(batch.answer_id_PN, k)
+    old = batch.logp_PNR[:, :k]
+    grads = jax.grad(naive_loss)(params, batch, old, ref_params, adv, k, temp, kl_coef, 0.2, 3.0)
+    expected = jax.tree.map(lambda p, g: p - lr * g, params, grads)
+    chex.assert_trees_all_close(new_state.params, expected, atol=2e-6)
+    assert 0 < float(metrics["clip_frac"]) < 1  # the random old log-probs exercise the clip
+    assert int(new_state.step) == 1
+
+
+@pytest.fixture(scope="module")
+def default_step():
+    step_cfg = train.StepConfig(n_train=4, mini_batch_prompts=2, micro_batch_rows=4)
+    tx, lr_fn = train.make_optimizer(1e-2, total_updates=20, warmup_ratio=0.0)
+    return step_cfg, tx, lr_fn, train.build_train_step(CFG, step_cfg, tx, lr_fn)
+
+
+def test_on_policy_first_ratio_is_one_and_kl_zero(params, default_step):
+    _, tx, _, step = default_step
+    state = train.init_state(params_copy(params), tx)
+    _, metrics = step(state, params_copy(params), make_batch(), jax.random.key(3),
+                      train.StepHyper.make())  # fmt: skip
+    assert abs(float(metrics["ratio_first_minibatch"]) - 1.0) < 1e-6
+    assert float(metrics["grad_norm"]) > 0
+    chex.assert_shape(metrics["loss"], ())
+
+
+def test_zero_advantage_gives_zero_loss_and_no_change(params):
+    """Every group agrees: advantages, loss and gradients are exactly 0."""
+    batch = make_batch(2, answer_id_PN=np.zeros((P, N), int))
+    step_cfg = train.StepConfig(n_train=3, mini_batch_prompts=1, use_kl=False)
+    tx = optax.sgd(1.0)
+    step = train.build_train_step(CFG, step_cfg, tx, optax.constant_schedule(1.0))
+    state = train.init_state(params_copy(params), tx)
+    new_state, metrics = step(state, None, batch, jax.random.key(0), train.StepHyper.make())
+    assert float(metrics["loss"]) == 0.0
+    assert float(metrics["grad_norm"]) == 0.0
+    chex.assert_trees_all_equal(new_state.params, params)
+
+
+def test_rollout_metrics_hand_computed():
+    batch = make_batch()
+    majority_P, ratio_P = jnp.array([0, 1, -1, 0]), jnp.array([3, 3, 0, 6]) / 6
+    m = train.rollout_metrics(
+        batch, majority_P, ratio_P, jnp.zeros((P, 4)), jnp.zeros((P, 4)), jnp.ones(P)
+    )
+    # Gold known for prompts 0, 1, 3: majorities 0 (right), 1 (wrong), 0 (wrong).
+    assert float(m["label_accuracy"]) == pytest.approx(1 / 3)
+    # Prompt 0: vote rewards [1,1,0,1,0,0] vs gold [1,1,0,1,0,0] -> 1; prompt 1: vote
+    # [0,1,1,0,1,0] vs gold [0,0,0,1,0,0] -> 2/6; prompt 3: vote all 1 vs gold all 0 -> 0.
+    assert float(m["reward_accuracy"]) == pytest.approx((1 + 2 / 6 + 0) / 3)
+    assert float(m["pass_at_n_vote"]) == pytest.approx(2 / 3)
+    assert float(m["rollout_accuracy"]) == pytest.approx((3 / 6 + 1 / 6 + 0) / 3)
+    assert float(m["majority_ratio"]) == pytest.approx(12 / 24)
+    assert float(m["answered"]) == pytest.approx(17 / 24)
+
+
+def test_step_has_no_host_callbacks(params, default_step):
+    _, tx, _, step = default_step
+    state = train.init_state(params_copy(params), tx)
+    hlo = step.lower(
+        state, params, make_batch(), jax.random.key(0), train.StepHyper.make()
+    ).as_text()
+    assert "callback" not in hlo.lower()
+
+
+def test_sharded_step_equals_unsharded(params, default_step):
+    step_cfg, tx, lr_fn, step = default_step
+    batch, key, hyper = make_batch(4), jax.random.key(5), train.StepHyper.make()
+    ref_state, ref_metrics = step(
+        train.init_state(params_copy(params), tx), params_copy(params), batch, key, hyper
+    )
+    mesh = sharding_lib.make_mesh("2x4", jax.devices()[:8])
+    state_sh = train.state_shardings(CFG, tx, mesh)
+    param_sh = sharding_lib.param_shardings(CFG, mesh, sharding_lib.TRAIN_RULES)
+    sharded_step = train.build_train_step(CFG, step_cfg, tx, lr_fn, mesh, state_sh, param_sh)
+    state = jax.device_put(train.init_state(params_copy(params), tx), state_sh)
+    new_state, metrics = sharded_step(state, jax.device_put(params, param_sh), batch, key, hyper)
+    chex.assert_trees_all_close(new_state.params, ref_state.params, atol=1e-5)
+    chex.assert_trees_all_close(metrics, ref_metrics, atol=1e-5)
+    assert new_state.params["params"]["layers"]["mlp"]["gate"].sharding.spec == (
+        None, "data", "model",
+    )  # fmt: skip
