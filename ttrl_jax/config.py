@@ -29,7 +29,7 @@ TOY_MODEL_DIR = Path(__file__).resolve().parent / "toy" / "model"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy.yaml"
 
 DTYPES = ("float32", "bfloat16")
-REWARDS = ("majority", "soft_frequency", "self_certainty")
+REWARDS = ("majority", "soft_frequency", "self_certainty", "evol_novelty")
 SELECTS = ("random", "first")
 ANSWER_MODES = ("math", "choice")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -72,11 +72,12 @@ class SampleSection:
 class TTRLSection:
     """How votes become rewards, and the follow-up variants (all off by default)."""
 
-    reward: str = "majority"  # "majority" | "soft_frequency" | "self_certainty"
+    # "majority" (TTRL) | "soft_frequency" (TTRV/SRT) | "self_certainty" | "evol_novelty"
+    # (EVOL-RL: the majority anchor plus a novelty bonus within each side of the vote)
+    reward: str = "majority"
     select: str = "random"  # which n_train of the n_vote responses: "random" | "first"
     min_majority_ratio: float = 0.0  # SRT: skip prompts whose majority share is below this
     ettrl_alpha: float = 0.0  # ETTRL entropy-based advantage reshaping; 0 = off
-    novelty_coef: float = 0.0  # EVOL-RL novelty bonus on top of the majority anchor; 0 = off
     answer_mode: str = "math"  # "math" (boxed expression) | "choice" (option letter)
     answer_timeout_s: float = 5.0  # time limit for parsing/comparing one answer
 
@@ -413,7 +414,6 @@ def _problems(cfg: Config, data_axis_size: int | None) -> list[str]:
         f"ttrl.min_majority_ratio={t.min_majority_ratio} must be in [0, 1]",
     )
     need(t.ettrl_alpha >= 0, f"ttrl.ettrl_alpha={t.ettrl_alpha} must be >= 0")
-    need(t.novelty_coef >= 0, f"ttrl.novelty_coef={t.novelty_coef} must be >= 0")
     need(t.answer_timeout_s > 0, f"ttrl.answer_timeout_s={t.answer_timeout_s} must be > 0")
 
     need(o.lr > 0, f"optim.lr={o.lr} must be > 0")

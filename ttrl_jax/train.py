@@ -93,27 +93,27 @@ def make_optimizer(
     min_lr_ratio: float = 0.0,
     b1: float = 0.9,
     b2: float = 0.999,
+    eps: float = 1e-8,
     weight_decay: float = 0.01,
-    grad_clip: float = 1.0,
+    grad_clip: float | None = 1.0,
     schedule: str = "cosine",
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with global-norm clipping and a warmup + cosine (or constant) schedule."""
+    """AdamW with global-norm clipping; linear warmup then cosine, linear or constant."""
     warmup = int(warmup_ratio * total_updates)
-    if schedule == "cosine":
-        lr_fn = optax.warmup_cosine_decay_schedule(
-            0.0, lr, warmup, max(total_updates, warmup + 1), end_value=lr * min_lr_ratio
-        )
-    elif schedule == "constant":
-        lr_fn = optax.join_schedules(
-            [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)],
-            [warmup],
-        )
-    else:
-        raise ValueError(f"unknown schedule {schedule!r}; choose 'cosine' or 'constant'")
-    tx = optax.chain(
-        optax.clip_by_global_norm(grad_clip),
-        optax.adamw(lr_fn, b1=b1, b2=b2, weight_decay=weight_decay),
+    decay = max(total_updates - warmup, 1)
+    end = lr * min_lr_ratio
+    after = {
+        "cosine": optax.cosine_decay_schedule(lr, decay, alpha=min_lr_ratio),
+        "linear": optax.linear_schedule(lr, end, decay),
+        "constant": optax.constant_schedule(lr),
+    }
+    if schedule not in after:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(after)}")
+    lr_fn = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup), after[schedule]], [warmup]
     )
+    adamw = optax.adamw(lr_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    tx = adamw if grad_clip is None else optax.chain(optax.clip_by_global_norm(grad_clip), adamw)
     return tx, lr_fn
 
 

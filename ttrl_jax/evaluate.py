@@ -1,0 +1,167 @@
+"""Evaluation: avg@k (the paper's pass@1), maj@k, pass@k and greedy accuracy on a benchmark.
+
+Also a program: `python -m ttrl_jax.evaluate --model PATH_OR_ID --data NAME_OR_PATH`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from ttrl_jax import grpo, rewards
+from ttrl_jax import rollout as rollout_lib
+from ttrl_jax import sampler as sampler_lib
+
+
+def score(answer_id_PK: np.ndarray, gold_id_P: np.ndarray) -> dict[str, float]:
+    """Benchmark metrics from answer ids; only prompts with a gold answer (id >= 0) count.
+
+    avg@k: mean correctness of the k samples (the paper's pass@1, "avg@16").
+    maj@k: the majority answer (ties to the first-seen, as the TTRL vote) is correct.
+    pass@k: any of the k samples is correct.
+    """
+    answer_id_PK, gold_id_P = np.asarray(answer_id_PK), np.asarray(gold_id_P)
+    has_gold_P = gold_id_P >= 0
+    if not has_gold_P.any():
+        raise ValueError("no prompt has a gold answer: nothing to evaluate against")
+    a_PK, g_P = answer_id_PK[has_gold_P], gold_id_P[has_gold_P]
+    correct_PK = a_PK == g_P[:, None]
+    majority_P, ratio_P = (np.asarray(x) for x in grpo.majority_vote(a_PK))
+    k = a_PK.shape[1]
+    return {
+        f"avg@{k}": float(correct_PK.mean()),
+        f"maj@{k}": float((majority_P == g_P).mean()),
+        f"pass@{k}": float(correct_PK.any(1).mean()),
+        "majority_ratio": float(ratio_P.mean()),
+        "answered": float((a_PK >= 0).mean()),
+    }
+
+
+def evaluate(
+    generator: rollout_lib.Generator,
+    params: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    golds: Sequence[str | None],
+    key: jax.Array,
+    *,
+    k: int = 16,
+    temperature: float = 0.6,
+    top_p: float = 0.95,
+    max_new_tokens: int = 3072,
+    greedy: bool = True,
+    batch_prompts: int = 8,
+    answer_mode: str = "math",
+    timeout_s: float = rewards.DEFAULT_TIMEOUT_S,
+) -> dict[str, float]:
+    """Samples k responses per prompt (and one greedy) and scores them against the golds.
+
+    Args:
+      generator: sampler + tokenizer glue (its static settings: stop ids, buckets, mesh).
+      params: policy params in the sampling layout.
+      prompt_ids: token ids of each prompt (chat template applied).
+      golds: gold answers (None where unknown: such prompts do not count).
+      key: PRNG key (fixed across evaluations of a run, so curves compare like with like).
+      k, temperature, top_p, max_new_tokens: sampling settings (paper: 16, 0.6, 0.95).
+      greedy: also decode one greedy response per prompt.
+      batch_prompts: prompts per sampler call; the last batch is padded with repeats of its
+        first prompt (discarded) so every call has the same shape.
+      answer_mode, timeout_s: answer extraction settings.
+
+    Returns:
+      avg@k, maj@k, pass@k, majority_ratio, answered, mean response length, and greedy
+      accuracy when asked for.
+    """
+    sampling = sampler_lib.SamplingParams.make(temperature=temperature, top_p=top_p)
+    greedy_sampling = sampler_lib.SamplingParams.make(temperature=0.0)
+    ids_PK, gold_P, greedy_ok, lengths = [], [], [], []
+    n = len(prompt_ids)
+    for b, start in enumerate(range(0, n, batch_prompts)):
+        chunk = list(prompt_ids[start : start + batch_prompts])
+        real = len(chunk)
+        chunk += [chunk[0]] * (batch_prompts - real)
+        chunk_golds = list(golds[start : start + real])
+        gen = generator(params, chunk, jax.random.fold_in(key, b), sampling, k, max_new_tokens)
+        answer_PK, gold_id_P = rewards.answer_ids(
+            gen.texts_PN[:real], chunk_golds, mode=answer_mode, timeout_s=timeout_s
+        )
+        ids_PK.append(answer_PK)
+        gold_P.append(gold_id_P)
+        lengths.append(np.asarray(gen.rollout.length_PN)[:real])
+        if greedy:
+            g = generator(params, chunk, key, greedy_sampling, 1, max_new_tokens)
+            # Greedy answers join the gold's id space through one clustering call per prompt.
+            g_ids, g_gold = rewards.answer_ids(
+                g.texts_PN[:real], chunk_golds, mode=answer_mode, timeout_s=timeout_s
+            )
+            greedy_ok.append(np.where(g_gold >= 0, g_ids[:, 0] == g_gold, False)[g_gold >= 0])
+    metrics = score(np.concatenate(ids_PK), np.concatenate(gold_P))
+    metrics["response_length"] = float(np.concatenate(lengths).mean())
+    if greedy:
+        metrics["greedy"] = float(np.concatenate(greedy_ok).mean())
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """Command line: evaluate a checkpoint on a benchmark and print the metrics as JSON."""
+    from ttrl_jax import config as config_lib
+    from ttrl_jax import data as data_lib
+    from ttrl_jax import sharding as sharding_lib
+    from ttrl_jax import weights
+
+    ap = argparse.ArgumentParser(prog="python -m ttrl_jax.evaluate", description=__doc__)
+    ap.add_argument("--model", default="toy", help="HF folder, hub id, or 'toy' (built-in)")
+    ap.add_argument("--data", default="toy", help="benchmark name or local file/folder")
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: model context")
+    ap.add_argument("--max-prompt-tokens", type=int, default=1024)
+    ap.add_argument("--batch-prompts", type=int, default=8)
+    ap.add_argument("--no-greedy", action="store_true")
+    ap.add_argument("--system-prompt", default=None)
+    ap.add_argument("--answer-mode", default="math", choices=("math", "choice"))
+    ap.add_argument("--mesh", default="auto", help="DxM device mesh")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=None, help="evaluate the first LIMIT items")
+    args = ap.parse_args(argv)
+
+    folder = weights.resolve_folder(config_lib.resolve_model_path(args.model))
+    mesh = sharding_lib.make_mesh(args.mesh)
+    cfg, params = weights.load_hf(
+        folder, mesh=mesh, rules=sharding_lib.SAMPLE_RULES, dtype=args.dtype
+    )
+    tokenizer = weights.load_tokenizer(folder)
+    weights.check_tokenizer(tokenizer, cfg)
+    items = data_lib.load_benchmark(args.data)[: args.limit]
+    prompt_ids, items, _ = data_lib.build_prompts(
+        items, tokenizer, args.system_prompt, args.max_prompt_tokens, skip_long=False
+    )
+    longest = max(len(p) for p in prompt_ids)
+    max_new = args.max_new_tokens or cfg.max_position_embeddings - longest
+    buckets = (2 ** math.ceil(math.log2(longest)),)
+    generator = rollout_lib.Generator(
+        cfg, tokenizer, rollout_lib.stop_token_ids(tokenizer, cfg, str(folder)),
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        buckets, mesh,
+    )  # fmt: skip
+    metrics = evaluate(
+        generator, params, prompt_ids, [it["answer"] for it in items], jax.random.key(args.seed),
+        k=args.k, temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new,
+        greedy=not args.no_greedy, batch_prompts=min(args.batch_prompts, len(prompt_ids)),
+        answer_mode=args.answer_mode,
+    )  # fmt: skip
+    json.dump(metrics, sys.stdout, indent=1)
+    print()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
