@@ -11,3 +11,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model(tmp_path_factory):
+    """A random tiny qwen2 checkpoint with the toy tokenizer, as an HF folder."""
+    from ttrl_jax import model as model_lib
+    from ttrl_jax import weights
+    from ttrl_jax.toy import tokenizer as toy_tokenizer
+
+    cfg = model_lib.ModelConfig.tiny(
+        "qwen2", vocab_size=128, eos_token_id=127, max_position_embeddings=512
+    )
+    folder = tmp_path_factory.mktemp("tiny_model") / "hf"
+    params = model_lib.init_params(cfg, jax.random.key(0))
+    weights.save_hf(params, cfg, folder, toy_tokenizer.build_tokenizer())
+    return str(folder)

@@ -1,0 +1,153 @@
+"""The TTRL job end to end: outputs, kill-and-resume equality, and bad-input errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.numpy import load_file
+
+from ttrl_jax import run as run_lib
+from ttrl_jax.toy import task
+
+TIMING_KEYS = ("time_sample", "time_reward", "time_train", "sample_tokens_per_s")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "toy.json"
+    path.write_text(json.dumps(task.test_split(seed=1, n=6)))
+    return str(path)
+
+
+def run_args(model, data, out_dir, *extra):
+    return [
+        f"model.name_or_path={model}", f"data.path={data}", f"run.out_dir={out_dir}",
+        "sample.n_vote=4", "sample.n_train=2", "sample.max_new_tokens=12",
+        "sample.prompt_buckets=[128]", "data.batch_prompts=2", "data.episodes=2",
+        "optim.mini_batch_prompts=1", "optim.lr=1e-3", "eval.k=2", "eval.max_new_tokens=12",
+        "eval.every_steps=2", "run.checkpoint_every=1", "run.max_steps=5", "run.export_hf=true",
+        "run.tensorboard=false", *extra,
+    ]  # fmt: skip
+
+
+def subprocess_run(args):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "ttrl_jax.run", *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_hf_model, data_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    proc = subprocess_run(run_args(tiny_hf_model, data_file, out))
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log
+    return out, log
+
+
+def records(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+@pytest.mark.slow
+def test_run_writes_every_output(full_run):
+    out, log = full_run
+    for name in ("config.yaml", "metrics.jsonl", "curves.png", "summary.md", "hf/config.json"):
+        assert (out / name).exists(), name
+    rows = records(out)
+    trains = [r for r in rows if r.get("train")]
+    evals = [r for r in rows if r.get("eval")]
+    assert [r["step"] for r in trains] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in evals] == [0, 2, 4, 5]
+    for key in ("label_accuracy", "reward_accuracy", "majority_ratio", "entropy", "kl", "lr"):
+        assert key in trains[0]
+    for key in ("eval/avg@2", "eval/maj@2", "eval/pass@2", "eval/greedy"):
+        assert key in evals[0]
+    assert "avg@2" in log and "outputs in" in log
+
+
+@pytest.mark.slow
+def test_kill_and_resume_matches_uninterrupted_run(full_run, tiny_hf_model, data_file, tmp_path):
+    full_out, _ = full_run
+    out = tmp_path / "run"
+    proc = subprocess_run(run_args(tiny_hf_model, data_file, out))
+    deadline = time.time() + 600
+    while not (out / "checkpoints" / "2").is_dir():
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert not (out / "hf").exists()  # it really stopped before the end
+
+    resumed = subprocess_run(run_args(tiny_hf_model, data_file, out, "run.resume=true"))
+    log, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, log
+    assert "resumed from" in log
+    assert records(out) == records(full_out)
+    ours, theirs = (
+        load_file(out / "hf/model.safetensors"),
+        load_file(full_out / "hf/model.safetensors"),
+    )
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert (ours[name] == theirs[name]).all(), name
+
+
+BIG_BATCH = ["data.batch_prompts=16", "optim.mini_batch_prompts=16", "data.last_batch=wrap"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sample.n_votes=3", "unknown key 'sample.n_votes'"),
+        ("sample.n_vote=many", "sample.n_vote"),
+        ("data.path=/nonexistent/file.json", "/nonexistent/file.json"),
+        ("data.name=aime25", "aime25"),
+        ("data.max_prompt_tokens=20", "data.max_prompt_tokens"),
+    ],
+)
+def test_bad_input_gives_a_clear_error(override, message, tiny_hf_model, data_file, tmp_path,
+                                       capsys):  # fmt: skip
+    args = [
+        f"model.name_or_path={tiny_hf_model}", f"run.out_dir={tmp_path}", "run.tensorboard=false",
+        "sample.prompt_buckets=[128]", f"data.path={data_file}", *BIG_BATCH, override,
+    ]  # fmt: skip
+    if override.startswith("data.name"):
+        args.remove(f"data.path={data_file}")
+    with pytest.raises(SystemExit) as exc:
+        run_lib.main(args)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_field_names_are_named(tiny_hf_model, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"question_text": "1+1?", "solution": "2"}]))
+    with pytest.raises(SystemExit):
+        run_lib.main([f"model.name_or_path={tiny_hf_model}", f"data.path={bad}",
+                      f"run.out_dir={tmp_path}/out", *BIG_BATCH])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "question_text" in err and "prompt" in err
+
+
+def test_existing_run_needs_resume(full_run, capsys):
+    out, _ = full_run
+    with pytest.raises(SystemExit):
+        run_lib.main([f"run.out_dir={out}"])
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_response_bucket():
+    assert run_lib.response_bucket(1, 3072) == 768
+    assert run_lib.response_bucket(769, 3072) == 1536
+    assert run_lib.response_bucket(3072, 3072) == 3072
+    assert run_lib.response_bucket(10, 12) == 12
