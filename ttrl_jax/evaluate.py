@@ -88,17 +88,18 @@ def evaluate(
         chunk += [chunk[0]] * (batch_prompts - real)
         chunk_golds = list(golds[start : start + real])
         gen = generator(params, chunk, jax.random.fold_in(key, b), sampling, k, max_new_tokens)
-        answer_PK, gold_id_P = rewards.answer_ids(
-            gen.texts_PN[:real], chunk_golds, mode=answer_mode, timeout_s=timeout_s
+        # With several processes each scores its own prompts; all get every prompt's ids.
+        answer_PK, gold_id_P = rollout_lib.answer_ids(
+            gen, chunk_golds, real=real, mode=answer_mode, timeout_s=timeout_s
         )
         ids_PK.append(answer_PK)
         gold_P.append(gold_id_P)
-        lengths.append(np.asarray(gen.rollout.length_PN)[:real])
+        lengths.append(rollout_lib.gather_rows(gen.rollout.length_PN)[:real])
         if greedy:
             g = generator(params, chunk, key, greedy_sampling, 1, max_new_tokens)
             # Greedy answers join the gold's id space through one clustering call per prompt.
-            g_ids, g_gold = rewards.answer_ids(
-                g.texts_PN[:real], chunk_golds, mode=answer_mode, timeout_s=timeout_s
+            g_ids, g_gold = rollout_lib.answer_ids(
+                g, chunk_golds, real=real, mode=answer_mode, timeout_s=timeout_s
             )
             greedy_ok.append(np.where(g_gold >= 0, g_ids[:, 0] == g_gold, False)[g_gold >= 0])
     metrics = score(np.concatenate(ids_PK), np.concatenate(gold_P))

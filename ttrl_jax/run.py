@@ -4,6 +4,13 @@ With no arguments it runs the built-in CPU default (configs/toy.yaml: the tiny m
 ttrl_jax/toy/model on the synthetic unlabeled test split). Each step samples n_vote responses
 per prompt, turns their final answers into ids on the host, and runs the compiled TTRL step;
 gold labels are used only for metrics.
+
+Multi-host (a TPU pod slice, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
+set): every process runs this same program on its own devices of one global mesh. It owns the
+prompt groups whose rows live on its devices, decodes and scores only those (rollout.py), and
+the train step takes global arrays built from each process's rows. Checkpoints and the HF
+export are collective; only process 0 writes logs, curves and the summary. run.out_dir must be
+one folder that every process sees (as orbax needs for the checkpoints).
 """
 
 from __future__ import annotations
@@ -25,11 +32,11 @@ from ttrl_jax import config as config_lib
 from ttrl_jax import data as data_lib
 from ttrl_jax import evaluate as evaluate_lib
 from ttrl_jax import logbook as logbook_lib
-from ttrl_jax import rewards, weights
 from ttrl_jax import rollout as rollout_lib
 from ttrl_jax import sampler as sampler_lib
 from ttrl_jax import sharding as sharding_lib
 from ttrl_jax import train as train_lib
+from ttrl_jax import weights
 
 # Streams of the root key: each purpose folds its own constant, then the step.
 _SAMPLE, _SELECT, _EVAL = 1, 2, 3
@@ -101,6 +108,7 @@ def run(cfg: config_lib.Config) -> dict[str, Any]:
         )
     mesh = sharding_lib.make_mesh(cfg.mesh.shape)
     config_lib.validate_config(cfg, data_axis_size=mesh.shape["data"])
+    rollout_lib.process_rows(mesh, cfg.data.batch_prompts)  # a multi-host layout error, early
     if jax.process_index() == 0:
         config_lib.save_config(cfg, os.path.join(out_dir, "config.yaml"))
 
@@ -125,6 +133,8 @@ def run(cfg: config_lib.Config) -> dict[str, Any]:
     # Data: the unlabeled prompts, in a seeded order per episode.
     task = load_task(cfg.data.path or cfg.data.name, tokenizer, cfg)
     eval_tasks = [task] + [load_task(b, tokenizer, cfg) for b in cfg.eval.benchmarks]
+    for t in eval_tasks:
+        rollout_lib.process_rows(mesh, _eval_batch_prompts(cfg, t))
     schedule = data_lib.PromptSchedule(
         len(task.items), cfg.data.batch_prompts, cfg.data.episodes, cfg.run.seed,
         cfg.data.shuffle, cfg.data.last_batch,
@@ -184,7 +194,7 @@ def run(cfg: config_lib.Config) -> dict[str, Any]:
                 jax.random.fold_in(root, _EVAL), k=cfg.eval.k,
                 temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                 max_new_tokens=cfg.eval.max_new_tokens, greedy=cfg.eval.greedy,
-                batch_prompts=min(cfg.data.batch_prompts, len(t.prompt_ids)),
+                batch_prompts=_eval_batch_prompts(cfg, t),
                 answer_mode=cfg.ttrl.answer_mode, timeout_s=cfg.ttrl.answer_timeout_s,
             )  # fmt: skip
             prefix = "eval/" if t is task else f"eval_{os.path.basename(t.name)}/"
@@ -206,22 +216,27 @@ def run(cfg: config_lib.Config) -> dict[str, Any]:
             s.n_vote, s.max_new_tokens,
         )  # fmt: skip
         t_sample = time.perf_counter()
-        answer_id_PN, gold_id_P = rewards.answer_ids(
-            gen.texts_PN, [task.golds[i] for i in idx], mode=cfg.ttrl.answer_mode,
+        # Each process scores its own prompts; the ids (and lengths) of all come back to all.
+        answer_id_PN, gold_id_P = rollout_lib.answer_ids(
+            gen, [task.golds[i] for i in idx], mode=cfg.ttrl.answer_mode,
             timeout_s=cfg.ttrl.answer_timeout_s,
         )  # fmt: skip
+        length_PN = rollout_lib.gather_rows(gen.rollout.length_PN)
+        finish_PN = rollout_lib.gather_rows(gen.rollout.finish_PN)
         t_reward = time.perf_counter()
-        batch = _step_batch(gen, answer_id_PN, gold_id_P, s.max_new_tokens)
+        R = response_bucket(int(length_PN.max()), s.max_new_tokens)
+        batch = _step_batch(gen, answer_id_PN[gen.prompts], gold_id_P[gen.prompts], R)
+        if jax.process_count() > 1:
+            batch = rollout_lib.global_rows(batch, mesh)
         key = jax.random.fold_in(jax.random.fold_in(root, _SELECT), step)
         state, metrics = step_fn(state, ref_params, batch, key, hyper)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         t_end = time.perf_counter()
-        n_tokens = int(np.asarray(gen.rollout.length_PN).sum())
         metrics.update(
             episode=schedule.position(step)[0], time_sample=t_sample - t0,
             time_reward=t_reward - t_sample, time_train=t_end - t_reward,
-            sample_tokens_per_s=n_tokens / (t_sample - t0),
-            truncated=float((np.asarray(gen.rollout.finish_PN) == 1).mean()),
+            sample_tokens_per_s=int(length_PN.sum()) / (t_sample - t0),
+            truncated=float((finish_PN == sampler_lib.FINISH_LENGTH).mean()),
         )  # fmt: skip
         done = step + 1
         logbook.log(done, metrics)
@@ -243,6 +258,11 @@ def run(cfg: config_lib.Config) -> dict[str, Any]:
             state.params, model_cfg, os.path.join(out_dir, "hf"), tokenizer, overwrite=True
         )
     logbook.close()
+    if jax.process_count() > 1:
+        # Process 0 wrote the records; the others read them from the shared run.out_dir.
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("ttrl logs written")
     records = logbook_lib.read_records(logbook.path)
     result, table = logbook_lib.summary(records)
     if jax.process_index() == 0:
@@ -256,10 +276,13 @@ def run(cfg: config_lib.Config) -> dict[str, Any]:
     return result
 
 
-def _step_batch(gen: rollout_lib.Generation, answer_id_PN, gold_id_P, max_new_tokens: int):
-    """Host arrays for the train step, responses trimmed to a response bucket."""
+def _eval_batch_prompts(cfg: config_lib.Config, t: Task) -> int:
+    return min(cfg.data.batch_prompts, len(t.prompt_ids))
+
+
+def _step_batch(gen: rollout_lib.Generation, answer_id_PN, gold_id_P, R: int):
+    """Host arrays for the train step (this process's prompts), responses trimmed to R tokens."""
     r = gen.rollout
-    R = response_bucket(int(np.asarray(r.length_PN).max()), max_new_tokens)
     return train_lib.StepBatch(
         prompt_PT=gen.prompt_PT, prompt_mask_PT=gen.prompt_mask_PT,
         response_PNR=np.asarray(r.tokens_PNT)[..., :R],
