@@ -1,0 +1,373 @@
+"""Tests of ttrl_jax.sampler: cached decoding equals full-forward decoding, stop-token masking
+and early exit, sampling filters against their definitions, no recompilation across sampling
+values, and sharded sampling equals unsharded.
+
+Compiling a sampler is the slow part, so the decoding tests share two compiled programs, an
+unsharded and a sharded one; their stop ids are chosen from the full-forward reference before
+compiling, so that one program sees rows that stop and rows that run to the end."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+from scipy import stats
+
+from ttrl_jax import model, sampler, sharding
+
+P, T, N, G = 4, 8, 2, 7
+PAD = 0
+LENGTHS = (8, 5, 1, 3)  # left-padded prompts of different lengths, one of a single token
+
+# q/k/v bias, Qwen3 q/k norm, tied embeddings, GQA (4 query heads over 2 kv heads).
+QWEN3_CFG = model.ModelConfig.tiny("qwen3", qkv_bias=True, tie_embeddings=True)
+# The sharded test's model: untied head, Llama-3 rope scaling bending the frequencies at these
+# positions, K=2 kv heads that do not divide a model axis of 4 (replicated).
+LLAMA_CFG = model.ModelConfig.tiny(
+    "llama",
+    qkv_bias=True,
+    rope_scaling=model.RopeScaling(8.0, 1.0, 4.0, original_max_position_embeddings=4),
+)
+
+_forward = jax.jit(model.forward, static_argnums=0)
+
+
+def _params(cfg, seed):
+    """Random params with spread-out logits, biases and norms included (drawn with numpy: no
+    init to compile)."""
+    shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, x):
+        noise = rng.standard_normal(x.shape).astype(np.float32)
+        is_norm = jax.tree_util.keystr(path).endswith("['scale']")
+        return jnp.asarray(1 + 0.1 * noise if is_norm else 0.1 * noise)
+
+    return jax.tree.map_with_path(draw, shapes)
+
+
+def _prompts(vocab, seed):
+    rng = np.random.default_rng(seed)
+    tokens = np.zeros((len(LENGTHS), T), np.int32)
+    mask = np.zeros((len(LENGTHS), T), bool)
+    for i, n in enumerate(LENGTHS):
+        tokens[i, T - n :] = rng.integers(1, vocab, n)
+        mask[i, T - n :] = True
+    return tokens, mask
+
+
+def _full_forward(cfg, params, prompt_PT, prompt_mask_PT, response_PG, response_mask_PG):
+    """Logits [P*N, G, V] predicting each response slot, from one uncached forward over the
+    prompts (each repeated N times) followed by the responses ([P*N, G] or [P, G])."""
+    rows = lambda x: x if len(x) == P * N else np.repeat(x, N, 0)
+    seq = np.concatenate([rows(prompt_PT), rows(response_PG)], 1)
+    mask = np.concatenate([rows(prompt_mask_PT), rows(response_mask_PG)], 1)
+    logits, _ = _forward(cfg, params, seq, model.left_pad_positions(mask), mask)
+    return logits[:, T - 1 : T + G - 1]
+
+
+def _full_forward_greedy(cfg, params, tokens_PT, mask_PT):
+    """Greedy decoding without a cache: the whole sequence is re-run at every step."""
+    response = np.zeros((P, G), np.int32)
+    tokens, logps, entropies = [], [], []
+    for t in range(G):
+        # Causal attention: the not-yet-generated positions cannot affect slot t.
+        live = np.broadcast_to(np.arange(G) < t, (P, G))
+        logits_BGV = _full_forward(cfg, params, tokens_PT, mask_PT, response, live)
+        logp_PV = jax.nn.log_softmax(logits_BGV[::N, t], axis=-1)
+        tok = np.asarray(jnp.argmax(logp_PV, axis=-1))
+        tokens.append(tok)
+        logps.append(np.asarray(logp_PV)[np.arange(P), tok])
+        entropies.append(np.asarray(-(jnp.exp(logp_PV) * logp_PV).sum(-1)))
+        response[:, t] = tok
+    return np.stack(tokens, 1), np.stack(logps, 1), np.stack(entropies, 1)
+
+
+def _after_stop(tokens_BG, stop_ids):
+    """Mask, tokens (pad after the first stop), lengths and finish reasons, computed directly."""
+    mask = np.ones(tokens_BG.shape, bool)
+    finish = np.full(tokens_BG.shape[0], sampler.FINISH_LENGTH)
+    for row, toks in enumerate(tokens_BG):
+        hits = np.flatnonzero(np.isin(toks, stop_ids))
+        if hits.size:
+            mask[row, hits[0] + 1 :] = False
+            finish[row] = sampler.FINISH_STOP
+    return mask, np.where(mask, tokens_BG, PAD), mask.sum(1), finish
+
+
+@dataclasses.dataclass
+class Case:
+    """One model with its prompts, full-forward greedy reference and stop ids."""
+
+    cfg: model.ModelConfig
+    params: dict
+    tokens: np.ndarray
+    mask: np.ndarray
+    ref_tokens: np.ndarray  # [P, G] greedy continuations, no stop tokens
+    ref_logp: np.ndarray
+    ref_entropy: np.ndarray
+    stop_ids: tuple[int, ...]
+
+    def run(self, tokens=None, key=0, mesh=None, params=None, **sampling_kw):
+        return sampler.sample(
+            self.params if params is None else params, self.cfg,
+            self.tokens if tokens is None else tokens, self.mask, jax.random.key(key),
+            sampler.SamplingParams.make(**sampling_kw),
+            n_samples=N, max_new_tokens=G, stop_ids=self.stop_ids, pad_id=PAD, mesh=mesh,
+        )  # fmt: skip
+
+
+def _case(cfg, seed):
+    params = _params(cfg, seed)
+    tokens, mask = _prompts(cfg.vocab_size, seed)
+    ref = _full_forward_greedy(cfg, params, tokens, mask)
+    # Prompt 0 stops at its third token, prompt 1 at its fifth (or earlier if that token came
+    # before); the others run to max_new_tokens unless they happen to produce either id.
+    stop_ids = tuple(sorted({int(ref[0][0, 2]), int(ref[0][1, 4])}))
+    return Case(cfg, params, tokens, mask, *ref, stop_ids)
+
+
+@pytest.fixture(scope="module")
+def qwen3():
+    return _case(QWEN3_CFG, seed=1)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return _case(LLAMA_CFG, seed=2)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _check_against_reference(case: Case, out: sampler.Rollout):
+    chex.assert_shape([out.tokens_PNT, out.mask_PNT, out.logp_PNT, out.entropy_PNT], (P, N, G))
+    chex.assert_shape([out.length_PN, out.finish_PN], (P, N))
+    assert len({tuple(r) for r in case.ref_tokens}) == P  # prompts continue differently
+    mask, tokens, length, finish = _after_stop(case.ref_tokens, case.stop_ids)
+    assert set(finish) == {sampler.FINISH_STOP, sampler.FINISH_LENGTH}  # both kinds covered
+    rep = lambda x: np.repeat(x[:, None], N, 1)  # greedy: the N samples are equal
+    np.testing.assert_array_equal(out.tokens_PNT, rep(tokens))
+    np.testing.assert_array_equal(out.mask_PNT, rep(mask))
+    np.testing.assert_array_equal(out.length_PN, rep(length))
+    np.testing.assert_array_equal(out.finish_PN, rep(finish))
+    np.testing.assert_allclose(out.logp_PNT, rep(np.where(mask, case.ref_logp, 0)), atol=1e-5)
+    np.testing.assert_allclose(out.entropy_PNT, rep(np.where(mask, case.ref_entropy, 0)), atol=1e-5)
+    assert int(out.num_steps) == G - 1  # some rows never stop: the loop ran to the end
+
+
+def test_greedy_cached_equals_full_forward(qwen3):
+    _check_against_reference(qwen3, qwen3.run(temperature=0.0))
+
+
+def test_early_exit_when_every_row_stops(qwen3):
+    # Every row gets prompt 0, which emits a stop token by step 2: the loop exits right there.
+    tokens = np.repeat(qwen3.tokens[:1], P, 0)
+    mask = np.repeat(qwen3.mask[:1], P, 0)
+    case = dataclasses.replace(qwen3, tokens=tokens, mask=mask)
+    out = case.run(temperature=0.0)
+    _, _, (length,), _ = _after_stop(qwen3.ref_tokens[:1], qwen3.stop_ids)
+    assert int(out.num_steps) == length - 1 < G - 1
+    np.testing.assert_array_equal(out.length_PN, length)
+    np.testing.assert_array_equal(out.finish_PN, sampler.FINISH_STOP)
+    np.testing.assert_array_equal(out.tokens_PNT[..., length:], PAD)
+    assert not np.asarray(out.mask_PNT)[..., length:].any()
+
+
+def test_sampled_rows_masks_and_log_probs(qwen3):
+    # Sampled rows (distinct within a group, so rows cannot mix unnoticed): each mask is a
+    # prefix ending at the first stop token or covering all G slots, and the log-probs and
+    # entropies are those of softmax(logits / temperature) under a full forward.
+    temperature = 0.8
+    out = qwen3.run(key=11, temperature=temperature)
+    toks_BG = np.asarray(out.tokens_PNT).reshape(P * N, G)
+    mask_BG = np.asarray(out.mask_PNT).reshape(P * N, G)
+    finish_B = np.asarray(out.finish_PN).reshape(-1)
+    length_B = np.asarray(out.length_PN).reshape(-1)
+    assert len({tuple(r) for r in toks_BG}) == P * N
+    for toks, m, finish, length in zip(toks_BG, mask_BG, finish_B, length_B):
+        assert m.sum() == length and m[:length].all()
+        assert (toks[length:] == PAD).all()
+        is_stop = np.isin(toks[:length], qwen3.stop_ids)
+        assert not is_stop[:-1].any()
+        assert is_stop[-1] == (finish == sampler.FINISH_STOP)
+        assert finish == sampler.FINISH_STOP or length == G
+    ran = G - 1 if (finish_B == sampler.FINISH_LENGTH).any() else length_B.max() - 1
+    assert int(out.num_steps) == ran
+
+    logits_BGV = _full_forward(qwen3.cfg, qwen3.params, qwen3.tokens, qwen3.mask, toks_BG, mask_BG)
+    logp_BGV = jax.nn.log_softmax(logits_BGV / temperature, axis=-1)
+    ref_logp = np.take_along_axis(np.asarray(logp_BGV), toks_BG[..., None], -1)[..., 0]
+    ref_entropy = np.asarray(-(jnp.exp(logp_BGV) * logp_BGV).sum(-1))
+    logp_BG = np.asarray(out.logp_PNT).reshape(P * N, G)
+    entropy_BG = np.asarray(out.entropy_PNT).reshape(P * N, G)
+    np.testing.assert_allclose(logp_BG, np.where(mask_BG, ref_logp, 0), atol=1e-5)
+    np.testing.assert_allclose(entropy_BG, np.where(mask_BG, ref_entropy, 0), atol=1e-5)
+
+
+def test_changing_sampling_values_does_not_recompile(qwen3):
+    fn = sampler.compiled_sampler(qwen3.cfg, N, G, qwen3.stop_ids, PAD)
+    qwen3.run(temperature=0.0)
+    before = fn._cache_size()
+    for i, kw in enumerate(
+        [
+            dict(temperature=1.0),
+            dict(temperature=0.6, top_p=0.9),
+            dict(temperature=1.3, top_k=5, min_p=0.05),
+            dict(temperature=0.0, top_k=3),
+        ]
+    ):
+        assert qwen3.run(key=i, **kw).tokens_PNT.shape == (P, N, G)
+    assert fn._cache_size() == before == 1
+
+
+def test_keys_reproduce_and_rows_draw_separately(qwen3):
+    a, b = qwen3.run(key=7, temperature=1.0), qwen3.run(key=7, temperature=1.0)
+    c = qwen3.run(key=8, temperature=1.0)
+    np.testing.assert_array_equal(a.tokens_PNT, b.tokens_PNT)
+    assert (np.asarray(a.tokens_PNT) != np.asarray(c.tokens_PNT)).any()
+    assert (np.asarray(a.tokens_PNT)[:, 0] != np.asarray(a.tokens_PNT)[:, 1]).any()
+
+
+def test_sharded_greedy_equals_full_forward(llama):
+    # 2x4 mesh: rows over data; query heads, MLP and vocabulary over model; K=2 kv heads
+    # replicated. This also covers the unfused (tensor-parallel) weights of the decode step,
+    # an untied head and rope scaling; the unsharded run equals the same reference above.
+    mesh = sharding.make_mesh("2x4", jax.devices()[:8])
+    params = jax.device_put(
+        llama.params, sharding.param_shardings(llama.cfg, mesh, sharding.SAMPLE_RULES)
+    )
+    rows = sharding.batch_sharding(mesh, 2)
+    case = dataclasses.replace(
+        llama, tokens=jax.device_put(llama.tokens, rows), mask=jax.device_put(llama.mask, rows)
+    )
+    out = case.run(mesh=mesh, params=params, temperature=0.0)
+    assert out.tokens_PNT.sharding.is_equivalent_to(
+        NamedSharding(mesh, PartitionSpec("data", None, None)), 3
+    )
+    _check_against_reference(llama, out)
+
+
+# ----------------------------------------------------------------------------- sample_token
+
+_sample_token = jax.jit(sampler.sample_token)
+DRAWS = 20_000
+
+
+def _draw(logits_V, seed=0, draws=DRAWS, **kw):
+    logits_BV = jnp.broadcast_to(jnp.asarray(logits_V, jnp.float32), (draws, len(logits_V)))
+    tok, logp, ent = _sample_token(
+        logits_BV, jax.random.key(seed), sampler.SamplingParams.make(**kw)
+    )
+    return np.asarray(tok), np.asarray(logp), np.asarray(ent)
+
+
+def _expected_probs(logits_V, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """The filtered distribution by its definition (transformers' order), in float64."""
+    z = np.asarray(logits_V, np.float64) / temperature
+    keep = np.ones(z.shape, bool)
+    if top_k:
+        keep &= z >= np.sort(z)[::-1][top_k - 1]
+    if top_p < 1:
+        probs = np.where(keep, np.exp(z - z.max()), 0.0)
+        probs /= probs.sum()
+        order = np.argsort(-probs, kind="stable")
+        before = np.cumsum(probs[order]) - probs[order]  # mass strictly ahead in sorted order
+        keep[order[before >= top_p]] = False
+    if min_p > 0:
+        keep &= np.exp(z - z.max()) >= min_p
+    probs = np.where(keep, np.exp(z - z.max()), 0.0)
+    return probs / probs.sum()
+
+
+def _check_distribution(tokens, expected):
+    support = np.flatnonzero(expected > 0)
+    assert np.isin(tokens, support).all(), "sampled a token outside the kept set"
+    counts = np.bincount(tokens, minlength=len(expected))[support]
+    want = len(tokens) * expected[support]
+    rare = want < 5  # pooled into one bin, as the chi-square approximation needs
+    counts = np.append(counts[~rare], counts[rare].sum())
+    want = np.append(want[~rare], want[rare].sum())
+    if want[-1] == 0:
+        counts, want = counts[:-1], want[:-1]
+    assert stats.chisquare(counts, want).pvalue > 1e-3
+
+
+LOGITS_128 = np.random.default_rng(0).normal(0, 2.0, 128)
+FLAT_128 = np.random.default_rng(1).normal(0, 0.1, 128)  # top 64 hold about half the mass
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(temperature=1.0),
+        dict(temperature=0.7),
+        dict(temperature=1.0, top_k=5),
+        dict(temperature=0.8, top_p=0.8),
+        dict(temperature=1.0, min_p=0.1),
+        dict(temperature=1.2, top_k=40, top_p=0.9, min_p=0.01),
+    ],
+    ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()),
+)
+def test_sample_token_matches_filtered_distribution(kw):
+    tokens, logp, entropy = _draw(LOGITS_128, **kw)
+    _check_distribution(tokens, _expected_probs(LOGITS_128, **kw))
+    # Log-probs and entropy are those of softmax(logits / temperature), unfiltered.
+    ref = jax.nn.log_softmax(jnp.asarray(LOGITS_128, jnp.float32) / kw["temperature"])
+    np.testing.assert_allclose(logp, np.asarray(ref)[tokens], atol=1e-5)
+    np.testing.assert_allclose(entropy, -(np.exp(ref) * ref).sum(), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(top_k=100), dict(top_p=0.9), dict(top_k=90, top_p=0.8)], ids=str
+)
+def test_sample_token_bisection_path(kw):
+    # k > 64 candidates, or top-p mass not reached within the 64 largest: exact bisection.
+    tokens, _, _ = _draw(FLAT_128, seed=5, **kw)
+    expected = _expected_probs(FLAT_128, **kw)
+    assert 64 < (expected > 0).sum() < 128
+    _check_distribution(tokens, expected)
+
+
+def test_sample_token_top_p_just_below_one_keeps_everything():
+    # p = 1 - 2**-24 is not "off", but no token's mass ahead reaches it: all are kept, and float
+    # rounding of the total mass must not turn the bisection's threshold into NaN.
+    top_p = float(np.nextafter(np.float32(1), np.float32(0)))
+    tokens, _, _ = _draw(FLAT_128, seed=7, top_p=top_p)
+    _check_distribution(tokens, _expected_probs(FLAT_128, top_p=top_p))
+    assert len(np.unique(tokens)) == 128
+
+
+def test_sample_token_candidates_from_many_blocks():
+    # V = 8192 is viewed as 128 blocks of 64; the 40 largest logits all sit in block 3, the next
+    # ones spread out, so the candidate blocks must be chosen by their maxima, not by position.
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 1, 8192)
+    logits[192:232] = 9 + rng.normal(0, 0.3, 40)
+    for kw in (dict(top_k=50), dict(top_k=7), dict(top_p=0.8), dict(top_k=45, top_p=0.99)):
+        tokens, _, _ = _draw(logits, seed=6, draws=2000, **kw)
+        _check_distribution(tokens, _expected_probs(logits, **kw))
+
+
+def test_sample_token_greedy():
+    logits = np.random.default_rng(3).normal(0, 1, 128).astype(np.float32)
+    logits[[17, 90]] = 5.0  # a tie for the largest logit
+    tokens, logp, entropy = _draw(logits, temperature=0.0, top_k=1, top_p=0.1)
+    assert (tokens == 17).all()  # the first index of the largest logit; filters are ignored
+    ref = jax.nn.log_softmax(jnp.asarray(logits))  # raw logits: temperature 1
+    np.testing.assert_allclose(logp, ref[17], atol=1e-6)
+    np.testing.assert_allclose(entropy, -(np.exp(ref) * ref).sum(), atol=1e-6)
+
+
+def test_sampling_params_validation():
+    for kw, msg in [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(min_p=1.5), "min_p"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            sampler.SamplingParams.make(**kw)
