@@ -205,3 +205,17 @@ def test_sharded_step_equals_unsharded(params, default_step):
     assert new_state.params["params"]["layers"]["mlp"]["gate"].sharding.spec == (
         None, "data", "model",
     )  # fmt: skip
+
+
+def test_remat_gives_the_same_gradients(params):
+    """model.remat trades compute for memory; the gradients must not change."""
+    batch = make_batch()
+    args = (batch.prompt_PT, batch.prompt_mask_PT, batch.response_PNR[:, 0],
+            batch.response_mask_PNR[:, 0], jnp.float32(1.0))  # fmt: skip
+
+    def loss(p, cfg):
+        return train.response_logp(cfg, p, *args)["logp_BR"].sum()
+
+    plain = jax.grad(loss)(params, CFG)
+    remat = jax.grad(loss)(params, CFG.replace(remat=True))
+    chex.assert_trees_all_close(plain, remat, atol=1e-6)

@@ -49,6 +49,9 @@ class ModelSection:
     revision: str | None = None  # hub revision (branch, tag or commit) when loading by id
     dtype: str = "float32"  # compute dtype; "bfloat16" on TPU
     param_dtype: str = "float32"  # master params and optimizer state
+    # Recompute each block's activations in the backward pass: trades ~1/3 more train-step
+    # compute for activation memory (see `python -m ttrl_jax.plan` for whether a run needs it).
+    remat: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -183,7 +183,7 @@ def model_config(cfg: config_lib.Config) -> model_lib.ModelConfig:
         holding its config.json.
     """
     name = config_lib.resolve_model_path(cfg.model.name_or_path)
-    dtypes = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+    dtypes = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
     preset = SAME_SHAPES_AS.get(name, name)
     if preset in model_lib.PRESETS_HF:
         return model_lib.preset(preset, **dtypes)
@@ -799,8 +799,8 @@ def main(argv: Sequence[str] | None = None) -> list[Plan]:
     ap.add_argument(
         "--remat",
         action="store_true",
-        help="plan with ModelConfig.remat=True (block activations recomputed in the backward "
-        "pass), e.g. to see whether it would make a config fit",
+        help="plan with rematerialisation on (as model.remat=true: block activations "
+        "recomputed in the backward pass), e.g. to see whether it would make a config fit",
     )
     ap.add_argument("--markdown", action="store_true", help="print README-ready markdown tables")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. sample.n_vote=32")
@@ -829,7 +829,8 @@ def main(argv: Sequence[str] | None = None) -> list[Plan]:
         except config_lib.ConfigError as err:
             raise SystemExit(str(err)) from None
         try:
-            model_cfg = model_config(cfg).replace(remat=args.remat)
+            model_cfg = model_config(cfg)
+            model_cfg = model_cfg.replace(remat=model_cfg.remat or args.remat)
         except ValueError as err:
             raise SystemExit(str(err)) from None
         for (tpu, _), (d, m) in zip(targets, shapes):
