@@ -1,0 +1,103 @@
+"""The shipped toy model (ttrl_jax/toy/model) and the script that makes it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from ttrl_jax import data as data_lib
+from ttrl_jax import rollout as rollout_lib
+from ttrl_jax import sampler as sampler_lib
+from ttrl_jax import weights
+from ttrl_jax.config import TOY_MODEL_DIR
+from ttrl_jax.toy import pretrain, task
+from ttrl_jax.toy import tokenizer as toy_tokenizer
+
+
+def _greedy_texts(cfg, params, tokenizer, questions, max_new_tokens=96):
+    """One greedy response per question, through the run's own prompt and sampling path."""
+    prompt_ids, _, _ = data_lib.build_prompts(
+        [{"id": str(i), "prompt": q} for i, q in enumerate(questions)],
+        tokenizer, None, max_prompt_tokens=128, skip_long=False,
+    )  # fmt: skip
+    generator = rollout_lib.Generator(
+        cfg, tokenizer, (tokenizer.eos_token_id,), tokenizer.pad_token_id, (128,)
+    )
+    greedy = sampler_lib.SamplingParams.make(temperature=0.0)
+    gen = generator(params, prompt_ids, jax.random.key(0), greedy, 1, max_new_tokens)
+    return [texts[0] for texts in gen.texts_PN], gen
+
+
+def test_shipped_folder_loads_with_matching_tokenizer():
+    cfg, params = weights.load_hf(TOY_MODEL_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL_DIR)
+    hf = json.loads((TOY_MODEL_DIR / "config.json").read_text())
+
+    assert cfg.model_type == "qwen2" and hf["model_type"] == "qwen2"
+    assert cfg.vocab_size == len(tokenizer) == toy_tokenizer.VOCAB_SIZE
+    assert hf["eos_token_id"] == tokenizer.eos_token_id == 127
+    assert hf["pad_token_id"] == tokenizer.pad_token_id == 125
+    assert hf.get("bos_token_id") is None and tokenizer.bos_token is None
+    assert cfg.max_position_embeddings >= 256
+    # The folder's tokenizer is the builder's: same ids for a whole chat prompt and response.
+    built = toy_tokenizer.build_tokenizer()
+    question = task.test_split(data_lib.TOY_TEST_SEED, 1)[0]["prompt"]
+    text = data_lib.chat_prompt_text(question, tokenizer, None) + "12+3=15\n\\boxed{15}"
+    assert tokenizer(text)["input_ids"] == built(text)["input_ids"]
+    # Small enough to ship inside the package.
+    size = sum(p.stat().st_size for p in TOY_MODEL_DIR.iterdir())
+    assert size < 8 * 2**20, f"toy model folder is {size / 2**20:.1f} MB"
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_pretrain_script_end_to_end(tmp_path):
+    tiny = [
+        "--embed-dim", "32", "--num-layers", "1", "--num-heads", "2", "--num-kv-heads", "1",
+        "--mlp-dim", "64", "--clean-steps", "3", "--slip-steps", "2", "--batch-size", "4",
+        "--min-chain", "1", "--max-chain", "2", "--warmup-steps", "1", "--log-every", "1",
+    ]  # fmt: skip
+    out = pretrain.main(
+        ["--out", str(tmp_path / "toy"), "--eval-prompts", "2", "--eval-k", "2"] + tiny
+    )
+
+    cfg, params = weights.load_hf(out)
+    assert (cfg.embed_dim, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads) == (32, 1, 2, 1)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert len(tokenizer) == cfg.vocab_size
+    assert json.loads((out / "pretrain_config.json").read_text())["clean_steps"] == 3
+    # Same settings, same weights: the script is deterministic and the export is lossless.
+    pc, _ = pretrain.parse_args(tiny)
+    _, again = pretrain.pretrain(pc)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    texts, _ = _greedy_texts(
+        cfg, params, tokenizer, ["Start at 5 and apply +1 in order, modulo 100."]
+    )
+    assert isinstance(texts[0], str)
+
+
+@pytest.mark.slow
+def test_default_run_on_the_shipped_model(tmp_path):
+    """A short seeded default run: rewards, metrics and the checkpoint work on the shipped model."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    out = tmp_path / "run"
+    args = [
+        f"run.out_dir={out}", "run.max_steps=1", "eval.before_training=false",
+        "data.batch_prompts=2", "sample.n_vote=4", "sample.n_train=4", "eval.k=2",
+        "sample.max_new_tokens=64", "eval.max_new_tokens=64", "run.tensorboard=false",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "ttrl_jax.run", *args], env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_row = next(r for r in rows if r.get("train"))
+    assert 0 <= train_row["label_accuracy"] <= 1 and train_row["answered"] > 0.5
+    assert any(r.get("eval") and "eval/avg@2" in r for r in rows)
+    assert (out / "checkpoints" / "1").is_dir()
