@@ -188,9 +188,13 @@ def test_step_has_no_host_callbacks(params, default_step):
     assert "callback" not in hlo.lower()
 
 
-def test_sharded_step_equals_unsharded(params, default_step):
-    step_cfg, tx, lr_fn, step = default_step
+def test_sharded_step_equals_unsharded(params):
+    """SGD, so the comparison is linear in the gradients (Adam's g / sqrt(v) would magnify
+    reduction-order rounding on near-zero gradients)."""
+    step_cfg = train.StepConfig(n_train=4, mini_batch_prompts=2, micro_batch_rows=4)
+    tx, lr_fn = optax.sgd(0.1), optax.constant_schedule(0.1)
     batch, key, hyper = make_batch(4), jax.random.key(5), train.StepHyper.make()
+    step = train.build_train_step(CFG, step_cfg, tx, lr_fn)
     ref_state, ref_metrics = step(
         train.init_state(params_copy(params), tx), params_copy(params), batch, key, hyper
     )
@@ -200,11 +204,10 @@ def test_sharded_step_equals_unsharded(params, default_step):
     sharded_step = train.build_train_step(CFG, step_cfg, tx, lr_fn, mesh, state_sh, param_sh)
     state = jax.device_put(train.init_state(params_copy(params), tx), state_sh)
     new_state, metrics = sharded_step(state, jax.device_put(params, param_sh), batch, key, hyper)
-    chex.assert_trees_all_close(new_state.params, ref_state.params, atol=1e-5)
+    chex.assert_trees_all_close(new_state.params, ref_state.params, atol=1e-6)
     chex.assert_trees_all_close(metrics, ref_metrics, atol=1e-5)
-    assert new_state.params["params"]["layers"]["mlp"]["gate"].sharding.spec == (
-        None, "data", "model",
-    )  # fmt: skip
+    gate = new_state.params["params"]["layers"]["mlp"]["gate"]
+    assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "data", "model")
 
 
 def test_remat_gives_the_same_gradients(params):
