@@ -12,7 +12,18 @@ from transformers import PreTrainedTokenizerFast
 
 from ttrl_jax import data
 
-TTRL_DATA = Path("/work/shared/data/ttrl")
+# The benchmark files live in shared/ beside the checkout; tests skip when they are absent.
+TTRL_DATA = next(
+    (
+        p
+        for p in (
+            Path(__file__).resolve().parents[2] / "shared/data/ttrl",
+            Path("/work/shared/data/ttrl"),
+        )
+        if p.is_dir()
+    ),
+    Path("/work/shared/data/ttrl"),
+)
 REAL_COUNTS = {
     "AIME-TTT": 30,
     "AMC-TTT": 83,
