@@ -47,12 +47,30 @@ def test_shipped_folder_loads_with_matching_tokenizer():
     # The folder's tokenizer is the builder's: same ids for a whole chat prompt and response.
     built = toy_tokenizer.build_tokenizer()
     question = task.test_split(data_lib.TOY_TEST_SEED, 1)[0]["prompt"]
-    text = data_lib.chat_prompt_text(question, tokenizer, None) + "12+3=15\n\\boxed{15}"
+    text = data_lib.chat_prompt_text(question, tokenizer, None) + "2 +3=5\n\\boxed{5}"
     assert tokenizer(text)["input_ids"] == built(text)["input_ids"]
     # Small enough to ship inside the package.
     size = sum(p.stat().st_size for p in TOY_MODEL_DIR.iterdir())
     assert size < 8 * 2**20, f"toy model folder is {size / 2**20:.1f} MB"
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_shipped_model_solves_chains_greedily():
+    """The shipped model learned the task: greedy decoding writes correct worked chains.
+
+    Its sampled answers are noisy by design (the slip phase), but the most likely token at each
+    step is the right one, which is what the majority vote recovers.
+    """
+    cfg, params = weights.load_hf(TOY_MODEL_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL_DIR)
+    rows = task.pretrain_examples(seed=123, n=32, min_steps=1, max_steps=4)
+    texts, gen = _greedy_texts(cfg, params, tokenizer, [r["prompt"] for r in rows])
+    correct = [task.is_correct(r["prompt"], t) for r, t in zip(rows, texts)]
+    assert np.mean(correct) >= 0.9, list(zip([r["prompt"] for r in rows], texts))
+    # Whole worked chains, not only answers: most responses are the reference solution.
+    exact = [t == r["response"] for r, t in zip(rows, texts)]
+    assert np.mean(exact) >= 0.85
+    assert (np.asarray(gen.rollout.finish_PN) == sampler_lib.FINISH_STOP).all()
 
 
 def test_pretrain_script_end_to_end(tmp_path):
@@ -76,7 +94,7 @@ def test_pretrain_script_end_to_end(tmp_path):
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     texts, _ = _greedy_texts(
-        cfg, params, tokenizer, ["Start at 5 and apply +1 in order, modulo 100."]
+        cfg, params, tokenizer, ["Start at 5 and apply +1 in order, modulo 10."]
     )
     assert isinstance(texts[0], str)
 

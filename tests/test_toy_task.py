@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from ttrl_jax.toy import task
 from ttrl_jax.toy import tokenizer as toy_tokenizer
 
-_LINE_RE = re.compile(r"(\d+)([-+*])(\d)=(\d+)")
+_LINE_RE = re.compile(r"(\d+) ([-+*])(\d)=(\d+)")
 
 
 def _solution_lines(response):
@@ -37,22 +37,22 @@ def _chat(tokenizer, question, response=None):
 # --- task ---------------------------------------------------------------------------------
 
 
-def test_apply_op_reduces_modulo_100():
-    assert task.apply_op(37, ("+", 8)) == 45
-    assert task.apply_op(3, ("-", 5)) == 98
-    assert task.apply_op(45, ("*", 3)) == 35
+def test_apply_op_reduces_modulo_10():
+    assert task.apply_op(7, ("+", 8)) == 5
+    assert task.apply_op(3, ("-", 5)) == 8
+    assert task.apply_op(5, ("*", 3)) == 5
     with pytest.raises(ValueError, match="Unknown operation"):
         task.apply_op(1, ("/", 2))
 
 
 def test_question_and_solution_format():
-    problem = task.Problem(37, (("+", 8), ("*", 3), ("-", 5)))
-    assert problem.question == "Start at 37 and apply +8, *3, -5 in order, modulo 100."
-    assert task.format_solution(problem) == "37+8=45\n45*3=35\n35-5=30\n\\boxed{30}"
-    assert task.format_solution(problem, slip_step=1, slip_value=36) == (
-        "37+8=45\n45*3=36\n36-5=31\n\\boxed{31}"
+    problem = task.Problem(7, (("+", 8), ("*", 3), ("-", 5)))
+    assert problem.question == "Start at 7 and apply +8, *3, -5 in order, modulo 10."
+    assert task.format_solution(problem) == "7 +8=5\n5 *3=5\n5 -5=0\n\\boxed{0}"
+    assert task.format_solution(problem, slip_step=1, slip_value=6) == (
+        "7 +8=5\n5 *3=6\n6 -5=1\n\\boxed{1}"
     )
-    assert problem.answer == 30
+    assert problem.answer == 0
 
 
 def test_generators_are_deterministic_per_seed():
@@ -94,8 +94,9 @@ def test_slips_happen_at_rate_and_chain_continues_from_them():
         assert boxed == steps[-1][3]
         assert int(ex["answer"]) == problem.answer
         n_wrong_final += boxed != problem.answer
-    # A slip is rarely erased later (only by a *2, *4, *5, ... that maps both values together).
-    assert 0.95 * sum(slipped) < n_wrong_final <= sum(slipped)
+    # A slip is seldom erased later: only by a later *d with (slip - truth) * d = 0 modulo 10
+    # (5% of these slips).
+    assert 0.9 * sum(slipped) < n_wrong_final < sum(slipped)
 
 
 def test_exclude_removes_questions():
@@ -119,11 +120,11 @@ def test_test_split_rows_like_benchmark_files():
 
 
 def test_is_correct_and_parse_errors():
-    question = task.Problem(37, (("+", 8),)).question
-    assert task.is_correct(question, "37+8=45\n\\boxed{45}")
-    assert task.is_correct(question, "\\boxed{12} no, \\boxed{ 45 }")
-    assert not task.is_correct(question, "37+8=45\n\\boxed{46}")
-    assert not task.is_correct(question, "37+8=45")
+    question = task.Problem(7, (("+", 8),)).question
+    assert task.is_correct(question, "7 +8=5\n\\boxed{5}")
+    assert task.is_correct(question, "\\boxed{12} no, \\boxed{ 5 }")
+    assert not task.is_correct(question, "7 +8=5\n\\boxed{6}")
+    assert not task.is_correct(question, "7 +8=5")
     with pytest.raises(ValueError, match="Not a toy-task question"):
         task.parse_question("What is 2+2?")
 

@@ -51,12 +51,12 @@ class PretrainConfig:
     mlp_dim: int = 384
     max_position_embeddings: int = 256
     # Phase 1: clean chains.
-    clean_steps: int = 1500
+    clean_steps: int = 2000
     clean_lr: float = 2e-3
     # Phase 2: chains with slips.
     slip_steps: int = 300
     slip_lr: float = 3e-4
-    slip_prob: float = 0.3
+    slip_prob: float = 0.6
     # Both phases.
     batch_size: int = 64
     min_chain: int = 1
@@ -204,12 +204,14 @@ def next_token_loss(params, cfg, prefix_T, rest_BR, loss_mask_BR):
     return (ce_BR * weight_BR).sum() / jnp.maximum(weight_BR.sum(), 1.0)
 
 
-def lr_schedule(lr: float, steps: int, warmup: int) -> optax.Schedule:
-    """Linear warmup, then cosine decay to 10 %."""
-    warmup = min(warmup, max(steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
-        0.0, lr, warmup, max(steps, warmup + 1), end_value=0.1 * lr
-    )
+def lr_schedule(lr: float, steps: int, warmup: int, decay: bool) -> optax.Schedule:
+    """Linear warmup, then constant or (decay=True) cosine decay to 10 % at `steps`."""
+    warmup = max(min(warmup, steps - 1), 1)
+    if not decay:
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]
+        )
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), 0.1 * lr)
 
 
 def build_update(cfg: model_lib.ModelConfig, weight_decay: float):
@@ -232,12 +234,14 @@ def build_update(cfg: model_lib.ModelConfig, weight_decay: float):
     return tx, update
 
 
-def run_phase(name: str, params, update, tx, batches: Batches, lr: float, pc: PretrainConfig):
+def run_phase(
+    name: str, params, update, tx, batches: Batches, lr: float, decay: bool, pc: PretrainConfig
+):
     """One AdamW update per batch, from a fresh optimizer state."""
     steps = len(batches.rest_BR)
     if steps == 0:
         return params
-    schedule = lr_schedule(lr, steps, pc.warmup_steps)
+    schedule = lr_schedule(lr, steps, pc.warmup_steps, decay)
     opt_state = tx.init(params)
     prefix_T = jnp.asarray(batches.prefix_T)
     t0, losses = time.perf_counter(), []
@@ -256,8 +260,15 @@ def run_phase(name: str, params, update, tx, batches: Batches, lr: float, pc: Pr
     return params
 
 
-def pretrain(pc: PretrainConfig) -> tuple[model_lib.ModelConfig, dict]:
-    """Both phases from a random init; deterministic given `pc`.
+def pretrain(
+    pc: PretrainConfig, init: str | Path | None = None
+) -> tuple[model_lib.ModelConfig, dict]:
+    """Both phases, from a random init or from the weights of the HF folder `init`.
+
+    Deterministic given `pc` and `init`: a folder written after `--clean-steps C --slip-steps 0`
+    and continued with `--init` and `--clean-steps 0` gives the same weights as one run of both
+    phases (each phase starts a fresh optimizer; only the slip phase's learning rate schedule
+    and data depend on its own settings).
 
     Returns:
       (model config, params).
@@ -265,7 +276,15 @@ def pretrain(pc: PretrainConfig) -> tuple[model_lib.ModelConfig, dict]:
     cfg = pc.model_config()
     tokenizer = toy_tokenizer.build_tokenizer()
     exclude = excluded_prompts()
-    params = model_lib.init_params(cfg, jax.random.key(pc.seed))
+    if init is None:
+        params = model_lib.init_params(cfg, jax.random.key(pc.seed))
+    else:
+        init_cfg, params = weights.load_hf(init)
+        if init_cfg != cfg:
+            raise ValueError(
+                f"--init {init} holds a model of another shape than these settings ask for: "
+                f"{init_cfg} vs {cfg}. Pass the same --embed-dim/--num-layers/... it was made with."
+            )
     print(
         f"model: {model_lib.count_params(params):,} params, D {cfg.embed_dim}, "
         f"L {cfg.num_layers}, heads {cfg.num_heads}/{cfg.num_kv_heads}, F {cfg.mlp_dim}",
@@ -273,13 +292,19 @@ def pretrain(pc: PretrainConfig) -> tuple[model_lib.ModelConfig, dict]:
     )
     tx, update = build_update(cfg, pc.weight_decay)
     clean = phase_batches(pc, tokenizer, pc.clean_steps, 0.0, stream=0, exclude=exclude)
-    params = run_phase("clean", params, update, tx, clean, pc.clean_lr, pc)
+    params = run_phase("clean", params, update, tx, clean, pc.clean_lr, False, pc)
     slipped = phase_batches(pc, tokenizer, pc.slip_steps, pc.slip_prob, stream=1, exclude=exclude)
-    params = run_phase("slips", params, update, tx, slipped, pc.slip_lr, pc)
+    params = run_phase("slips", params, update, tx, slipped, pc.slip_lr, True, pc)
     return cfg, params
 
 
-def save(cfg: model_lib.ModelConfig, params, out_dir: str | Path, pc: PretrainConfig) -> Path:
+def save(
+    cfg: model_lib.ModelConfig,
+    params,
+    out_dir: str | Path,
+    pc: PretrainConfig,
+    init: str | Path | None = None,
+) -> Path:
     """The HF folder: weights, config.json, tokenizer files, generation and pretrain settings."""
     tokenizer = toy_tokenizer.build_tokenizer()
     weights.check_tokenizer(tokenizer, cfg)
@@ -292,7 +317,10 @@ def save(cfg: model_lib.ModelConfig, params, out_dir: str | Path, pc: PretrainCo
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     generation = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    (out / "pretrain_config.json").write_text(json.dumps(dataclasses.asdict(pc), indent=2) + "\n")
+    record = dataclasses.asdict(pc)
+    if init is not None:
+        record["init"] = json.loads((Path(init) / "pretrain_config.json").read_text())
+    (out / "pretrain_config.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
 
 
@@ -340,6 +368,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[PretrainConfig, argparse.Nam
         help="test-split prompts to measure pass@1 / maj@k on after training; 0 = skip",
     )  # fmt: skip
     ap.add_argument("--eval-k", type=int, default=16, help="samples per prompt for avg@k, maj@k")
+    ap.add_argument(
+        "--init", default=None,
+        help="HF folder to start from instead of a random init (e.g. a clean-phase-only model, "
+        "continued with --clean-steps 0)",
+    )  # fmt: skip
     for field in dataclasses.fields(PretrainConfig):
         ap.add_argument(
             "--" + field.name.replace("_", "-"), type=type(field.default), default=field.default
@@ -355,8 +388,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     pc, args = parse_args(argv)
     print(f"{pc}\nload average at start: {os.getloadavg()[0]:.1f}", flush=True)
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    cfg, params = pretrain(pc)
-    out = save(cfg, params, args.out, pc)
+    cfg, params = pretrain(pc, args.init)
+    out = save(cfg, params, args.out, pc, args.init)
     print(
         f"wrote {out} after {time.perf_counter() - wall0:.0f} s "
         f"({time.process_time() - cpu0:.0f} CPU-s; load average {os.getloadavg()[0]:.1f})",

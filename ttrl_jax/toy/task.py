@@ -1,14 +1,17 @@
-"""The toy reasoning task: a chain of +, -, * operations modulo 100 with a worked solution.
+"""The toy reasoning task: a chain of +, -, * operations modulo 10 with a worked solution.
 
-Question: ``Start at 37 and apply +8, *3, -5 in order, modulo 100.``
+Question: ``Start at 7 and apply +8, *3, -5 in order, modulo 10.``
 Solution, one line per step, then the answer::
 
-    37+8=45
-    45*3=35
-    35-5=30
-    \\boxed{30}
+    7 +8=5
+    5 *3=5
+    5 -5=0
+    \\boxed{0}
 
-Every line restates the previous value, so one wrong step changes every later value. Chains
+Every line restates the previous value, so one wrong step changes every later value (until a
+``*2``, ``*5`` or ``*6`` may merge two values). Modulo 10 every value is one digit, so every
+line has the same token layout and each step is a lookup in a table of 10 x 26 entries: a small
+model learns the table quickly, and what remains hard is keeping track of a long chain. Chains
 with a *slip* (one random wrong intermediate value, the chain continuing correctly from it)
 teach a model to err at random rather than systematically: its wrong answers then scatter
 over many values and the majority vote recovers the truth, which is what TTRL feeds on.
@@ -22,7 +25,7 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
-MODULUS = 100
+MODULUS = 10
 _ADD_SUB_DIGITS = np.arange(1, 10)
 _MUL_DIGITS = np.arange(2, 10)  # ×0 would erase the chain and ×1 does nothing
 _OP_SYMBOLS = ("+", "-", "*")
@@ -97,10 +100,15 @@ def make_problem(rng: np.random.Generator, n_steps: int) -> Problem:
 def format_solution(
     problem: Problem, slip_step: int | None = None, slip_value: int | None = None
 ) -> str:
-    """The worked solution: one `a<op>d=b` line per step, then the boxed final value."""
+    """The worked solution: one `a <op>d=b` line per step, then the boxed final value.
+
+    The operator keeps the leading space it has in the question: the tokenizer makes " +",
+    " -" and " *" single tokens different from "+", "-" and "*", and written the same way the
+    operator of each step is a copy of a question token rather than a mapping between ids.
+    """
     values = chain_values(problem.start, problem.ops, slip_step, slip_value)
     previous = [problem.start, *values[:-1]]
-    lines = [f"{a}{op}{d}={b}" for a, (op, d), b in zip(previous, problem.ops, values)]
+    lines = [f"{a} {op}{d}={b}" for a, (op, d), b in zip(previous, problem.ops, values)]
     lines.append(f"\\boxed{{{values[-1]}}}")
     return "\n".join(lines)
 
@@ -111,7 +119,7 @@ def parse_question(question: str) -> Problem:
     if match is None:
         raise ValueError(
             f"Not a toy-task question: {question!r}. Expected the format of Problem.question, "
-            "e.g. 'Start at 37 and apply +8, *3 in order, modulo 100.'."
+            "e.g. 'Start at 7 and apply +8, *3 in order, modulo 10.'."
         )
     ops = tuple((step[0], int(step[1:])) for step in match.group(2).split(", "))
     return Problem(int(match.group(1)), ops)
