@@ -93,6 +93,29 @@ def test_pretrain_script_end_to_end(tmp_path):
     _, again = pretrain.pretrain(pc)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The clean phase alone, then the slip phase from it (--init): the same weights again.
+    no_eval = ["--eval-prompts", "0"]
+    clean = pretrain.main(["--out", str(tmp_path / "clean"), *no_eval, *tiny, "--slip-steps", "0"])
+    two = pretrain.main(
+        [
+            "--out",
+            str(tmp_path / "two"),
+            *no_eval,
+            "--init",
+            str(clean),
+            *tiny,
+            "--clean-steps",
+            "0",
+        ]
+    )
+    _, two_params = weights.load_hf(two)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(two_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert json.loads((two / "pretrain_config.json").read_text())["init"]["clean_steps"] == 3
+    with pytest.raises(ValueError, match="another shape"):
+        pretrain.main(
+            ["--out", str(tmp_path / "x"), *no_eval, "--init", str(clean), "--num-layers", "2"]
+        )
     texts, _ = _greedy_texts(
         cfg, params, tokenizer, ["Start at 5 and apply +1 in order, modulo 10."]
     )
