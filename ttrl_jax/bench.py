@@ -859,12 +859,24 @@ def _sample_one_size(args, cfg, params, torch_model, sp, settings, size: SampleS
         },
         repeats=5,
     )
+    # The largest op of a decode step on its own: the unembedding product of B rows, XLA's dot
+    # on the same weights. Its time bounds how close to the roofline any XLA:CPU sampler gets.
+    h_BD = jax.random.normal(jax.random.key(2), (P * N, cfg.embed_dim), cfg.dtype)
+    unembed = jax.jit(lambda h, e: jnp.einsum("BD,VD->BV", h, e))
+    embed_VD = params["params"]["embed"].astype(cfg.dtype)
+    unembed_s = time_best(lambda: unembed(h_BD, embed_VD).block_until_ready(), repeats=5)
     probe = LoadProbe().start()
     best = time_best_interleaved(
         {"ttrl_jax": ours, "transformers": theirs}, warmup=0, repeats=args.repeats
     )
     probe.stop()
-    return {"seconds": best, "compile_s": compile_s, "head": head, "load": probe.describe()}
+    return {
+        "seconds": best,
+        "compile_s": compile_s,
+        "head": head,
+        "unembed_s": unembed_s,
+        "load": probe.describe(),
+    }
 
 
 def _print_sample_size(cfg, size: SampleSize, res: dict, peak: float, bandwidth: float, args):
@@ -893,6 +905,10 @@ def _print_sample_size(cfg, size: SampleSize, res: dict, peak: float, bandwidth:
     lines += [
         f"    tokens/s ratio ttrl_jax / transformers: {ratio:.2f}x "
         f"(ttrl_jax compile + first run {res['compile_s']:.1f} s, excluded)",
+        f"    per step: ttrl_jax {res['seconds']['ttrl_jax'] / G * 1e3:.1f} ms (prefill included);"
+        f" the unembedding product alone ({B}x{cfg.embed_dim} by {cfg.embed_dim}x"
+        f"{cfg.vocab_size}, XLA's dot) {res['unembed_s'] * 1e3:.1f} ms = "
+        f"{res['unembed_s'] / step_s:.0%} of the step's roofline",
         f"    sampling head per step ({B}x{cfg.vocab_size}): inverse-CDF "
         f"{head['inverse_cdf'] * 1e3:.1f} ms (with log-prob and entropy), Gumbel-max "
         f"{head['gumbel'] * 1e3:.1f} ms (token only)",
