@@ -2,6 +2,11 @@
 
     python -m ttrl_jax.toy.pretrain --out ttrl_jax/toy/model
 
+or, keeping the clean model as its own folder (how the shipped one was made, same weights):
+
+    python -m ttrl_jax.toy.pretrain --out /tmp/toy-clean --slip-steps 0
+    python -m ttrl_jax.toy.pretrain --init /tmp/toy-clean --clean-steps 0 --out ttrl_jax/toy/model
+
 Two phases of next-token cross-entropy on the responses of chat-formatted toy chains
 (ttrl_jax.toy.task): first clean chains, where the model learns the arithmetic, then a short
 fine-tune on chains of which a fraction carry one random slip. The slips are what make the
