@@ -520,7 +520,7 @@ def _attention(
     out_BKGH = out_BKGH + jnp.einsum("BKGS,BKSH->BKGH", p_BKGS.astype(dtype), v_BKSH)
     out_BQH = (out_BKGH / denom_BKG[..., None].astype(dtype)).reshape(B, Q, H)
     out_BQH = _constrain(out_BQH, ("batch", "heads", "head_dim"))
-    a_BD = model_lib.contract_heads(out_BQH, ap["o"])
+    a_BD = jnp.einsum("BQH,QHD->BD", out_BQH, ap["o"])
     return a_BD[:, None], k_BKHS, v_BKSH
 
 
