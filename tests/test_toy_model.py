@@ -96,18 +96,8 @@ def test_pretrain_script_end_to_end(tmp_path):
     # The clean phase alone, then the slip phase from it (--init): the same weights again.
     no_eval = ["--eval-prompts", "0"]
     clean = pretrain.main(["--out", str(tmp_path / "clean"), *no_eval, *tiny, "--slip-steps", "0"])
-    two = pretrain.main(
-        [
-            "--out",
-            str(tmp_path / "two"),
-            *no_eval,
-            "--init",
-            str(clean),
-            *tiny,
-            "--clean-steps",
-            "0",
-        ]
-    )
+    two_args = ["--out", str(tmp_path / "two"), *no_eval, "--init", str(clean), *tiny]
+    two = pretrain.main([*two_args, "--clean-steps", "0"])
     _, two_params = weights.load_hf(two)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(two_params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

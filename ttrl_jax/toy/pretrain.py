@@ -213,9 +213,7 @@ def lr_schedule(lr: float, steps: int, warmup: int, decay: bool) -> optax.Schedu
     """Linear warmup, then constant or (decay=True) cosine decay to 10 % at `steps`."""
     warmup = max(min(warmup, steps - 1), 1)
     if not decay:
-        return optax.join_schedules(
-            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]
-        )
+        return optax.warmup_constant_schedule(0.0, lr, warmup)
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), 0.1 * lr)
 
 
@@ -270,10 +268,9 @@ def pretrain(
 ) -> tuple[model_lib.ModelConfig, dict]:
     """Both phases, from a random init or from the weights of the HF folder `init`.
 
-    Deterministic given `pc` and `init`: a folder written after `--clean-steps C --slip-steps 0`
-    and continued with `--init` and `--clean-steps 0` gives the same weights as one run of both
-    phases (each phase starts a fresh optimizer; only the slip phase's learning rate schedule
-    and data depend on its own settings).
+    Deterministic given `pc` and `init`. Each phase starts a fresh optimizer and draws its data
+    from its own settings only, so a folder written with `--slip-steps 0` and continued with
+    `--init` and `--clean-steps 0` has the same weights as one run of both phases.
 
     Returns:
       (model config, params).

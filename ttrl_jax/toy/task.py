@@ -8,10 +8,11 @@ Solution, one line per step, then the answer::
     5 -5=0
     \\boxed{0}
 
-Every line restates the previous value, so one wrong step changes every later value (until a
-``*2``, ``*5`` or ``*6`` may merge two values). Modulo 10 every value is one digit, so every
-line has the same token layout and each step is a lookup in a table of 10 x 26 entries: a small
-model learns the table quickly, and what remains hard is keeping track of a long chain. Chains
+Every line restates the previous value, so one wrong step changes every later value (unless
+a later ``*d`` maps the wrong and the right value to one, e.g. ``*5`` on 3 and 7). Modulo 10
+every value is one digit, so every line has the same token layout and each step is a lookup in
+a table of 10 x 26 entries: a small model learns the table quickly, and what remains hard is
+keeping track of a long chain. Chains
 with a *slip* (one random wrong intermediate value, the chain continuing correctly from it)
 teach a model to err at random rather than systematically: its wrong answers then scatter
 over many values and the majority vote recovers the truth, which is what TTRL feeds on.
