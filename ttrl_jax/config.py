@@ -23,12 +23,15 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from ttrl_jax import data as data_lib
+from ttrl_jax import model_config
 
 TOY_MODEL = "toy"  # model.name_or_path for the tiny model shipped in ttrl_jax/toy/model
 TOY_MODEL_DIR = Path(__file__).resolve().parent / "toy" / "model"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy.yaml"
 
 DTYPES = ("float32", "bfloat16")
+ATTENTIONS = model_config.ATTENTION_IMPLEMENTATIONS
+REMAT_POLICIES = tuple(model_config.REMAT_POLICIES)
 REWARDS = ("majority", "soft_frequency", "self_certainty", "evol_novelty")
 SELECTS = ("random", "first")
 ANSWER_MODES = ("math", "choice")
@@ -49,9 +52,14 @@ class ModelSection:
     revision: str | None = None  # hub revision (branch, tag or commit) when loading by id
     dtype: str = "float32"  # compute dtype; "bfloat16" on TPU
     param_dtype: str = "float32"  # master params and optimizer state
-    # Recompute each block's activations in the backward pass: trades ~1/3 more train-step
-    # compute for activation memory (see `python -m ttrl_jax.plan` for whether a run needs it).
-    remat: bool = False
+    # Recompute block activations in the backward pass, trading train-step compute for memory
+    # (see `python -m ttrl_jax.plan` for whether a run needs it): false, true (= "block": keep
+    # only each block's input) or what to keep: "attention", "dots_no_batch",
+    # "dots_no_batch+attention", "dots" (model_config.REMAT_POLICIES).
+    remat: bool | str = False
+    # Attention maths: "auto" (the Pallas kernel on TPU, else plain or chunked by length),
+    # "plain", "chunked" or "pallas" (see attention.py).
+    attention: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,6 +389,9 @@ def _problems(cfg: Config, data_axis_size: int | None) -> list[str]:
         need(value in allowed, f"{key}={value!r} is not one of {', '.join(allowed)}")
 
     choice("model.dtype", m.dtype, DTYPES)
+    choice("model.attention", m.attention, ATTENTIONS)
+    if m.remat not in (True, False):
+        choice("model.remat", m.remat, ("none", *REMAT_POLICIES))
     choice("model.param_dtype", m.param_dtype, DTYPES)
     need(bool(m.name_or_path), "model.name_or_path is empty; give an HF id, a folder or 'toy'")
 
