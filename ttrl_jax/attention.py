@@ -38,8 +38,8 @@ from jax.sharding import PartitionSpec
 from ttrl_jax import sharding as sharding_lib
 from ttrl_jax.model_config import ATTENTION_CHECKPOINT_NAME as CHECKPOINT_NAME
 from ttrl_jax.model_config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
+from ttrl_jax.model_config import ATTENTION_MASK_VALUE as _NEG_INF
 
-_NEG_INF = -1e30  # finite, so a fully masked row gives a uniform softmax, not NaN
 _LANES = 128  # splash blocks are multiples of the TPU lane width
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from ttrl_jax import attention as attention_lib
+from ttrl_jax.model_config import ATTENTION_MASK_VALUE as _NEG_INF  # noqa: F401  (the sampler's)
 from ttrl_jax.model_config import (  # noqa: F401  (re-exported: model.ModelConfig, model.preset)
     PRESETS_HF,
     REMAT_POLICIES,

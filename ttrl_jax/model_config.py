@@ -14,6 +14,7 @@ import jax
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 ATTENTION_IMPLEMENTATIONS = ("auto", "plain", "chunked", "pallas")  # see attention.py
 ATTENTION_CHECKPOINT_NAME = "attention"  # names attention outputs for the remat policies
+ATTENTION_MASK_VALUE = -1e30  # finite, so a fully masked row gives a uniform softmax, not NaN
 _policies = jax.checkpoint_policies
 _save_attention = _policies.save_only_these_names(ATTENTION_CHECKPOINT_NAME)
 # What each block keeps for the backward pass (ModelConfig.remat); the rest is recomputed.
