@@ -257,3 +257,6 @@ def test_remat_policies_keep_what_they_name(params):
     attention_outputs = CFG.num_layers * B * S * CFG.num_heads * CFG.head_dim * 4
     assert kept["attention"] - kept["block"] == attention_outputs
     assert kept["dots_no_batch+attention"] - kept["dots_no_batch"] == attention_outputs
+    assert CFG.replace(remat="none").remat is False and CFG.replace(remat=True).remat == "block"
+    with pytest.raises(ValueError, match=r"unknown remat 'dot'; choose false, true, 'none' or"):
+        CFG.replace(remat="dot")

@@ -253,13 +253,16 @@ def _pallas(q_BTQH, k_BSKH, v_BSKH, valid_BS):
             f"attention 'pallas' in {q_BTQH.dtype} cannot compile with "
             f"jax_default_matmul_precision={precision!r}; leave it unset or use 'chunked'"
         )
-    G = q_BTQH.shape[2] // k_BSKH.shape[2]
-    q_spec = sharding_lib.active_spec(("batch", "seq", "heads", "head_dim"), q_BTQH.shape)
-    if q_spec is None:  # no mesh: one device
+    if sharding_lib.active_mesh() is None:  # one device
         return _splash(q_BTQH, k_BSKH, v_BSKH, valid_BS, interpret)
-    kv_spec = sharding_lib.active_spec(("batch", "seq", "kv_heads", "head_dim"), k_BSKH.shape)
-    kv_spec = PartitionSpec(q_spec[0], None, kv_spec[2], None)
-    heads_axis = q_spec[2]
+    G = q_BTQH.shape[2] // k_BSKH.shape[2]
+    batch_axis, _, heads_axis, _ = sharding_lib.active_spec(
+        ("batch", "seq", "heads", "head_dim"), q_BTQH.shape
+    )
+    kv_heads_axis = sharding_lib.active_spec(("kv_heads",), k_BSKH.shape[2:3])[0]
+    # Only rows and heads are split: every device attends over whole sequences.
+    q_spec = PartitionSpec(batch_axis, None, heads_axis, None)
+    kv_spec = PartitionSpec(batch_axis, None, kv_heads_axis, None)
 
     def per_device(q_BTQH, k_BSKH, v_BSKH, valid_BS):
         Q_local = q_BTQH.shape[2]
@@ -272,7 +275,7 @@ def _pallas(q_BTQH, k_BSKH, v_BSKH, valid_BS):
 
     return jax.shard_map(
         per_device,
-        in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(q_spec[0], None)),
+        in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(batch_axis, None)),
         out_specs=q_spec,
         check_vma=False,
     )(q_BTQH, k_BSKH, v_BSKH, valid_BS)

@@ -20,7 +20,9 @@ _save_attention = _policies.save_only_these_names(ATTENTION_CHECKPOINT_NAME)
 # What each block keeps for the backward pass (ModelConfig.remat); the rest is recomputed.
 REMAT_POLICIES = {
     "block": _policies.nothing_saveable,  # only the block's input
-    "attention": _save_attention,  # attention outputs: the backward never reruns attention
+    # Attention outputs; from the chunked and Pallas versions also their softmax statistics,
+    # so their backward pass starts without rerunning the attention forward.
+    "attention": _save_attention,
     "dots_no_batch": _policies.dots_with_no_batch_dims_saveable,  # projection outputs
     "dots_no_batch+attention": _policies.save_from_both_policies(
         _policies.dots_with_no_batch_dims_saveable, _save_attention
