@@ -60,7 +60,7 @@ def naive_advantages(answer_id_PN, k):
     return out
 
 
-def naive_loss(params, batch, old_PKR, ref_params, adv_PK, k, temp, kl_coef, clip, dual):
+def naive_loss(params, batch, old_PMR, ref_params, adv_PM, k, temp, kl_coef, clip, dual):
     """Token-mean clipped PPO + k3 KL, one response and one token at a time."""
     total, count = 0.0, 0
     for p in range(P):
@@ -76,8 +76,8 @@ def naive_loss(params, batch, old_PKR, ref_params, adv_PK, k, temp, kl_coef, cli
                 tok = batch.response_PNR[p, n, r]
                 lp = jax.nn.log_softmax(logits[T - 1 + r] / temp)[tok]
                 lp_ref = jax.nn.log_softmax(ref[T - 1 + r] / temp)[tok]
-                a = adv_PK[p, n]
-                ratio = jnp.exp(lp - old_PKR[p, n, r])
+                a = adv_PM[p, n]
+                ratio = jnp.exp(lp - old_PMR[p, n, r])
                 loss = jnp.maximum(-a * ratio, -a * jnp.clip(ratio, 1 - clip, 1 + clip))
                 if a < 0:
                     loss = jnp.minimum(loss, -a * dual)

@@ -20,27 +20,27 @@ from ttrl_jax import rollout as rollout_lib
 from ttrl_jax import sampler as sampler_lib
 
 
-def score(answer_id_PK: np.ndarray, gold_id_P: np.ndarray) -> dict[str, float]:
+def score(answer_id_PN: np.ndarray, gold_id_P: np.ndarray) -> dict[str, float]:
     """Benchmark metrics from answer ids; only prompts with a gold answer (id >= 0) count.
 
     avg@k: mean correctness of the k samples (the paper's pass@1, "avg@16").
     maj@k: the majority answer (ties to the first-seen, as the TTRL vote) is correct.
     pass@k: any of the k samples is correct.
     """
-    answer_id_PK, gold_id_P = np.asarray(answer_id_PK), np.asarray(gold_id_P)
+    answer_id_PN, gold_id_P = np.asarray(answer_id_PN), np.asarray(gold_id_P)
     has_gold_P = gold_id_P >= 0
     if not has_gold_P.any():
         raise ValueError("no prompt has a gold answer: nothing to evaluate against")
-    a_PK, g_P = answer_id_PK[has_gold_P], gold_id_P[has_gold_P]
-    correct_PK = a_PK == g_P[:, None]
-    majority_P, ratio_P = (np.asarray(x) for x in grpo.majority_vote(a_PK))
-    k = a_PK.shape[1]
+    a_PN, g_P = answer_id_PN[has_gold_P], gold_id_P[has_gold_P]
+    correct_PN = a_PN == g_P[:, None]
+    majority_P, ratio_P = (np.asarray(x) for x in grpo.majority_vote(a_PN))
+    k = a_PN.shape[1]
     return {
-        f"avg@{k}": float(correct_PK.mean()),
+        f"avg@{k}": float(correct_PN.mean()),
         f"maj@{k}": float((majority_P == g_P).mean()),
-        f"pass@{k}": float(correct_PK.any(1).mean()),
+        f"pass@{k}": float(correct_PN.any(1).mean()),
         "majority_ratio": float(ratio_P.mean()),
-        "answered": float((a_PK >= 0).mean()),
+        "answered": float((a_PN >= 0).mean()),
     }
 
 
@@ -80,7 +80,7 @@ def evaluate(
     """
     sampling = sampler_lib.SamplingParams.make(temperature=temperature, top_p=top_p)
     greedy_sampling = sampler_lib.SamplingParams.make(temperature=0.0)
-    ids_PK, gold_P, greedy_ok, lengths = [], [], [], []
+    ids_PN, gold_P, greedy_ok, lengths = [], [], [], []
     n = len(prompt_ids)
     for b, start in enumerate(range(0, n, batch_prompts)):
         chunk = list(prompt_ids[start : start + batch_prompts])
@@ -89,10 +89,10 @@ def evaluate(
         chunk_golds = list(golds[start : start + real])
         gen = generator(params, chunk, jax.random.fold_in(key, b), sampling, k, max_new_tokens)
         # With several processes each scores its own prompts; all get every prompt's ids.
-        answer_PK, gold_id_P = rollout_lib.answer_ids(
+        answer_PN, gold_id_P = rollout_lib.answer_ids(
             gen, chunk_golds, real=real, mode=answer_mode, timeout_s=timeout_s
         )
-        ids_PK.append(answer_PK)
+        ids_PN.append(answer_PN)
         gold_P.append(gold_id_P)
         lengths.append(rollout_lib.gather_rows(gen.rollout.length_PN)[:real])
         if greedy:
@@ -102,7 +102,7 @@ def evaluate(
                 g, chunk_golds, real=real, mode=answer_mode, timeout_s=timeout_s
             )
             greedy_ok.append(np.where(g_gold >= 0, g_ids[:, 0] == g_gold, False)[g_gold >= 0])
-    metrics = score(np.concatenate(ids_PK), np.concatenate(gold_P))
+    metrics = score(np.concatenate(ids_PN), np.concatenate(gold_P))
     metrics["response_length"] = float(np.concatenate(lengths).mean())
     if greedy:
         metrics["greedy"] = float(np.concatenate(greedy_ok).mean())

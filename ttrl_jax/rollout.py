@@ -108,14 +108,14 @@ class Generator:
 
     def decode(self, rollout: sampler_lib.Rollout) -> list[list[str]]:
         """Response texts; the stop token and padding are dropped, special tokens skipped."""
-        tokens_PNT, length_PN = np.asarray(rollout.tokens_PNT), np.asarray(rollout.length_PN)
+        tokens_PNR, length_PN = np.asarray(rollout.tokens_PNR), np.asarray(rollout.length_PN)
         finish_PN = np.asarray(rollout.finish_PN)
         P, N = length_PN.shape
         rows = []
         for p in range(P):
             for n in range(N):
                 end = int(length_PN[p, n]) - int(finish_PN[p, n] == sampler_lib.FINISH_STOP)
-                rows.append(tokens_PNT[p, n, :end].tolist())
+                rows.append(tokens_PNR[p, n, :end].tolist())
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         return [texts[p * N : (p + 1) * N] for p in range(P)]
 

@@ -285,10 +285,10 @@ def _step_batch(gen: rollout_lib.Generation, answer_id_PN, gold_id_P, R: int):
     r = gen.rollout
     return train_lib.StepBatch(
         prompt_PT=gen.prompt_PT, prompt_mask_PT=gen.prompt_mask_PT,
-        response_PNR=np.asarray(r.tokens_PNT)[..., :R],
-        response_mask_PNR=np.asarray(r.mask_PNT)[..., :R],
-        logp_PNR=np.asarray(r.logp_PNT)[..., :R],
-        entropy_PNR=np.asarray(r.entropy_PNT)[..., :R],
+        response_PNR=np.asarray(r.tokens_PNR)[..., :R],
+        response_mask_PNR=np.asarray(r.mask_PNR)[..., :R],
+        logp_PNR=np.asarray(r.logp_PNR)[..., :R],
+        entropy_PNR=np.asarray(r.entropy_PNR)[..., :R],
         answer_id_PN=answer_id_PN.astype(np.int32), gold_id_P=gold_id_P.astype(np.int32),
     )  # fmt: skip
 
