@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -15,7 +16,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from ttrl_jax import config as config_lib
 from ttrl_jax import grpo, rewards
+from ttrl_jax import prompts as prompts_lib
 from ttrl_jax import rollout as rollout_lib
 from ttrl_jax import sampler as sampler_lib
 
@@ -94,7 +97,7 @@ def evaluate(
         )
         ids_PN.append(answer_PN)
         gold_P.append(gold_id_P)
-        lengths.append(rollout_lib.gather_rows(gen.rollout.length_PN)[:real])
+        lengths.append(gen.length_PN[:real])
         if greedy:
             g = generator(params, chunk, key, greedy_sampling, 1, max_new_tokens)
             # Greedy answers join the gold's id space through one clustering call per prompt.
@@ -109,10 +112,34 @@ def evaluate(
     return metrics
 
 
+def evaluate_tasks(
+    generator: rollout_lib.Generator,
+    params: Any,
+    tasks: Sequence[prompts_lib.Task],
+    key: jax.Array,
+    ev: config_lib.EvalSection,
+    ttrl: config_lib.TTRLSection,
+    batch_prompts: int,
+) -> dict[str, float]:
+    """`evaluate` on each task with a run's eval settings; keys "eval/..." for the first task
+    (the one trained on), "eval_<name>/..." for the others."""
+    result = {}
+    for i, task in enumerate(tasks):
+        m = evaluate(
+            generator, params, task.prompt_ids, task.golds, key, k=ev.k,
+            temperature=ev.temperature, top_p=ev.top_p, max_new_tokens=ev.max_new_tokens,
+            greedy=ev.greedy, batch_prompts=min(batch_prompts, len(task.prompt_ids)),
+            answer_mode=ttrl.answer_mode, timeout_s=ttrl.answer_timeout_s,
+        )  # fmt: skip
+        prefix = "eval/" if i == 0 else f"eval_{os.path.basename(task.name)}/"
+        result.update({prefix + k: v for k, v in m.items()})
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Command line: evaluate a checkpoint on a benchmark and print the metrics as JSON."""
-    from ttrl_jax import config as config_lib
     from ttrl_jax import data as data_lib
+    from ttrl_jax import parts as parts_lib
     from ttrl_jax import sharding as sharding_lib
     from ttrl_jax import weights
 
@@ -142,14 +169,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     tokenizer = weights.load_tokenizer(folder)
     weights.check_tokenizer(tokenizer, cfg)
     items = data_lib.load_benchmark(args.data)[: args.limit]
-    prompt_ids, items, _ = data_lib.build_prompts(
+    prompt_ids, items, _ = prompts_lib.build_prompts(
         items, tokenizer, args.system_prompt, args.max_prompt_tokens, skip_long=False
     )
     longest = max(len(p) for p in prompt_ids)
     max_new = args.max_new_tokens or cfg.max_position_embeddings - longest
     buckets = (2 ** math.ceil(math.log2(longest)),)
     generator = rollout_lib.Generator(
-        cfg, tokenizer, rollout_lib.stop_token_ids(tokenizer, cfg, str(folder)),
+        cfg, tokenizer, parts_lib.stop_ids(cfg, tokenizer=tokenizer, model_dir=folder),
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         buckets, mesh,
     )  # fmt: skip
