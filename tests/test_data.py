@@ -496,3 +496,11 @@ def test_steps_outside_the_schedule():
         s.batch_indices(6)
     with pytest.raises(ValueError, match=r"step_in_episode must be in \[0, 3\)"):
         s.step_of(0, 3)
+
+
+def test_bad_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "x.jsonl"
+    good = [json.dumps({"prompt": f"q{i}", "id": str(i)}) for i in range(6)]
+    path.write_text("\n".join(good + ["{broken", json.dumps({"prompt": "q", "id": "7"})]) + "\n")
+    with pytest.raises(ValueError, match=r"line 7 is not JSON"):
+        data.load_benchmark(str(path))

@@ -205,6 +205,11 @@ class MeshSection:
         match = _MESH_RE.match(self.shape)
         return int(match[1]) if match and int(match[1]) >= 1 and int(match[2]) >= 1 else None
 
+    def size(self) -> int | None:
+        """D x M of an explicit shape; None for "auto" or a malformed shape."""
+        match = _MESH_RE.match(self.shape)
+        return int(match[1]) * int(match[2]) if self.data_size() is not None else None
+
     def problems(self) -> list[str]:
         out = _Problems()
         out.need(
@@ -280,9 +285,15 @@ class RunSection:
     out_dir: str = "runs/ttrl"
     seed: int = 0
     max_steps: int | None = None  # stop early; None = the whole schedule
-    checkpoint_every: int = 50  # steps; 0 = only at the end
+    checkpoint_every: int = 50  # steps; 0 = only at the end (and by time, below)
+    # Also checkpoint when this many minutes have passed since the last save; 0 = off. With it
+    # a crash loses at most a few minutes, whatever checkpoint_every says.
+    checkpoint_minutes: float = 10.0
     keep_checkpoints: int = 2
-    resume: bool = False  # continue from the latest checkpoint in out_dir
+    resume: bool = False  # continue from the latest intact checkpoint in out_dir
+    # With resume: continue even though the config differs from the run's saved config.yaml
+    # in a setting that alters the run.
+    accept_config_change: bool = False
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "ttrl_jax"
@@ -298,6 +309,7 @@ class RunSection:
         out.need(
             self.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0 = only at the end)"
         )
+        out.need(self.checkpoint_minutes >= 0, "run.checkpoint_minutes must be >= 0 (0 = off)")
         out.need(self.keep_checkpoints >= 1, "run.keep_checkpoints must be at least 1")
         return out
 
@@ -319,7 +331,11 @@ class Config:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    device_count: int | None = None,
+) -> Config:
     """Builds a Config from the defaults, an optional YAML file and `key=value` overrides.
 
     Args:
@@ -327,6 +343,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         None = the dataclass defaults only (see `default_config_path` for the built-in run).
       overrides: dotted `section.key=value` strings applied in order after the file, values
         in YAML syntax (`sample.prompt_buckets=[128,256]`, `data.path=null`).
+      device_count: the devices the run will have, to check an explicit mesh.shape against;
+        None = unknown.
 
     Returns:
       The validated, frozen Config.
@@ -347,7 +365,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(f"cannot resolve '{e.full_key}': {_first_line(e.msg)}") from None
-    problems = bad_choices + _problems(cfg, None)
+    problems = bad_choices + _problems(cfg, None, device_count)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return cfg
@@ -524,9 +542,19 @@ def check_context_length(cfg: Config, max_position_embeddings: int) -> None:
         )
 
 
-def _problems(cfg: Config, data_axis_size: int | None) -> list[str]:
+def _problems(
+    cfg: Config, data_axis_size: int | None, device_count: int | None = None
+) -> list[str]:
     """Every section's own checks, then the checks that span sections."""
     out = _Problems()
+    size = cfg.mesh.size()
+    if size is not None and device_count is not None and size != device_count:
+        # Reported instead of the row divisibility checks, which assume this mesh.
+        out.append(
+            f"mesh.shape={cfg.mesh.shape!r} needs {size} devices but {device_count} are "
+            f"available; choose D and M with D*M = {device_count} (or mesh.shape=auto)"
+        )
+        data_axis_size = -1
     for f in dataclasses.fields(cfg):
         out += getattr(cfg, f.name).problems()
     s, o, d = cfg.sample, cfg.optim, cfg.data
@@ -552,7 +580,7 @@ def _problems(cfg: Config, data_axis_size: int | None) -> list[str]:
         )
     if data_axis_size is None:
         data_axis_size = cfg.mesh.data_size()
-    if d.batch_prompts >= 1 and data_axis_size is not None:
+    if d.batch_prompts >= 1 and data_axis_size is not None and data_axis_size > 0:
         _check_data_axis(out, cfg, data_axis_size)
     return out
 

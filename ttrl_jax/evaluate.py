@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -138,31 +139,69 @@ def evaluate_tasks(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Command line: evaluate a checkpoint on a benchmark and print the metrics as JSON."""
+    args = _parse_args(argv)
+    try:
+        metrics = _evaluate_checkpoint(args)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    json.dump(metrics, sys.stdout, indent=1)
+    print()
+    return metrics
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    def at_least(low: float, kind=int):
+        def check(text: str):
+            try:
+                value = kind(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+            if value < low:
+                raise argparse.ArgumentTypeError(f"{text} must be >= {low}")
+            return value
+
+        return check
+
+    def probability(text: str) -> float:
+        value = at_least(0.0, float)(text)
+        if not 0 < value <= 1:
+            raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
+        return value
+
+    ap = argparse.ArgumentParser(prog="python -m ttrl_jax.evaluate", description=__doc__)
+    ap.add_argument("--model", default="toy", help="HF folder, hub id, or 'toy' (built-in)")
+    ap.add_argument("--data", default="toy", help="benchmark name or local file/folder")
+    ap.add_argument("--k", type=at_least(1), default=16, help="samples per prompt")
+    ap.add_argument("--temperature", type=at_least(0.0, float), default=0.6)
+    ap.add_argument("--top-p", type=probability, default=0.95)
+    ap.add_argument(
+        "--max-new-tokens", type=at_least(1), default=None, help="default: model context"
+    )
+    ap.add_argument("--max-prompt-tokens", type=at_least(1), default=1024)
+    ap.add_argument("--batch-prompts", type=at_least(1), default=8)
+    ap.add_argument("--no-greedy", action="store_true")
+    ap.add_argument("--system-prompt", default=None)
+    ap.add_argument("--answer-mode", default="math", choices=typing.get_args(config_lib.AnswerMode))
+    ap.add_argument(
+        "--timeout", type=at_least(0.001, float), default=None,
+        help="math-verify seconds per answer (default: as a run's ttrl.answer_timeout_s)",
+    )  # fmt: skip
+    ap.add_argument("--mesh", default="auto", help="DxM device mesh")
+    ap.add_argument("--dtype", default="float32", choices=typing.get_args(config_lib.Dtype))
+    ap.add_argument("--seed", type=at_least(0), default=0)
+    ap.add_argument("--limit", type=at_least(1), default=None, help="the first LIMIT items")
+    return ap.parse_args(argv)
+
+
+def _evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
     from ttrl_jax import data as data_lib
     from ttrl_jax import parts as parts_lib
     from ttrl_jax import sharding as sharding_lib
     from ttrl_jax import weights
 
-    ap = argparse.ArgumentParser(prog="python -m ttrl_jax.evaluate", description=__doc__)
-    ap.add_argument("--model", default="toy", help="HF folder, hub id, or 'toy' (built-in)")
-    ap.add_argument("--data", default="toy", help="benchmark name or local file/folder")
-    ap.add_argument("--k", type=int, default=16)
-    ap.add_argument("--temperature", type=float, default=0.6)
-    ap.add_argument("--top-p", type=float, default=0.95)
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: model context")
-    ap.add_argument("--max-prompt-tokens", type=int, default=1024)
-    ap.add_argument("--batch-prompts", type=int, default=8)
-    ap.add_argument("--no-greedy", action="store_true")
-    ap.add_argument("--system-prompt", default=None)
-    ap.add_argument("--answer-mode", default="math", choices=("math", "choice"))
-    ap.add_argument("--mesh", default="auto", help="DxM device mesh")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--limit", type=int, default=None, help="evaluate the first LIMIT items")
-    args = ap.parse_args(argv)
-
-    folder = weights.resolve_folder(config_lib.resolve_model_path(args.model))
     mesh = sharding_lib.make_mesh(args.mesh)
+    folder = weights.resolve_folder(config_lib.resolve_model_path(args.model))
     cfg, params = weights.load_hf(
         folder, mesh=mesh, rules=sharding_lib.SAMPLE_RULES, dtype=args.dtype
     )
@@ -170,25 +209,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     weights.check_tokenizer(tokenizer, cfg)
     items = data_lib.load_benchmark(args.data)[: args.limit]
     prompt_ids, items, _ = prompts_lib.build_prompts(
-        items, tokenizer, args.system_prompt, args.max_prompt_tokens, skip_long=False
-    )
+        items, tokenizer, args.system_prompt, args.max_prompt_tokens, skip_long=False,
+        limit_name="--max-prompt-tokens", fix="raise --max-prompt-tokens",
+    )  # fmt: skip
     longest = max(len(p) for p in prompt_ids)
     max_new = args.max_new_tokens or cfg.max_position_embeddings - longest
+    if longest + max_new > cfg.max_position_embeddings:
+        raise ValueError(
+            f"the longest prompt ({longest} tokens) + --max-new-tokens ({max_new}) exceeds the "
+            f"model's context of {cfg.max_position_embeddings}; lower --max-new-tokens"
+        )
     buckets = (2 ** math.ceil(math.log2(longest)),)
     generator = rollout_lib.Generator(
         cfg, tokenizer, parts_lib.stop_ids(cfg, tokenizer=tokenizer, model_dir=folder),
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         buckets, mesh,
     )  # fmt: skip
-    metrics = evaluate(
+    timeout = args.timeout or config_lib.TTRLSection().answer_timeout_s
+    return evaluate(
         generator, params, prompt_ids, [it["answer"] for it in items], jax.random.key(args.seed),
         k=args.k, temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new,
         greedy=not args.no_greedy, batch_prompts=min(args.batch_prompts, len(prompt_ids)),
-        answer_mode=args.answer_mode,
+        answer_mode=args.answer_mode, timeout_s=timeout,
     )  # fmt: skip
-    json.dump(metrics, sys.stdout, indent=1)
-    print()
-    return metrics
 
 
 if __name__ == "__main__":

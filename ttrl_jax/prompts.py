@@ -69,6 +69,11 @@ def build_prompts(
     max_prompt_tokens: int,
     skip_long: bool,
     enable_thinking: bool | None = None,
+    limit_name: str = "data.max_prompt_tokens",
+    fix: str = (
+        "raise data.max_prompt_tokens (with a sample.prompt_buckets entry that large) or set "
+        "data.skip_long_prompts=true"
+    ),
 ) -> tuple[list[list[int]], list[data_lib.Item], int]:
     """Token ids of each item's chat prompt, checked against the prompt budget.
 
@@ -80,6 +85,7 @@ def build_prompts(
       max_prompt_tokens: the longest prompt allowed.
       skip_long: drop longer prompts (and count them) instead of raising.
       enable_thinking: passed to templates that know it (Qwen3); None = template default.
+      limit_name, fix: how the too-long-prompt error names the limit and the remedy.
 
     Returns:
       (prompt_ids, kept_items, n_skipped): ids per kept item, the kept items in order, and
@@ -99,9 +105,7 @@ def build_prompts(
             if not skip_long:
                 raise ValueError(
                     f"prompt of item '{item['id']}' has {len(ids)} tokens, more than "
-                    f"data.max_prompt_tokens={max_prompt_tokens}. Fix: raise "
-                    "data.max_prompt_tokens (with a sample.prompt_buckets entry that large) or "
-                    "set data.skip_long_prompts=true"
+                    f"{limit_name}={max_prompt_tokens}. Fix: {fix}"
                 )
             n_skipped += 1
             continue

@@ -353,6 +353,8 @@ def train_step(
     metrics = {k: v.mean() for k, v in mini_metrics.items()}
     metrics["ratio_first_minibatch"] = mini_metrics["ratio_mean"][0]
     metrics["lr"] = lr_fn(new_state.step - 1)
+    # Non-finite if any parameter is: the run checks it before saving (one reduction).
+    metrics["param_norm"] = optax.tree.norm(params)
     metrics.update(rollout_metrics(batch, majority_P, ratio_P, reward_PM, advantage_PM, keep_P))
     return new_state, metrics
 
