@@ -14,8 +14,8 @@ the next `poll` and its partial folder removed, instead of surfacing at the foll
 
 from __future__ import annotations
 
+import contextlib
 import json
-import logging
 import os
 import shutil
 import threading
@@ -27,8 +27,6 @@ import jax
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-
-logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 24  # bytes read at a time when checksumming
 _NO_RECORD = "has no checksum record (the run stopped before writing it)"
@@ -143,8 +141,10 @@ class Checkpointer:
                     problem = "holds non-finite params"
             older = [s for s in self.all_steps() if s < step]
             fallback = f"falling back to step {older[-1]}" if older else "no older checkpoint"
-            logger.warning("checkpoint step %d %s; %s", step, problem, fallback)
             print(f"warning: checkpoint step {step} {problem}; {fallback}", flush=True)
+            # Unusable, and its step is about to be redone (and saved) again.
+            self.manager.delete(step)
+            self._drop_sums(step)
         return None
 
     def verify(self, step: int) -> str | None:
@@ -193,6 +193,11 @@ class Checkpointer:
         for name in os.listdir(self.sums_dir):
             if name.endswith(".json") and name not in kept:
                 os.remove(os.path.join(self.sums_dir, name))
+
+    def _drop_sums(self, step: int) -> None:
+        if jax.process_index() == 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.sums_dir, f"{step}.json"))
 
     def _discard_partial(self, step: int | None) -> None:
         """Removes the temporary folder(s) of a failed save, which would keep the disk full."""

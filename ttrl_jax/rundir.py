@@ -29,6 +29,7 @@ CONFIG_FILE = "config.yaml"
 HARMLESS_KEYS = frozenset(
     {
         "mesh.shape",
+        "run.out_dir",  # a run folder may be moved or copied
         "run.resume",
         "run.accept_config_change",
         "run.checkpoint_every",
