@@ -358,6 +358,19 @@ def strip_delimiters(text: str) -> str:
     return text
 
 
+_WORDS_RE = re.compile(r"[A-Za-z]{2,}(?:\s+[A-Za-z]+)*")
+
+
+def verifier_text(answer: str) -> str:
+    """The answer as math-verify should read it: as written, without surrounding delimiters.
+
+    A bare word becomes `\\text{..}`, so that math-verify reads it as the word it is (compared
+    regardless of case) rather than a product of one-letter symbols.
+    """
+    text = strip_delimiters(answer)
+    return f"\\text{{{text}}}" if _WORDS_RE.fullmatch(text) else text
+
+
 def _canonical_number(text: str) -> str:
     """Canonical decimals ("025" -> "25", "142.0" -> "142", ".5" -> "0.5"); other text as is."""
     match = _DECIMAL_RE.fullmatch(text)

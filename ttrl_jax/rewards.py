@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ttrl_jax import verifier
-from ttrl_jax.answers import MAX_ANSWER_CHARS, canonical_answer, extract_answer, strip_delimiters
+from ttrl_jax.answers import MAX_ANSWER_CHARS, canonical_answer, extract_answer, verifier_text
 from ttrl_jax.verifier import DEFAULT_TIMEOUT_S
 
 __all__ = [
@@ -33,10 +33,6 @@ __all__ = [
 ]
 
 _INTEGER_RE = re.compile(r"-?\d+")
-
-
-def _order_key(text: str) -> tuple[int, str]:
-    return len(text), text
 
 
 def _merge_equivalent(
@@ -54,24 +50,18 @@ def _merge_equivalent(
     canons = list(written) + ([] if gold is None else [gold_canon])
     if len(canons) < 2 or all(_INTEGER_RE.fullmatch(canon) for canon in canons):
         return rep_of, gold_match
-    # math-verify reads each form as written (the shortest way it was written), in a fixed order.
+    # math-verify reads each form as written (the shortest way it was written).
     text_of = {
-        canon: min(map(strip_delimiters, forms), key=_order_key) for canon, forms in written.items()
+        canon: min(map(verifier_text, forms), key=lambda t: (len(t), t))
+        for canon, forms in written.items()
     }
-    order = sorted(
-        (c for c in written if verifier.usable(text_of[c])), key=lambda c: _order_key(text_of[c])
-    )
-    gold_text = None if gold is None else strip_delimiters(gold)
-    if gold_text is not None and not verifier.usable(gold_text):
-        gold_text = None
-    if len(order) + (gold_text is not None) < 2:
-        return rep_of, gold_match
-    rep_A, gold_rep = verifier.cluster([text_of[c] for c in order], gold_text, timeout_s)
-    for canon, rep in zip(order, rep_A):
-        rep_of[canon] = order[rep]
+    canon_of = {text: canon for canon, text in text_of.items()}
+    gold_text = None if gold is None else verifier_text(gold)
+    rep_text, gold_rep = verifier.cluster(list(canon_of), gold_text, timeout_s)
+    rep_of = {canon: canon_of[rep_text[text]] for canon, text in text_of.items()}
     if gold_match is not None:
         return rep_of, rep_of[gold_match]
-    return rep_of, None if gold_rep < 0 else order[gold_rep]
+    return rep_of, None if gold_rep is None else canon_of[gold_rep]
 
 
 def cluster_answers(
