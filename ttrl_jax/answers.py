@@ -103,9 +103,9 @@ def _listed(contents: list[str]) -> str:
 
 
 def _last_boxed(text: str) -> tuple[int, int, str | None] | None:
-    """(start, end, content) of the last box, or of the boxes listed last ("\\boxed{1} and
-    \\boxed{2}" -> "1, 2"); None without a box. An empty or unclosed last box has no content:
-    a truncated response has no answer."""
+    """(start, end, content) of the last box, or of the boxes listed last; None without one."""
+    # "\\boxed{1} and \\boxed{2}" -> "1, 2". An empty or unclosed last box has no content: a
+    # truncated response has no answer.
     box = _box_before(text, len(text))
     if box is None or box[2] is None:
         return box
@@ -160,8 +160,7 @@ def _spans_listed_from(text: str, pos: int) -> tuple[str | None, int] | None:
 
 
 def _last_math_spans(text: str) -> tuple[str, int] | None:
-    """(content, end) of the last closed, non-empty math span (with the spans listed just
-    before it, as one list answer), None when there is none."""
+    """(content, end) of the last closed, non-empty math span (and those listed before it)."""
     # One pass, pairing each opener with its closer. A display opener that never closes is
     # ignored rather than swallowing the spans after it; an inline one ends at its line.
     spans: list[tuple[str, int, int]] = []  # (content, opener start, end), the last few only
@@ -194,12 +193,10 @@ def _last_math_spans(text: str) -> tuple[str, int] | None:
 
 
 def _stated_answer(text: str, pos: int) -> tuple[str | None, bool]:
-    """The answer stated at `pos` after an answer phrase, and whether it reads as a value.
-
-    Math spans (`$..$`, `\\(..\\)`, `\\[..\\]`, `$$..$$`) or the rest of the sentence. A sentence
-    that names what it gives states the value after its last "is" ("The largest $n$ is 34."),
-    or else its only number ("Jane started growing Sphere 3 hours ago.").
-    """
+    """The answer stated at `pos` after an answer phrase, and whether it reads as a value."""
+    # Math spans (`$..$`, `\\(..\\)`, `\\[..\\]`, `$$..$$`) or the rest of the sentence. A
+    # sentence that names what it gives states the value after its last "is" ("The largest $n$
+    # is 34."), or else its only number ("Jane started growing Sphere 3 hours ago.").
     pos = _SKIP_MARKUP_RE.match(text, pos).end()
     span = _spans_listed_from(text, pos)
     if span is not None:
@@ -319,10 +316,7 @@ _PAREN_LETTER_RE = re.compile(r"\(([A-Za-z])\)")
 
 
 def _drop_space(match: re.Match) -> str:
-    """Deletes whitespace, except where it separates two numbers.
-
-    "137 1/2" must not become "1371/2", nor the list "32, 349" the number "32,349".
-    """
+    """Deletes whitespace, except where it separates two numbers ("137 1/2", "32, 349")."""
     text, start, end = match.string, match.start(), match.end()
     if start == 0 or end == len(text) or not text[end].isdigit():
         return ""
@@ -362,11 +356,9 @@ _WORDS_RE = re.compile(r"[A-Za-z]{2,}(?:\s+[A-Za-z]+)*")
 
 
 def verifier_text(answer: str) -> str:
-    """The answer as math-verify should read it: as written, without surrounding delimiters.
-
-    A bare word becomes `\\text{..}`, so that math-verify reads it as the word it is (compared
-    regardless of case) rather than a product of one-letter symbols.
-    """
+    """The answer as math-verify should read it: as written, without surrounding delimiters."""
+    # A bare word becomes `\\text{..}`, which math-verify reads as the word it is (compared
+    # regardless of case) rather than as a product of one-letter symbols.
     text = strip_delimiters(answer)
     return f"\\text{{{text}}}" if _WORDS_RE.fullmatch(text) else text
 

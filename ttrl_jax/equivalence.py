@@ -27,10 +27,11 @@ import numpy as np
 # in sympy or gmp then ends the comparison early instead of swapping the host.
 WORKER_MEMORY_HEADROOM_BYTES = 2 << 30
 
-# The parent sends the cluster representatives so far and the items (answer,
-# is_gold, representatives to skip) still to place. For each item the worker parses it, then
-# compares it with each representative; it reports every slow comparison before starting it and
-# the item's verdict when done, so on a time-out the parent knows which comparison was slow.
+# Protocol: the parent sends the cluster representatives so far and the items (answer, is_gold,
+# representatives to skip) still to place (none, to have a spare parse representatives ahead).
+# For each item the worker parses it, then compares it with each representative; it reports
+# every slow comparison before starting it and the item's verdict when done, so on a time-out
+# the parent knows which comparison was slow.
 
 MSG_REPS_PARSED = "reps_parsed"
 MSG_COMPARING = "comparing"
@@ -54,8 +55,7 @@ def _symbol_point(name: str) -> float:
 
 
 def _fingerprint(expr):
-    """An expression's value (an mpmath complex) with its free symbols at fixed generic points,
-    None if unsuitable."""
+    """The value (mpmath) with free symbols at fixed generic points; None if unsuitable."""
     import mpmath
     import sympy
 
@@ -169,11 +169,9 @@ class Equivalence:
         return self._parsed[answer]
 
     def equal(self, a: str, b: str, before_slow_check: Callable[[], None]) -> bool:
-        """Whether math-verify accepts each of `a` and `b` as the other's gold.
-
-        An inequality and a set are compared one way, the inequality as the gold: math-verify
-        reads an inequality as its solution set only then (`-2 \\le x \\le 7` = `[-2, 7]`).
-        """
+        """Whether math-verify accepts each of `a` and `b` as the other's gold."""
+        # An inequality and a set are compared one way, the inequality as the gold: only then
+        # does math-verify read an inequality as its solution set (`-2 \\le x \\le 7` = `[-2, 7]`).
         key = (a, b) if a <= b else (b, a)
         if key not in self._equal:
             if len(self._equal) >= self._MAX_CACHE:

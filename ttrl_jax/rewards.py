@@ -38,10 +38,8 @@ _INTEGER_RE = re.compile(r"-?\d+")
 def _merge_equivalent(
     written: dict[str, list[str]], gold_canon: str | None, gold: str | None, timeout_s: float
 ) -> tuple[dict[str, str], str | None]:
-    """Representative canonical form of each canonical form, and the gold's (None if unmatched).
-
-    `written` maps each distinct canonical form to the answers written that way.
-    """
+    """Representative canonical form of each canonical form, and the gold's (None if unmatched)."""
+    # `written` maps each distinct canonical form to the answers written that way.
     rep_of = {canon: canon for canon in written}
     gold_match = gold_canon if gold_canon in rep_of else None
     if gold_match is not None:

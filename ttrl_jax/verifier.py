@@ -212,11 +212,9 @@ class _Verifier:
                 return None
 
     def _replace_worker(self, reps: list[str]) -> None:
-        """Kills the current worker and promotes the spare; starts a new spare meanwhile.
-
-        The spare parses the representatives in the background, as the active worker did, so
-        that a replacement rarely has to parse them while a call waits.
-        """
+        """Kills the current worker and promotes the spare; starts a new spare meanwhile."""
+        # The new spare parses the representatives in the background, as the active worker
+        # did, so that a replacement rarely has to parse them while a call waits.
         if self._worker is not None:
             self._worker.kill()
         self._worker, self._spare = self._spare or _Worker(), _Worker()
@@ -226,9 +224,10 @@ class _Verifier:
     def classify(
         self, items: list[tuple[str, bool, frozenset]], gold_k: int | None, timeout_s: float
     ) -> _Call:
-        """Greedy clustering of (answer, is_gold, reps to skip) items, in order, within
-        len(items) * timeout_s. The gold, items[gold_k], is compared at its place in the order
-        and, if it matched none, once more at the end with the clusters started after it."""
+        """Greedy clustering of (answer, is_gold, reps to skip) items, in order, in the budget."""
+        # The gold, items[gold_k], is compared at its place in the order and, if it matched
+        # none, once more at the end with the clusters started after it: it is usually short
+        # and simple, so it comes early and is compared before slow answers use up the budget.
         call = _Call(items, timeout_s)
         with self._lock:
             self._ready_worker(None, [])  # waiting for a worker to start is not charged
