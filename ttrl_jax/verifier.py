@@ -7,12 +7,13 @@ worker process (equivalence.py) parses answers and compares them; the parent giv
 answer, or the slow pair of answers, is then "not equivalent" and remembered, so it never costs
 the limit twice.
 
-A warm spare worker waits alongside the active one and parses each new cluster representative
-in the background, so a kill costs neither start-up nor re-parsing time when the spare keeps
-up. When it does not, the re-parsing is charged: one `cluster` call over A answers and a gold
-takes at most (A + 1) * timeout_s beyond waiting for a worker that is still starting when the
-call begins. The answers share A * timeout_s; those not reached in time start clusters of their
-own (not remembered as slow: they were not at fault); the gold then has a slot of its own.
+A warm spare worker waits alongside the active one, so a kill costs no start-up time; the spare
+started after a kill parses the call's cluster representatives in the background, ready for the
+next kill. Whatever re-parsing remains is charged: one `cluster` call over A answers and a gold
+takes at most (A + 1) * timeout_s, beyond waiting for a worker still starting when the call
+begins. Answers not reached in time start clusters of their own (and are not remembered as
+slow: they were not at fault); the gold, usually short, is compared early, at its place in the
+shortest-first order.
 """
 
 from __future__ import annotations
@@ -287,7 +288,6 @@ class _Verifier:
             call.results[k] = call.reps[j] if j >= 0 else -1
             if j < 0 and not call.items[k][1]:
                 call.reps.append(k)
-                self._spare.warm([call.items[k][0]])
         return stop
 
     def close(self) -> None:
