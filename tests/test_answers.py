@@ -34,6 +34,8 @@ from ttrl_jax.answers import canonical_answer, extract_answer, verifier_text
         # ... but a later phrase that states no value does not displace a box.
         (r"Thus the answer is \boxed{5}. This answer is consistent with the data.", "5"),
         (r"\boxed{5}. I hope the answer is correct.", "5"),
+        (r"= \boxed{12}. So the answer is 12 cm.", "12"),  # restated with a unit
+        (r"\boxed{3}. Final answer: x = 4", "x = 4"),
         (r"The answer is: $\boxed{7}$", "7"),
         # Several answers in one statement are one list answer.
         (r"The solutions are \boxed{2} and \boxed{3}.", "2, 3"),

@@ -28,8 +28,9 @@ _ANSWER_PHRASE_RE = re.compile(r"answer\s{0,4}(?:is\b\s{0,4}:?|:)", re.IGNORECAS
 _SKIP_MARKUP_RE = re.compile(r"[\s*]*")
 _SENTENCE_END_RE = re.compile(r"\.(?:\s|$)")
 _IS_RE = re.compile(r"\bis\b\s*")
-# A stated value starts like one: a digit, a sign, a decimal point, a bracket or a command.
-_VALUE_START_RE = re.compile(r"[-+.\d(\[\\]")
+# A stated value holds no words: "So the answer is 12 cm." restates a box rather than replacing
+# it, "x = 4" or "\\frac{1}{2}" may replace it.
+_WORD_RE = re.compile(r"(?<!\\)(?<![A-Za-z])[A-Za-z]{2,}")
 _NUMBER_RE = re.compile(r"(?<![\w./])-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?:/\d+)?")
 # Math delimiters: `\\` and `\$` first, so a line break or a dollar sign never opens a span.
 _MATH_TOKEN_RE = re.compile(r"\\\\|\\\$|\$\$|\$|\\\[|\\\]|\\\(|\\\)|\n")
@@ -209,11 +210,12 @@ def _stated_answer(text: str, pos: int) -> tuple[str | None, bool]:
         last_is = _last_match(_IS_RE, text, pos, end)
         if last_is is not None:
             return _stated_answer(text, last_is.end())
+        sentence = text[pos:end]
         numbers = list(itertools.islice(_NUMBER_RE.finditer(text, pos, end), 2))
-        if len(numbers) == 1 and "$" not in text[pos:end]:
+        if len(numbers) == 1 and "$" not in sentence and _WORD_RE.search(sentence):
             return numbers[0].group(), True
     answer = text[pos:end].strip().strip("*").strip().rstrip(".").strip() or None
-    return answer, answer is not None and bool(_VALUE_START_RE.match(answer))
+    return answer, answer is not None and not _WORD_RE.search(answer)
 
 
 def _last_number(text: str) -> str | None:

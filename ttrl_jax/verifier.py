@@ -207,10 +207,12 @@ class _Verifier:
             worker = self._worker
             if not worker.wait_ready(deadline):
                 return None
-            if worker.wait_warm(deadline or time.monotonic() + WORKER_STARTUP_TIMEOUT_S):
+            warm_end = time.monotonic() + WORKER_STARTUP_TIMEOUT_S if deadline is None else deadline
+            if worker.wait_warm(warm_end):
                 return worker
-            if worker.alive():
+            if deadline is not None and worker.alive():
                 return None
+            self._replace_worker([])  # it died, or is stuck parsing ahead: a fresh one
 
     def _replace_worker(self, reps: list[str]) -> None:
         """Kills the current worker and promotes the spare; starts a new spare meanwhile."""
