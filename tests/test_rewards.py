@@ -1,5 +1,6 @@
 """Answer extraction, canonical forms and clustering into per-prompt answer ids."""
 
+import itertools
 import json
 import re
 import threading
@@ -471,12 +472,11 @@ MIXED_GROUP = [
 ]  # fmt: skip
 
 
-def _partition(ids, order):
-    """The clusters as sets of positions in the unshuffled group."""
-    clusters = {}
-    for position, cluster in zip(order, ids):
-        clusters.setdefault(cluster, set()).add(position)
-    return {frozenset(members) for cluster, members in clusters.items() if cluster >= 0}
+def _clusters(ids, gold_id, order):
+    """The clusters, and the gold's, as sets of indices into the unshuffled group."""
+    id_of = dict(zip(order.tolist(), ids))
+    members = lambda cluster: frozenset(i for i, c in id_of.items() if c == cluster)  # noqa: E731
+    return {members(c) for c in set(ids) if c >= 0}, members(gold_id)
 
 
 def test_ids_depend_only_on_the_multiset_of_answers():
@@ -487,18 +487,22 @@ def test_ids_depend_only_on_the_multiset_of_answers():
         ids, gold_id = cluster_answers([MIXED_GROUP[i] for i in order], gold=r"\sqrt{2}")
         seen = [cluster for cluster in ids if cluster >= 0]
         assert list(dict.fromkeys(seen)) == list(range(len(set(seen))))  # first appearance
-        partition = _partition(ids, order)
-        gold_cluster = (
-            _partition([gold_id], [None])
-            if gold_id >= len(set(seen))
-            else next(c for c in partition if ids[list(order).index(next(iter(c)))] == gold_id)
-        )
-        if reference is None:
-            reference = partition, gold_cluster
-        assert (partition, gold_cluster) == reference
+        clusters = _clusters(ids, gold_id, order)
+        reference = reference or clusters
+        assert clusters == reference
+    partition, gold_members = reference
+    assert {MIXED_GROUP[i] for i in gold_members} == {
+        r"\sqrt{2}",
+        r"\frac{2}{\sqrt{2}}",
+        "1.414214",
+    }
+    named = {frozenset(MIXED_GROUP[i] for i in cluster) for cluster in partition}
+    for alone in ("12:00", "1:00", r"\frac{1}{0}", "0.28"):  # zoo is equal to nothing
+        assert frozenset({alone}) in named
+    assert frozenset({r"28\%", "28"}) in named
 
 
-@pytest.mark.parametrize("permutation", [(0, 1, 2), (2, 0, 1), (1, 2, 0), (2, 1, 0)])
+@pytest.mark.parametrize("permutation", list(itertools.permutations(range(3))))
 def test_interval_and_sets_in_any_order(permutation):
     group = ["(1,2)", r"\{1,2\}", r"\{2,1\}"]
     ids, _ = cluster_answers([group[i] for i in permutation])
