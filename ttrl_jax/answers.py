@@ -265,12 +265,13 @@ def extract_answer(text: str, mode: str = "math", last_number_fallback: bool = F
       mode: "math": the last answer statement in the text: the content of the last
         `\\boxed{...}` / `\\fbox{...}` (brace-matched; `\\boxed 5` also works), or the answer after
         a later "the answer is" / "final answer:" / "answer:" when that one states a value (a
-        `$...$` span, or a sentence whose answer starts like a number or formula). Without a box,
-        the answer after the last such phrase (in "The largest $n$ is 34." the value after "is");
-        without either, the response's last math span when only a closing phrase follows it.
+        `$...$` span, or words-free text such as "4" or "x = 4"). Without a box, the answer
+        after the last such phrase (in "The largest $n$ is 34." the value after "is"); without
+        either, the response's last math span when only a closing phrase follows it. Several
+        boxes or spans listed together ("\\boxed{1} and \\boxed{-2}") are one answer, "1, -2".
         "choice": a multiple-choice letter A-D from a box, "answer is (C)", "Answer: C" or a
         bare "C".
-      last_number_fallback: in "math" mode, fall back to the last number in the text.
+      last_number_fallback: in "math" mode, fall back to the last number (or a/b) in the text.
 
     Returns:
       The answer string (an uppercase letter in "choice" mode), or None when there is none.
