@@ -16,6 +16,12 @@ from __future__ import annotations
 import functools
 import itertools
 import re
+import typing
+from typing import Literal
+
+# What a final answer is: a math expression ("math") or a multiple-choice letter ("choice").
+AnswerMode = Literal["math", "choice"]
+ANSWER_MODES: tuple[str, ...] = typing.get_args(AnswerMode)
 
 # Longer extracted answers count as no answer: no benchmark answer is near this, garbage is.
 MAX_ANSWER_CHARS = 1000
@@ -279,8 +285,8 @@ def extract_answer(text: str, mode: str = "math", last_number_fallback: bool = F
     """
     if mode == "choice":
         return _choice_answer(text)
-    if mode != "math":
-        raise ValueError(f"extract_answer: unknown mode {mode!r}; use 'math' or 'choice'.")
+    if mode not in ANSWER_MODES:
+        raise ValueError(f"extract_answer: unknown mode {mode!r}; use one of {ANSWER_MODES}.")
     return _math_answer(text, last_number_fallback)
 
 
@@ -418,6 +424,6 @@ def canonical_answer(answer: str | None, mode: str = "math") -> str | None:
         return None
     if mode == "choice":
         return _choice_letter(answer)
-    if mode != "math":
-        raise ValueError(f"canonical_answer: unknown mode {mode!r}; use 'math' or 'choice'.")
+    if mode not in ANSWER_MODES:
+        raise ValueError(f"canonical_answer: unknown mode {mode!r}; use one of {ANSWER_MODES}.")
     return _canonical_math(answer)

@@ -23,17 +23,18 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from ttrl_jax import data as data_lib
+from ttrl_jax.answers import AnswerMode
 from ttrl_jax.grpo import Reward
+from ttrl_jax.verifier import DEFAULT_TIMEOUT_S
 
 TOY_MODEL = "toy"  # model.name_or_path for the tiny model shipped in ttrl_jax/toy/model
 TOY_MODEL_DIR = Path(__file__).resolve().parent / "toy" / "model"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy.yaml"
 
 # Choices are types: each list of allowed values is written once (here, or beside the code that
-# implements it, as grpo.Reward) and OmegaConf checks values against it as the config is built.
+# implements it: grpo.Reward, answers.AnswerMode) and OmegaConf checks values as it builds one.
 Dtype = Literal["float32", "bfloat16"]
 Select = Literal["random", "first"]
-AnswerMode = Literal["math", "choice"]
 Schedule = Literal["cosine", "linear", "constant"]
 LastBatch = Literal["drop", "wrap"]
 _MESH_RE = re.compile(r"^(\d+)x(\d+)$")
@@ -126,7 +127,10 @@ class TTRLSection:
     min_majority_ratio: float = 0.0  # SRT: skip prompts whose majority share is below this
     ettrl_alpha: float = 0.0  # ETTRL entropy-based advantage reshaping; 0 = off
     answer_mode: AnswerMode = "math"  # "math" (boxed expression) | "choice" (option letter)
-    answer_timeout_s: float = 5.0  # time limit for parsing/comparing one answer
+    # "math" mode: a response with no \boxed{} and no "the answer is ..." answers with its last
+    # number (instruct models that answer in free text: "9 + 8 equals 17.").
+    last_number_fallback: bool = False
+    answer_timeout_s: float = DEFAULT_TIMEOUT_S  # math-verify seconds per distinct answer
 
     def problems(self) -> list[str]:
         out = _Problems()
@@ -227,6 +231,10 @@ class DataSection:
     path: str | None = None  # local file or folder in the upstream TTRL format; wins over name
     split: str = "test"  # for a folder: which {split}.json/.jsonl/.parquet to read
     system_prompt: str | None = None  # None = the chat template's default system turn
+    # The user turn: "{question}" is replaced by the question, e.g. "{question}\nLet's think
+    # step by step and output the final answer within \boxed{}." (upstream's suffix for
+    # instruct models).
+    prompt_template: str = "{question}"
     enable_thinking: bool | None = None  # Qwen3 chat templates; None = template default
     max_prompt_tokens: int = 1024  # Qwen2.5-Math: 1024 + 3072 new tokens = its 4096 context
     skip_long_prompts: bool = False  # False: a longer prompt is an error
@@ -247,6 +255,10 @@ class DataSection:
                 "data.path",
             )
         out.need(bool(self.split), "data.split is empty")
+        out.need(
+            self.prompt_template.count("{question}") == 1,
+            f"data.prompt_template={self.prompt_template!r} must hold '{{question}}' exactly once",
+        )
         out.need(self.max_prompt_tokens >= 1, "data.max_prompt_tokens must be at least 1")
         out.need(
             self.batch_prompts >= 1, f"data.batch_prompts={self.batch_prompts} must be at least 1"
@@ -419,7 +431,7 @@ def _read_yaml(path: str | os.PathLike) -> Any:
 
 
 def _parse_override(item: str) -> Any:
-    key, sep, _ = item.partition("=")
+    key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(
             f"override '{item}' is not of the form section.key=value (e.g. sample.n_vote=16)"
@@ -427,7 +439,24 @@ def _parse_override(item: str) -> Any:
     try:
         return OmegaConf.from_dotlist([item])
     except (yaml.YAMLError, OmegaConfBaseException) as e:
+        if _is_text_key(key.strip()):
+            # Text such as "{question} Answer with a number." is not YAML; take it as written.
+            return OmegaConf.create(_nested(key.strip(), value))
         raise ConfigError(f"override '{item}': cannot parse the value: {e}") from None
+
+
+def _is_text_key(dotted: str) -> bool:
+    parent, _, leaf = dotted.rpartition(".")
+    cls = _section_class(parent)
+    hint = typing.get_type_hints(cls).get(leaf) if cls is not None else None
+    return hint in (str, str | None)
+
+
+def _nested(dotted: str, value: Any) -> dict[str, Any]:
+    out: Any = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
 
 
 def _merge(base: Any, update: Any, source: str, bad_choices: list[str]) -> Any:

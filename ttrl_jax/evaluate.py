@@ -63,6 +63,7 @@ def evaluate(
     batch_prompts: int = 8,
     answer_mode: str = "math",
     timeout_s: float = rewards.DEFAULT_TIMEOUT_S,
+    last_number_fallback: bool = False,
 ) -> dict[str, float]:
     """Samples k responses per prompt (and one greedy) and scores them against the golds.
 
@@ -76,7 +77,7 @@ def evaluate(
       greedy: also decode one greedy response per prompt.
       batch_prompts: prompts per sampler call; the last batch is padded with repeats of its
         first prompt (discarded) so every call has the same shape.
-      answer_mode, timeout_s: answer extraction settings.
+      answer_mode, timeout_s, last_number_fallback: answer extraction settings.
 
     Returns:
       avg@k, maj@k, pass@k, majority_ratio, answered, mean response length, and greedy
@@ -94,8 +95,9 @@ def evaluate(
         gen = generator(params, chunk, jax.random.fold_in(key, b), sampling, k, max_new_tokens)
         # With several processes each scores its own prompts; all get every prompt's ids.
         answer_PN, gold_id_P = rollout_lib.answer_ids(
-            gen, chunk_golds, real=real, mode=answer_mode, timeout_s=timeout_s
-        )
+            gen, chunk_golds, real=real, mode=answer_mode, timeout_s=timeout_s,
+            last_number_fallback=last_number_fallback,
+        )  # fmt: skip
         ids_PN.append(answer_PN)
         gold_P.append(gold_id_P)
         lengths.append(gen.length_PN[:real])
@@ -103,8 +105,9 @@ def evaluate(
             g = generator(params, chunk, key, greedy_sampling, 1, max_new_tokens)
             # Greedy answers join the gold's id space through one clustering call per prompt.
             g_ids, g_gold = rollout_lib.answer_ids(
-                g, chunk_golds, real=real, mode=answer_mode, timeout_s=timeout_s
-            )
+                g, chunk_golds, real=real, mode=answer_mode, timeout_s=timeout_s,
+                last_number_fallback=last_number_fallback,
+            )  # fmt: skip
             greedy_ok.append(np.where(g_gold >= 0, g_ids[:, 0] == g_gold, False)[g_gold >= 0])
     metrics = score(np.concatenate(ids_PN), np.concatenate(gold_P))
     metrics["response_length"] = float(np.concatenate(lengths).mean())
@@ -131,6 +134,7 @@ def evaluate_tasks(
             temperature=ev.temperature, top_p=ev.top_p, max_new_tokens=ev.max_new_tokens,
             greedy=ev.greedy, batch_prompts=min(batch_prompts, len(task.prompt_ids)),
             answer_mode=ttrl.answer_mode, timeout_s=ttrl.answer_timeout_s,
+            last_number_fallback=ttrl.last_number_fallback,
         )  # fmt: skip
         prefix = "eval/" if i == 0 else f"eval_{os.path.basename(task.name)}/"
         result.update({prefix + k: v for k, v in m.items()})
@@ -182,6 +186,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-prompts", type=at_least(1), default=8)
     ap.add_argument("--no-greedy", action="store_true")
     ap.add_argument("--system-prompt", default=None)
+    ap.add_argument(
+        "--prompt-template", default="{question}",
+        help="the user turn; '{question}' is replaced by the question (as data.prompt_template)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--last-number", action="store_true",
+        help="a response without a boxed or stated answer answers with its last number",
+    )  # fmt: skip
     ap.add_argument("--answer-mode", default="math", choices=typing.get_args(config_lib.AnswerMode))
     ap.add_argument(
         "--timeout", type=at_least(0.001, float), default=None,
@@ -207,10 +219,15 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
     )
     tokenizer = weights.load_tokenizer(folder)
     weights.check_tokenizer(tokenizer, cfg)
+    if args.prompt_template.count("{question}") != 1:
+        raise ValueError(
+            f"--prompt-template {args.prompt_template!r} must hold '{{question}}' exactly once"
+        )
     items = data_lib.load_benchmark(args.data)[: args.limit]
     prompt_ids, items, _ = prompts_lib.build_prompts(
         items, tokenizer, args.system_prompt, args.max_prompt_tokens, skip_long=False,
-        limit_name="--max-prompt-tokens", fix="raise --max-prompt-tokens",
+        template=args.prompt_template, limit_name="--max-prompt-tokens",
+        fix="raise --max-prompt-tokens",
     )  # fmt: skip
     longest = max(len(p) for p in prompt_ids)
     max_new = args.max_new_tokens or cfg.max_position_embeddings - longest
@@ -230,7 +247,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
         generator, params, prompt_ids, [it["answer"] for it in items], jax.random.key(args.seed),
         k=args.k, temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new,
         greedy=not args.no_greedy, batch_prompts=min(args.batch_prompts, len(prompt_ids)),
-        answer_mode=args.answer_mode, timeout_s=timeout,
+        answer_mode=args.answer_mode, timeout_s=timeout, last_number_fallback=args.last_number,
     )  # fmt: skip
 
 

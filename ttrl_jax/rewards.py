@@ -20,7 +20,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from ttrl_jax import verifier
-from ttrl_jax.answers import MAX_ANSWER_CHARS, canonical_answer, extract_answer, verifier_text
+from ttrl_jax.answers import (
+    ANSWER_MODES,
+    MAX_ANSWER_CHARS,
+    canonical_answer,
+    extract_answer,
+    verifier_text,
+)
 from ttrl_jax.verifier import DEFAULT_TIMEOUT_S
 
 __all__ = [
@@ -88,8 +94,8 @@ def cluster_answers(
       equivalent to the gold, else an id no answer uses (the number of clusters), or -1 when
       gold is None.
     """
-    if mode not in ("math", "choice"):
-        raise ValueError(f"cluster_answers: unknown mode {mode!r}; use 'math' or 'choice'.")
+    if mode not in ANSWER_MODES:
+        raise ValueError(f"cluster_answers: unknown mode {mode!r}; use one of {ANSWER_MODES}.")
     if not timeout_s > 0:
         raise ValueError(f"cluster_answers: timeout_s must be positive seconds, got {timeout_s}.")
     canons = [canonical_answer(a, mode) for a in answers]

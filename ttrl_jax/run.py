@@ -141,7 +141,7 @@ def ttrl_step(job: job_lib.Job, root: jax.Array, step: int) -> dict[str, float]:
     # Their final answers as ids, on the host (each process scores its own prompts).
     answer_id_PN, gold_id_P = rollout_lib.answer_ids(
         gen, [job.task.golds[i] for i in idx], mode=cfg.ttrl.answer_mode,
-        timeout_s=cfg.ttrl.answer_timeout_s,
+        timeout_s=cfg.ttrl.answer_timeout_s, last_number_fallback=cfg.ttrl.last_number_fallback,
     )  # fmt: skip
     t_reward = time.perf_counter()
     # Vote, rewards, advantages and the GRPO updates: one compiled step.
