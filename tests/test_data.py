@@ -508,7 +508,8 @@ def test_bad_jsonl_line_is_named(tmp_path):
 
 def test_prompt_template_wraps_the_question(tokenizer):
     suffix = "Let's think step by step and output the final answer within \\boxed{}."
-    text = prompts.chat_prompt_text("What is 2 + 3?", tokenizer, None, None, "{question}\n" + suffix)
+    template = "{question}\n" + suffix
+    text = prompts.chat_prompt_text("What is 2 + 3?", tokenizer, None, None, template)
     assert "What is 2 + 3?\n" + suffix in text
     items = [{"id": "a", "prompt": "What is 2 + 3?"}]
     ids, _, _ = prompts.build_prompts(items, tokenizer, None, 512, False, template="Q: {question}")
