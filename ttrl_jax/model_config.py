@@ -7,12 +7,14 @@ computes (attention maths, what the backward pass recomputes), which are static 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import typing
+from typing import Any, Literal
 
 import jax
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
-ATTENTION_IMPLEMENTATIONS = ("auto", "plain", "chunked", "pallas")  # see attention.py
+Attention = Literal["auto", "plain", "chunked", "pallas"]  # see attention.py
+ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = typing.get_args(Attention)
 ATTENTION_CHECKPOINT_NAME = "attention"  # names attention outputs for the remat policies
 ATTENTION_MASK_VALUE = -1e30  # finite, so a fully masked row gives a uniform softmax, not NaN
 _policies = jax.checkpoint_policies
@@ -29,6 +31,9 @@ REMAT_POLICIES = {
     ),
     "dots": _policies.dots_saveable,  # every matmul output (plain attention's T×S scores too)
 }
+# The spellings of ModelConfig.remat besides true/false ("none" = false).
+Remat = Literal["none", "block", "attention", "dots_no_batch", "dots_no_batch+attention", "dots"]
+assert typing.get_args(Remat) == ("none", *REMAT_POLICIES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +71,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     # Block activations recomputed in the backward pass: False / "none" (keep all), True /
     # "block" (keep only each block's input), or a policy in REMAT_POLICIES.
-    remat: bool | str = False
-    attention: str = "auto"  # attention maths: one of ATTENTION_IMPLEMENTATIONS
+    remat: bool | Remat = False
+    attention: Attention = "auto"  # attention maths
     attention_chunk: int = 512  # block length of chunked attention
 
     def __post_init__(self):
