@@ -18,8 +18,9 @@ from transformers.models.qwen2.tokenization_qwen2 import (
     PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX,
 )
 
+from ttrl_jax import config as config_lib
 from ttrl_jax import gguf as gguf_lib
-from ttrl_jax import model, weights
+from ttrl_jax import model, plan, weights
 
 _forward = jax.jit(model.forward, static_argnums=0)
 Q = gguf.GGMLQuantizationType
@@ -242,6 +243,8 @@ def test_config_from_metadata(written):
     assert gguf_lib.model_config(written["qwen2_f16"][0]).qkv_bias
     generation = json.loads((folder / "generation_config.json").read_text())
     assert generation == {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    run_cfg = config_lib.load_config(None, [f"model.name_or_path={path}", "model.dtype=bfloat16"])
+    assert plan.model_config(run_cfg) == cfg.replace(dtype="bfloat16")
 
 
 # ----------------------------------------------------------------------------- tokenizer

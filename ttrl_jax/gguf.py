@@ -184,7 +184,7 @@ class _LazyParam:
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undoes llama.cpp's q/k row order (rotary pairs adjacent) back to HF's (pairs a half apart)."""
+    """Undoes llama.cpp's q/k row order (rotary pairs adjacent) to HF's (pairs a half apart)."""
     return (
         w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:])
         .swapaxes(1, 2)
