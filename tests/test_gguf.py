@@ -25,6 +25,7 @@ from ttrl_jax import model, plan, weights
 _forward = jax.jit(model.forward, static_argnums=0)
 Q = gguf.GGMLQuantizationType
 SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+USER_DEFINED = "<think>"  # an added token that is not special: kept whole, decoded as text
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
     "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
@@ -43,7 +44,7 @@ LLAMA3_PRETOKENIZE_REGEX = (
 TEXTS = [
     "What is 12 + 345? The answer is 357.",
     "hello  there,\n\nthe lazy fox's 2024 café",
-    "<|im_start|>user\nDon't 99 apples<|im_end|>\n",
+    "<|im_start|>user\nDon't 99 apples<|im_end|>\n<think>the fox",
 ]
 
 # name -> (arch, pre-tokenizer, weight quantisation, embedding quantisation, HF config, add_bos)
@@ -88,6 +89,7 @@ def _original_tokenizer(pre: str) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )  # fmt: skip
     tok.train_from_iterator(CORPUS, trainer)
+    tok.add_tokens([USER_DEFINED])
     return tok
 
 
@@ -128,7 +130,11 @@ def _write_gguf(path, arch, hf_model, tok, pre, qtype, embed_qtype, add_bos):
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
-    types = [gguf.TokenType.CONTROL if t in SPECIAL else gguf.TokenType.NORMAL for t in tokens]
+    kinds = {
+        **dict.fromkeys(SPECIAL, gguf.TokenType.CONTROL),
+        USER_DEFINED: gguf.TokenType.USER_DEFINED,
+    }
+    types = [kinds.get(t, gguf.TokenType.NORMAL) for t in tokens]
     w.add_token_types(types)
     merges = json.loads(tok.to_str())["model"]["merges"]
     w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])

@@ -23,12 +23,23 @@ import shutil
 import sys
 import uuid
 from collections.abc import Callable, Sequence
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
 from flax import traverse_util
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 from ttrl_jax import model as model_lib
 from ttrl_jax import weights
@@ -39,8 +50,7 @@ SUPPORTED_ARCHS = model_lib.SUPPORTED_MODEL_TYPES  # llama.cpp names these as HF
 CACHE_ENV = "TTRL_JAX_CACHE"  # root of ttrl_jax's caches; default ~/.cache/ttrl_jax
 # Part of the cache key: bump it when the converted folder changes, so stale caches are not used.
 CONVERSION_VERSION = 1
-# llama.cpp's name for how text is split before BPE ('tokenizer.ggml.pre') → the split of the
-# original HF tokenizer. SmolLM isolates every digit, then splits as GPT-2 does.
+# The text splits of Llama 3's and Qwen2's own tokenizer.json.
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -49,12 +59,31 @@ _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-PRE_TOKENIZER_SPLITS: dict[str, str | None] = {
-    "gpt2": None,  # GPT-2's own split (ByteLevel's regex)
-    "smollm": "digits",
-    "llama-bpe": _LLAMA3_SPLIT,
-    "qwen2": _QWEN2_SPLIT,
+
+
+def _split_then_bytes(pattern: str) -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
+# llama.cpp's name for how text is split before BPE ('tokenizer.ggml.pre') → the pre-tokenizer of
+# the model's original tokenizer.json.
+PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
+    "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    "smollm": lambda: pre_tokenizers.Sequence(  # every digit alone, then GPT-2's split
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    ),
+    "llama-bpe": lambda: _split_then_bytes(_LLAMA3_SPLIT),
+    "qwen2": lambda: _split_then_bytes(_QWEN2_SPLIT),
 }
+NFC_PRE_TOKENIZERS = ("qwen2",)  # Qwen2's tokenizer.json normalises to NFC first
 
 
 # ----------------------------------------------------------------------------- reading
@@ -73,7 +102,7 @@ class GGUFFile:
                 "complete .gguf file as written by llama.cpp"
             ) from err
         self.tensors = {t.name: t for t in self.reader.tensors}
-        self.arch = self.get("general.architecture")
+        self.arch = self.require("general.architecture")
 
     def get(self, key: str, default: Any = None) -> Any:
         field = self.reader.get_field(key)
@@ -93,15 +122,9 @@ class GGUFFile:
         except NotImplementedError:
             raise ValueError(
                 f"tensor {name!r} in {self.path.name} is stored as {t.tensor_type.name}, which the "
-                f"gguf library ({_gguf_version()}) cannot dequantise; upgrade it "
+                f"gguf library ({version('gguf')}) cannot dequantise; upgrade it "
                 "(`pip install -U gguf`) or use a file quantised as Q8_0, Q4_K_M, Q4_0 or F16"
             ) from None
-
-
-def _gguf_version() -> str:
-    from importlib.metadata import version
-
-    return version("gguf")
 
 
 def _check_path(path: str | os.PathLike) -> Path:
@@ -124,12 +147,12 @@ def hf_config(f: GGUFFile) -> dict[str, Any]:
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(
             f"{f.path.name} holds a {arch!r} model; ttrl_jax supports the GGUF architectures "
-            f"{SUPPORTED_ARCHS} (Llama 3.x, SmolLM, Qwen2/2.5, Qwen3)"
+            f"{SUPPORTED_ARCHS} (e.g. SmolLM2, Qwen2.5, Qwen3)"
         )
     if f.get(f"{arch}.rope.scaling.type", "none") != "none" or "rope_freqs.weight" in f.tensors:
         raise ValueError(
-            f"{f.path.name} uses rope scaling, which GGUF import does not support; convert the "
-            "original HF checkpoint instead"
+            f"{f.path.name} uses rope scaling (Llama 3.1+ files store it as rope_freqs), which "
+            "GGUF import does not read; load the original HF checkpoint (safetensors) instead"
         )
     heads = int(f.require(f"{arch}.attention.head_count"))
     width = int(f.require(f"{arch}.embedding_length"))
@@ -245,8 +268,6 @@ def lazy_params(f: GGUFFile, cfg: model_lib.ModelConfig) -> dict:
 
 def build_tokenizer(f: GGUFFile):
     """The file's byte-level BPE tokenizer as a transformers tokenizer, chat template included."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
-    from tokenizers import pre_tokenizers as pre
     from transformers import PreTrainedTokenizerFast
 
     kind, split = f.get("tokenizer.ggml.model"), f.get("tokenizer.ggml.pre", "gpt2")
@@ -255,63 +276,49 @@ def build_tokenizer(f: GGUFFile):
             f"{f.path.name} has a {kind!r} tokenizer; GGUF import reads byte-level BPE ('gpt2') "
             "vocabularies only (Llama 3, Qwen, SmolLM): convert the original HF checkpoint instead"
         )
-    if split not in PRE_TOKENIZER_SPLITS:
+    if split not in PRE_TOKENIZERS:
         raise ValueError(
             f"{f.path.name} splits text as {split!r} (tokenizer.ggml.pre), which GGUF import "
-            f"does not know; known: {sorted(PRE_TOKENIZER_SPLITS)}. Convert the original HF "
+            f"does not know; known: {sorted(PRE_TOKENIZERS)}. Convert the original HF "
             "checkpoint instead"
         )
     tokens = f.require("tokenizer.ggml.tokens")
     merges = [tuple(m.split(" ")) for m in f.require("tokenizer.ggml.merges")]
     types = f.get("tokenizer.ggml.token_type") or [gguf.TokenType.NORMAL] * len(tokens)
     backend = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
-    pattern = PRE_TOKENIZER_SPLITS[split]
-    if pattern is None:
-        backend.pre_tokenizer = pre.ByteLevel(add_prefix_space=False, use_regex=True)
-    elif pattern == "digits":
-        backend.pre_tokenizer = pre.Sequence(
-            [pre.Digits(individual_digits=True), pre.ByteLevel(add_prefix_space=False)]
-        )
-    else:
-        split_then_bytes = [pre.Split(Regex(pattern), behavior="isolated")]
-        split_then_bytes.append(pre.ByteLevel(add_prefix_space=False, use_regex=False))
-        backend.pre_tokenizer = pre.Sequence(split_then_bytes)
-    if split == "qwen2":
-        backend.normalizer = normalizers.NFC()  # as Qwen2's own tokenizer.json
+    backend.pre_tokenizer = PRE_TOKENIZERS[split]()
+    if split in NFC_PRE_TOKENIZERS:
+        backend.normalizer = normalizers.NFC()
     backend.decoder = decoders.ByteLevel()
-    # Control tokens (<|im_end|> ...) are special and never split; user-defined ones stay whole.
-    backend.add_special_tokens(
-        [
-            AddedToken(t, special=True, normalized=False)
-            for t, k in zip(tokens, types)
-            if k == gguf.TokenType.CONTROL
-        ]
-    )
-    backend.add_tokens(
-        [
-            AddedToken(t, special=False, normalized=False)
-            for t, k in zip(tokens, types)
-            if k == gguf.TokenType.USER_DEFINED
-        ]
-    )
-    special = {}
+    # Control tokens (<|im_end|> ...) are special, never split nor decoded by skip_special_tokens;
+    # user-defined ones (<think> ...) are kept whole but are ordinary text.
+    typed = lambda kind, special: [
+        AddedToken(t, special=special, normalized=False) for t, k in zip(tokens, types) if k == kind
+    ]
+    backend.add_special_tokens(typed(gguf.TokenType.CONTROL, True))
+    backend.add_tokens(typed(gguf.TokenType.USER_DEFINED, False))
+    ids = {}
     for role, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
         token_id = f.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None:
-            special[f"{role}_token"] = tokens[int(token_id)]
-    bos, eos = special.get("bos_token"), special.get("eos_token")
-    add_bos = bool(f.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
-    add_eos = bool(f.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
-    if add_bos or add_eos:
-        ends = [(t, tokens.index(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
-        single = " ".join([f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos)
-        backend.post_processor = processors.TemplateProcessing(single=single, special_tokens=ends)
+            ids[role] = int(token_id)
+    # llama.cpp's add_bos/add_eos flags, as tokenizer.json's post-processor says them.
+    ends = [r for r in ("bos", "eos") if r in ids and f.get(f"tokenizer.ggml.add_{r}_token")]
+    if ends:
+        single = " ".join(
+            [f"{tokens[ids['bos']]}:0"] * ("bos" in ends)
+            + ["$A:0"]
+            + [f"{tokens[ids['eos']]}:0"] * ("eos" in ends)
+        )
+        backend.post_processor = processors.TemplateProcessing(
+            single=single, special_tokens=[(tokens[ids[r]], ids[r]) for r in ends]
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         chat_template=f.get("tokenizer.chat_template"),
         clean_up_tokenization_spaces=False,  # would turn "3 ." into "3." on decode
         model_max_length=int(f.get(f"{f.arch}.context_length", 2**30)),
-        **special,
+        **{f"{role}_token": tokens[i] for role, i in ids.items()},
     )
 
 
