@@ -59,21 +59,13 @@ def ours(smollm2_folder):
 
 
 def _chat_ids(tokenizer, questions):
-    return [
-        tokenizer(data_lib.chat_prompt_text(q, tokenizer, None), add_special_tokens=False)[
-            "input_ids"
-        ]
-        for q in questions
-    ]
+    """The pipeline's prompt ids: each question as the user turn of the model's chat template."""
+    items = [{"prompt": q, "answer": ""} for q in questions]
+    return data_lib.build_prompts(items, tokenizer, None, 256, skip_long=False)[0]
 
 
 def _left_pad(ids, pad_id):
-    T = max(len(x) for x in ids)
-    tokens_BT = np.full((len(ids), T), pad_id, np.int32)
-    mask_BT = np.zeros((len(ids), T), bool)
-    for b, x in enumerate(ids):
-        tokens_BT[b, T - len(x) :], mask_BT[b, T - len(x) :] = x, True
-    return tokens_BT, mask_BT
+    return data_lib.bucket_and_pad(ids, (max(len(x) for x in ids),), pad_id)
 
 
 def _hf_logits(hf_model, tokens_BT, mask_BT):
