@@ -10,7 +10,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from ttrl_jax import data
+from ttrl_jax import data, prompts, schedule
 
 # The benchmark files live in shared/ beside the checkout; tests skip when they are absent.
 TTRL_DATA = next(
@@ -329,7 +329,7 @@ def test_toy_split():
 
 def test_build_prompts_uses_the_chat_template(tokenizer):
     items = [{"id": "q", "prompt": "What is 1+1?", "answer": "2", "source": "t"}]
-    ids, kept, n_skipped = data.build_prompts(items, tokenizer, None, 1000, skip_long=False)
+    ids, kept, n_skipped = prompts.build_prompts(items, tokenizer, None, 1000, skip_long=False)
     text = (
         f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"
         "<|im_start|>user\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n"
@@ -341,7 +341,7 @@ def test_build_prompts_uses_the_chat_template(tokenizer):
 
 def test_build_prompts_with_a_system_prompt_and_thinking_off(tokenizer):
     items = [{"id": "q", "prompt": "Q?", "answer": None, "source": "t"}]
-    ids, _, _ = data.build_prompts(
+    ids, _, _ = prompts.build_prompts(
         items, tokenizer, "Be brief.", 1000, skip_long=False, enable_thinking=False
     )
     assert tokenizer.decode(ids[0]) == (
@@ -352,14 +352,14 @@ def test_build_prompts_with_a_system_prompt_and_thinking_off(tokenizer):
 
 def test_too_long_prompt_is_an_error_naming_item_length_and_fix(tokenizer):
     items = [{"id": "long-one", "prompt": "x" * 200, "answer": None, "source": "t"}]
-    (ids,), _, _ = data.build_prompts(items, tokenizer, "", 10_000, skip_long=False)
+    (ids,), _, _ = prompts.build_prompts(items, tokenizer, "", 10_000, skip_long=False)
     n = len(ids)
     with pytest.raises(ValueError) as err:
-        data.build_prompts(items, tokenizer, "", n - 1, skip_long=False)
+        prompts.build_prompts(items, tokenizer, "", n - 1, skip_long=False)
     msg = str(err.value)
     assert "'long-one'" in msg and f"{n} tokens" in msg and f"max_prompt_tokens={n - 1}" in msg
     assert "data.skip_long_prompts=true" in msg
-    data.build_prompts(items, tokenizer, "", n, skip_long=False)  # exactly the budget is fine
+    prompts.build_prompts(items, tokenizer, "", n, skip_long=False)  # exactly the budget is fine
 
 
 def test_skip_long_counts_and_keeps_order(tokenizer):
@@ -367,7 +367,7 @@ def test_skip_long_counts_and_keeps_order(tokenizer):
         {"id": str(i), "prompt": "y" * length, "answer": None, "source": "t"}
         for i, length in enumerate([5, 300, 10, 400, 1])
     ]
-    ids, kept, n_skipped = data.build_prompts(items, tokenizer, None, 200, skip_long=True)
+    ids, kept, n_skipped = prompts.build_prompts(items, tokenizer, None, 200, skip_long=True)
     assert n_skipped == 2
     assert [it["id"] for it in kept] == ["0", "2", "4"]
     assert len(ids) == 3 and all(len(x) <= 200 for x in ids)
@@ -375,7 +375,7 @@ def test_skip_long_counts_and_keeps_order(tokenizer):
 
 def test_tokenizer_without_chat_template():
     with pytest.raises(ValueError, match="has no chat template"):
-        data.build_prompts(
+        prompts.build_prompts(
             [{"id": "q", "prompt": "Q", "answer": None, "source": "t"}],
             byte_tokenizer(chat_template=None),
             None,
@@ -388,7 +388,7 @@ def test_tokenizer_without_chat_template():
 
 
 def test_bucket_and_pad_left_pads_to_the_smallest_bucket():
-    tokens_PT, mask_PT = data.bucket_and_pad([[5, 6, 7], [8], [1, 2, 3, 4, 5]], [4, 8, 16], 0)
+    tokens_PT, mask_PT = prompts.bucket_and_pad([[5, 6, 7], [8], [1, 2, 3, 4, 5]], [4, 8, 16], 0)
     assert tokens_PT.dtype == np.int32 and mask_PT.dtype == np.bool_
     np.testing.assert_array_equal(
         tokens_PT,
@@ -398,44 +398,44 @@ def test_bucket_and_pad_left_pads_to_the_smallest_bucket():
 
 
 def test_bucket_and_pad_exact_fit_and_pad_id():
-    tokens_PT, mask_PT = data.bucket_and_pad([[3, 3, 3, 3], [4, 4]], [8, 4], pad_id=9)
+    tokens_PT, mask_PT = prompts.bucket_and_pad([[3, 3, 3, 3], [4, 4]], [8, 4], pad_id=9)
     np.testing.assert_array_equal(tokens_PT, [[3, 3, 3, 3], [9, 9, 4, 4]])
     np.testing.assert_array_equal(mask_PT, [[1, 1, 1, 1], [0, 0, 1, 1]])
 
 
 def test_bucket_and_pad_too_long():
     with pytest.raises(ValueError, match=r"has 9 tokens but the largest prompt bucket is 8"):
-        data.bucket_and_pad([[1] * 9], [4, 8], 0)
+        prompts.bucket_and_pad([[1] * 9], [4, 8], 0)
 
 
 def test_bucket_and_pad_rejects_empty():
     with pytest.raises(ValueError, match="at least one prompt"):
-        data.bucket_and_pad([], [4], 0)
+        prompts.bucket_and_pad([], [4], 0)
     with pytest.raises(ValueError, match="prompt 1 of the batch is empty"):
-        data.bucket_and_pad([[1], []], [4], 0)
+        prompts.bucket_and_pad([[1], []], [4], 0)
 
 
 # ----------------------------------------------------------------------------- order
 
 
 def test_episode_order_is_a_deterministic_permutation():
-    a = data.episode_order(3, 30, 0)
+    a = schedule.episode_order(3, 30, 0)
     np.testing.assert_array_equal(np.sort(a), np.arange(30))
-    np.testing.assert_array_equal(a, data.episode_order(3, 30, 0))
-    assert not np.array_equal(a, data.episode_order(3, 30, 1))
-    assert not np.array_equal(a, data.episode_order(4, 30, 0))
-    np.testing.assert_array_equal(data.episode_order(3, 30, 5, shuffle=False), np.arange(30))
+    np.testing.assert_array_equal(a, schedule.episode_order(3, 30, 0))
+    assert not np.array_equal(a, schedule.episode_order(3, 30, 1))
+    assert not np.array_equal(a, schedule.episode_order(4, 30, 0))
+    np.testing.assert_array_equal(schedule.episode_order(3, 30, 5, shuffle=False), np.arange(30))
 
 
 def test_drop_schedule_like_aime():
-    s = data.PromptSchedule(n_items=30, batch_prompts=8, episodes=80, seed=1)
+    s = schedule.PromptSchedule(n_items=30, batch_prompts=8, episodes=80, seed=1)
     assert s.total_steps == 240 and s.n_dropped_per_episode == 6
     for episode in (0, 79):
         batches = [s.batch_indices(s.step_of(episode, k)) for k in range(3)]
         flat = np.concatenate(batches)
         assert all(b.shape == (8,) for b in batches)
         assert len(set(flat.tolist())) == 24  # no prompt twice within an episode
-        np.testing.assert_array_equal(flat, data.episode_order(1, 30, episode)[:24])
+        np.testing.assert_array_equal(flat, schedule.episode_order(1, 30, episode)[:24])
     sat_out = [
         set(range(30))
         - set(np.concatenate([s.batch_indices(s.step_of(e, k)) for k in range(3)]).tolist())
@@ -446,9 +446,9 @@ def test_drop_schedule_like_aime():
 
 
 def test_wrap_schedule_fills_batches_from_the_next_episode():
-    s = data.PromptSchedule(n_items=30, batch_prompts=8, episodes=4, seed=2, last_batch="wrap")
+    s = schedule.PromptSchedule(n_items=30, batch_prompts=8, episodes=4, seed=2, last_batch="wrap")
     assert s.total_steps == 15 and s.n_dropped_per_episode == 0
-    stream = np.concatenate([data.episode_order(2, 30, e) for e in range(5)])
+    stream = np.concatenate([schedule.episode_order(2, 30, e) for e in range(5)])
     got = np.concatenate([s.batch_indices(t) for t in range(s.total_steps)])
     np.testing.assert_array_equal(got, stream[: 15 * 8])
     assert s.position(3) == (0, 3)  # positions 24..31 start in episode 0
@@ -456,22 +456,22 @@ def test_wrap_schedule_fills_batches_from_the_next_episode():
 
 
 def test_wrap_with_fewer_items_than_a_batch():
-    s = data.PromptSchedule(n_items=3, batch_prompts=8, episodes=4, seed=0, last_batch="wrap")
+    s = schedule.PromptSchedule(n_items=3, batch_prompts=8, episodes=4, seed=0, last_batch="wrap")
     assert s.total_steps == 2  # ceil(4 episodes x 3 prompts / 8); the last batch runs on
-    stream = np.concatenate([data.episode_order(0, 3, e) for e in range(6)])
+    stream = np.concatenate([schedule.episode_order(0, 3, e) for e in range(6)])
     got = np.concatenate([s.batch_indices(t) for t in range(2)])
     np.testing.assert_array_equal(got, stream[:16])
 
 
 def test_drop_with_fewer_items_than_a_batch_is_an_error():
     with pytest.raises(ValueError, match=r"3 prompts cannot fill one batch.*data.last_batch=wrap"):
-        data.PromptSchedule(n_items=3, batch_prompts=8, episodes=1, seed=0)
+        schedule.PromptSchedule(n_items=3, batch_prompts=8, episodes=1, seed=0)
 
 
 @pytest.mark.parametrize("last_batch", ["drop", "wrap"])
 @pytest.mark.parametrize("n_items, batch", [(30, 8), (83, 8), (500, 32), (16, 8)])
 def test_position_and_step_of_round_trip(last_batch, n_items, batch):
-    s = data.PromptSchedule(n_items, batch, episodes=5, seed=0, last_batch=last_batch)
+    s = schedule.PromptSchedule(n_items, batch, episodes=5, seed=0, last_batch=last_batch)
     seen = set()
     for step in range(s.total_steps):
         episode, k = s.position(step)
@@ -481,7 +481,7 @@ def test_position_and_step_of_round_trip(last_batch, n_items, batch):
 
 
 def test_resume_continues_with_the_same_batches():
-    s = data.PromptSchedule(n_items=83, batch_prompts=8, episodes=3, seed=7)
+    s = schedule.PromptSchedule(n_items=83, batch_prompts=8, episodes=3, seed=7)
     full = list(s.iter_steps())
     resumed = list(s.iter_steps(start_step=13))
     assert [t for t, _ in resumed] == list(range(13, s.total_steps))
@@ -491,8 +491,35 @@ def test_resume_continues_with_the_same_batches():
 
 
 def test_steps_outside_the_schedule():
-    s = data.PromptSchedule(n_items=30, batch_prompts=8, episodes=2, seed=0)
+    s = schedule.PromptSchedule(n_items=30, batch_prompts=8, episodes=2, seed=0)
     with pytest.raises(ValueError, match=r"step 6 is outside the schedule's \[0, 6\)"):
         s.batch_indices(6)
     with pytest.raises(ValueError, match=r"step_in_episode must be in \[0, 3\)"):
         s.step_of(0, 3)
+
+
+def test_bad_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "x.jsonl"
+    good = [json.dumps({"prompt": f"q{i}", "id": str(i)}) for i in range(6)]
+    path.write_text("\n".join(good + ["{broken", json.dumps({"prompt": "q", "id": "7"})]) + "\n")
+    with pytest.raises(ValueError, match=r"line 7 is not JSON"):
+        data.load_benchmark(str(path))
+
+
+def test_prompt_template_wraps_the_question(tokenizer):
+    suffix = "Let's think step by step and output the final answer within \\boxed{}."
+    template = "{question}\n" + suffix
+    text = prompts.chat_prompt_text("What is 2 + 3?", tokenizer, None, None, template)
+    assert "What is 2 + 3?\n" + suffix in text
+    items = [{"id": "a", "prompt": "What is 2 + 3?"}]
+    ids, _, _ = prompts.build_prompts(items, tokenizer, None, 512, False, template="Q: {question}")
+    assert "Q: What is 2 + 3?" in tokenizer.decode(ids[0])
+
+
+def test_prompt_template_needs_the_question_once():
+    from ttrl_jax.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.prompt_template='Solve it' must hold"):
+        load_config(None, ["data.prompt_template=Solve it"])
+    cfg = load_config(None, ["data.prompt_template={question} Answer with a number."])
+    assert cfg.data.prompt_template == "{question} Answer with a number."

@@ -9,9 +9,9 @@ from ttrl_jax import rollout as rollout_lib
 
 
 def test_score_hand_computed():
-    answer_id_PK = np.array([[0, 0, 1, 0], [1, 1, 0, -1], [0, 1, 2, 3], [2, 2, 2, 2]])
+    answer_id_PN = np.array([[0, 0, 1, 0], [1, 1, 0, -1], [0, 1, 2, 3], [2, 2, 2, 2]])
     gold_id_P = np.array([0, 0, 4, -1])  # prompt 3 has no gold: it does not count
-    m = evaluate.score(answer_id_PK, gold_id_P)
+    m = evaluate.score(answer_id_PN, gold_id_P)
     assert m["avg@4"] == pytest.approx((3 / 4 + 1 / 4 + 0) / 3)
     assert m["maj@4"] == pytest.approx(
         1 / 3
@@ -19,7 +19,7 @@ def test_score_hand_computed():
     assert m["pass@4"] == pytest.approx(2 / 3)
     assert m["answered"] == pytest.approx(11 / 12)
     with pytest.raises(ValueError, match="no prompt has a gold answer"):
-        evaluate.score(answer_id_PK, np.full(4, -1))
+        evaluate.score(answer_id_PN, np.full(4, -1))
 
 
 class FixedGenerator:
@@ -34,9 +34,9 @@ class FixedGenerator:
         texts = [self.texts_by_prompt[ids[0]][:n_samples] for ids in prompt_ids]
         P = len(texts)
         rollout = sampler.Rollout(
-            tokens_PNT=np.zeros((P, n_samples, 1), np.int32),
-            mask_PNT=np.ones((P, n_samples, 1), bool),
-            logp_PNT=np.zeros((P, n_samples, 1)), entropy_PNT=np.zeros((P, n_samples, 1)),
+            tokens_PNR=np.zeros((P, n_samples, 1), np.int32),
+            mask_PNR=np.ones((P, n_samples, 1), bool),
+            logp_PNR=np.zeros((P, n_samples, 1)), entropy_PNR=np.zeros((P, n_samples, 1)),
             length_PN=np.full((P, n_samples), 5), finish_PN=np.zeros((P, n_samples), np.int32),
             num_steps=np.int32(1),
         )  # fmt: skip
@@ -60,3 +60,14 @@ def test_evaluate_on_a_fixed_rollout():
     assert m["pass@4"] == pytest.approx(2 / 3)
     assert m["greedy"] == pytest.approx(1 / 3)  # greedy = first text: right, wrong, wrong
     assert gen.calls == 4  # two batches (the second padded to 2 prompts), sampled + greedy
+
+
+def test_free_text_answers_count_with_the_last_number_fallback():
+    texts = {0: ["9 + 8 equals 17.", "It is 17", "The sum is 16.", "seventeen"]}
+    common = dict(key=jax.random.key(0), k=4, batch_prompts=1, greedy=False)
+    strict = evaluate.evaluate(FixedGenerator(texts), None, [[0]], ["17"], **common)
+    free = evaluate.evaluate(
+        FixedGenerator(texts), None, [[0]], ["17"], last_number_fallback=True, **common
+    )
+    assert strict["answered"] == 0.0
+    assert free["answered"] == pytest.approx(3 / 4) and free["avg@4"] == pytest.approx(2 / 4)

@@ -212,14 +212,14 @@ def test_select_responses_rejects_bad_sizes():
 
 def test_gather_responses():
     rng = np.random.default_rng(3)
-    x_PNT = rng.normal(size=(5, 8, 6)).astype(np.float32)
-    index_PK = np.asarray(grpo.select_responses(jax.random.key(1), 5, 8, 3, True))
-    got = grpo.gather_responses(jnp.asarray(x_PNT), jnp.asarray(index_PK))
+    x_PNR = rng.normal(size=(5, 8, 6)).astype(np.float32)
+    index_PM = np.asarray(grpo.select_responses(jax.random.key(1), 5, 8, 3, True))
+    got = grpo.gather_responses(jnp.asarray(x_PNR), jnp.asarray(index_PM))
     chex.assert_shape(got, (5, 3, 6))
-    np.testing.assert_array_equal(np.asarray(got), x_PNT[np.arange(5)[:, None], index_PK])
-    x_PN = x_PNT[..., 0]
-    got = grpo.gather_responses(jnp.asarray(x_PN), jnp.asarray(index_PK))
-    np.testing.assert_array_equal(np.asarray(got), x_PN[np.arange(5)[:, None], index_PK])
+    np.testing.assert_array_equal(np.asarray(got), x_PNR[np.arange(5)[:, None], index_PM])
+    x_PN = x_PNR[..., 0]
+    got = grpo.gather_responses(jnp.asarray(x_PN), jnp.asarray(index_PM))
+    np.testing.assert_array_equal(np.asarray(got), x_PN[np.arange(5)[:, None], index_PM])
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -424,12 +424,12 @@ def _loss_inputs(seed, num_b=6, num_t=9):
     lengths = rng.integers(1, num_t + 1, num_b)
     mask = (np.arange(num_t)[None] < lengths[:, None]).astype(np.float32)
     return dict(
-        logp_new_BT=jnp.asarray(logp_old + rng.normal(scale=0.3, size=logp_old.shape)),
-        logp_old_BT=jnp.asarray(logp_old),
+        logp_new_BR=jnp.asarray(logp_old + rng.normal(scale=0.3, size=logp_old.shape)),
+        logp_old_BR=jnp.asarray(logp_old),
         advantage_B=jnp.asarray(rng.normal(size=num_b).astype(np.float32)),
-        mask_BT=jnp.asarray(mask),
-        logp_ref_BT=jnp.asarray(logp_old + rng.normal(scale=0.3, size=logp_old.shape)),
-        entropy_BT=jnp.asarray(rng.random((num_b, num_t)).astype(np.float32)),
+        mask_BR=jnp.asarray(mask),
+        logp_ref_BR=jnp.asarray(logp_old + rng.normal(scale=0.3, size=logp_old.shape)),
+        entropy_BR=jnp.asarray(rng.random((num_b, num_t)).astype(np.float32)),
     )
 
 
@@ -443,8 +443,8 @@ def test_grpo_loss_is_zero_when_advantages_are_zero():
 
 def test_grpo_loss_on_policy():
     inputs = _loss_inputs(11)
-    inputs["logp_new_BT"] = inputs["logp_old_BT"]
-    mask = np.asarray(inputs["mask_BT"])
+    inputs["logp_new_BR"] = inputs["logp_old_BR"]
+    mask = np.asarray(inputs["mask_BR"])
     adv = np.asarray(inputs["advantage_B"])
     expected = -(adv[:, None] * mask).sum() / mask.sum()
     loss, aux = grpo.grpo_loss(**inputs)
@@ -454,27 +454,27 @@ def test_grpo_loss_on_policy():
 
     # d loss / d logp_new = -A * ratio / num_tokens = -A / num_tokens on unmasked tokens.
     def loss_of(logp_new):
-        rest = (inputs[k] for k in ("logp_old_BT", "advantage_B", "mask_BT"))
+        rest = (inputs[k] for k in ("logp_old_BR", "advantage_B", "mask_BR"))
         return grpo.grpo_loss(logp_new, *rest)[0]
 
-    grad = np.asarray(jax.grad(loss_of)(inputs["logp_old_BT"]))
+    grad = np.asarray(jax.grad(loss_of)(inputs["logp_old_BR"]))
     np.testing.assert_allclose(grad, -adv[:, None] * mask / mask.sum(), rtol=1e-6, atol=1e-9)
 
 
 def test_grpo_loss_combines_terms():
     inputs = _loss_inputs(12)
-    mask = np.asarray(inputs["mask_BT"])
+    mask = np.asarray(inputs["mask_BR"])
     kw = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0)
     loss, aux = grpo.grpo_loss(**inputs, kl_coef=0.05, entropy_coef=0.01, **kw)
-    pg_BT, _ = _ref_ppo(
-        *(np.asarray(inputs[k]) for k in ("logp_new_BT", "logp_old_BT", "advantage_B")),
+    pg_BR, _ = _ref_ppo(
+        *(np.asarray(inputs[k]) for k in ("logp_new_BR", "logp_old_BR", "advantage_B")),
         0.2, 0.28, 3.0,
     )  # fmt: skip
-    d = np.asarray(inputs["logp_ref_BT"]) - np.asarray(inputs["logp_new_BT"])
-    kl_BT = np.exp(d) - d - 1
+    d = np.asarray(inputs["logp_ref_BR"]) - np.asarray(inputs["logp_new_BR"])
+    kl_BR = np.exp(d) - d - 1
     n = mask.sum()
-    pg, kl = (pg_BT * mask).sum() / n, (kl_BT * mask).sum() / n
-    ent = (np.asarray(inputs["entropy_BT"]) * mask).sum() / n
+    pg, kl = (pg_BR * mask).sum() / n, (kl_BR * mask).sum() / n
+    ent = (np.asarray(inputs["entropy_BR"]) * mask).sum() / n
     assert float(aux["pg_loss"]) == pytest.approx(pg, rel=1e-5)
     assert float(aux["kl"]) == pytest.approx(kl, rel=1e-5)
     assert float(aux["entropy"]) == pytest.approx(ent, rel=1e-5)
@@ -488,7 +488,7 @@ def test_grpo_loss_micro_batches_add_up():
     inputs = _loss_inputs(13, num_b=8)
     kw = dict(kl_coef=0.01, entropy_coef=0.001, dual_clip=3.0)
     loss, aux = grpo.grpo_loss(**inputs, **kw)
-    num_tokens = inputs["mask_BT"].sum()
+    num_tokens = inputs["mask_BR"].sum()
     parts = [
         grpo.grpo_loss(**{k: v[i : i + 4] for k, v in inputs.items()}, num_tokens=num_tokens, **kw)
         for i in (0, 4)
@@ -502,10 +502,10 @@ def test_grpo_loss_micro_batches_add_up():
 
 def test_grpo_loss_requires_arrays_for_nonzero_coefs():
     inputs = _loss_inputs(14)
-    del inputs["logp_ref_BT"], inputs["entropy_BT"]
-    with pytest.raises(ValueError, match="logp_ref_BT"):
+    del inputs["logp_ref_BR"], inputs["entropy_BR"]
+    with pytest.raises(ValueError, match="logp_ref_BR"):
         grpo.grpo_loss(**inputs, kl_coef=0.001)
-    with pytest.raises(ValueError, match="entropy_BT"):
+    with pytest.raises(ValueError, match="entropy_BR"):
         grpo.grpo_loss(**inputs, entropy_coef=0.001)
     _, aux = grpo.grpo_loss(**inputs)
     assert "kl" not in aux and "entropy" not in aux and "clip_frac_lower" not in aux
@@ -522,17 +522,17 @@ def test_traced_hyperparameters_do_not_recompile():
         traces.append(None)
         adv = grpo.ettrl_reshape(inputs["adv_PN"], inputs["entropy_PN"], alpha)
         keep = grpo.prompt_filter_mask(inputs["ratio_P"], threshold)
-        mask_BT = inputs["mask_BT"] * jnp.repeat(keep, adv.shape[1])[:, None]
+        mask_BR = inputs["mask_BR"] * jnp.repeat(keep, adv.shape[1])[:, None]
         return grpo.grpo_loss(
-            inputs["logp_new_BT"], inputs["logp_old_BT"], adv.reshape(-1), mask_BT,
-            logp_ref_BT=inputs["logp_ref_BT"], entropy_BT=inputs["entropy_BT"],
+            inputs["logp_new_BR"], inputs["logp_old_BR"], adv.reshape(-1), mask_BR,
+            logp_ref_BR=inputs["logp_ref_BR"], entropy_BR=inputs["entropy_BR"],
             clip_low=clip_low, clip_high=clip_high, dual_clip=3.0,
             kl_coef=kl_coef, entropy_coef=entropy_coef,
         )  # fmt: skip
 
     base = _loss_inputs(15, num_b=6)
-    inputs = {k: base[k] for k in ("logp_new_BT", "logp_old_BT", "mask_BT", "logp_ref_BT")}
-    inputs["entropy_BT"] = base["entropy_BT"]
+    inputs = {k: base[k] for k in ("logp_new_BR", "logp_old_BR", "mask_BR", "logp_ref_BR")}
+    inputs["entropy_BR"] = base["entropy_BR"]
     inputs["adv_PN"] = base["advantage_B"].reshape(2, 3)
     inputs["entropy_PN"] = jnp.arange(1.0, 7.0).reshape(2, 3)
     inputs["ratio_P"] = jnp.array([0.3, 0.9])

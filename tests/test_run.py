@@ -10,6 +10,7 @@ import time
 import pytest
 from safetensors.numpy import load_file
 
+from ttrl_jax import rollout as rollout_lib
 from ttrl_jax import run as run_lib
 from ttrl_jax.toy import task
 
@@ -147,7 +148,7 @@ def test_existing_run_needs_resume(full_run, capsys):
 
 
 def test_response_bucket():
-    assert run_lib.response_bucket(1, 3072) == 768
-    assert run_lib.response_bucket(769, 3072) == 1536
-    assert run_lib.response_bucket(3072, 3072) == 3072
-    assert run_lib.response_bucket(10, 12) == 12
+    assert rollout_lib.response_bucket(1, 3072) == 768
+    assert rollout_lib.response_bucket(769, 3072) == 1536
+    assert rollout_lib.response_bucket(3072, 3072) == 3072
+    assert rollout_lib.response_bucket(10, 12) == 12

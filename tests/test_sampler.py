@@ -144,18 +144,18 @@ def llama():
 
 
 def _check_against_reference(case: Case, out: sampler.Rollout):
-    chex.assert_shape([out.tokens_PNT, out.mask_PNT, out.logp_PNT, out.entropy_PNT], (P, N, G))
+    chex.assert_shape([out.tokens_PNR, out.mask_PNR, out.logp_PNR, out.entropy_PNR], (P, N, G))
     chex.assert_shape([out.length_PN, out.finish_PN], (P, N))
     assert len({tuple(r) for r in case.ref_tokens}) == P  # prompts continue differently
     mask, tokens, length, finish = _after_stop(case.ref_tokens, case.stop_ids)
     assert set(finish) == {sampler.FINISH_STOP, sampler.FINISH_LENGTH}  # both kinds covered
     rep = lambda x: np.repeat(x[:, None], N, 1)  # greedy: the N samples are equal
-    np.testing.assert_array_equal(out.tokens_PNT, rep(tokens))
-    np.testing.assert_array_equal(out.mask_PNT, rep(mask))
+    np.testing.assert_array_equal(out.tokens_PNR, rep(tokens))
+    np.testing.assert_array_equal(out.mask_PNR, rep(mask))
     np.testing.assert_array_equal(out.length_PN, rep(length))
     np.testing.assert_array_equal(out.finish_PN, rep(finish))
-    np.testing.assert_allclose(out.logp_PNT, rep(np.where(mask, case.ref_logp, 0)), atol=1e-5)
-    np.testing.assert_allclose(out.entropy_PNT, rep(np.where(mask, case.ref_entropy, 0)), atol=1e-5)
+    np.testing.assert_allclose(out.logp_PNR, rep(np.where(mask, case.ref_logp, 0)), atol=1e-5)
+    np.testing.assert_allclose(out.entropy_PNR, rep(np.where(mask, case.ref_entropy, 0)), atol=1e-5)
     assert int(out.num_steps) == G - 1  # some rows never stop: the loop ran to the end
 
 
@@ -173,8 +173,8 @@ def test_early_exit_when_every_row_stops(qwen3):
     assert int(out.num_steps) == length - 1 < G - 1
     np.testing.assert_array_equal(out.length_PN, length)
     np.testing.assert_array_equal(out.finish_PN, sampler.FINISH_STOP)
-    np.testing.assert_array_equal(out.tokens_PNT[..., length:], PAD)
-    assert not np.asarray(out.mask_PNT)[..., length:].any()
+    np.testing.assert_array_equal(out.tokens_PNR[..., length:], PAD)
+    assert not np.asarray(out.mask_PNR)[..., length:].any()
 
 
 def test_sampled_rows_masks_and_log_probs(qwen3):
@@ -183,8 +183,8 @@ def test_sampled_rows_masks_and_log_probs(qwen3):
     # entropies are those of softmax(logits / temperature) under a full forward.
     temperature = 0.8
     out = qwen3.run(key=11, temperature=temperature)
-    toks_BG = np.asarray(out.tokens_PNT).reshape(P * N, G)
-    mask_BG = np.asarray(out.mask_PNT).reshape(P * N, G)
+    toks_BG = np.asarray(out.tokens_PNR).reshape(P * N, G)
+    mask_BG = np.asarray(out.mask_PNR).reshape(P * N, G)
     finish_B = np.asarray(out.finish_PN).reshape(-1)
     length_B = np.asarray(out.length_PN).reshape(-1)
     assert len({tuple(r) for r in toks_BG}) == P * N
@@ -202,8 +202,8 @@ def test_sampled_rows_masks_and_log_probs(qwen3):
     logp_BGV = jax.nn.log_softmax(logits_BGV / temperature, axis=-1)
     ref_logp = np.take_along_axis(np.asarray(logp_BGV), toks_BG[..., None], -1)[..., 0]
     ref_entropy = np.asarray(-(jnp.exp(logp_BGV) * logp_BGV).sum(-1))
-    logp_BG = np.asarray(out.logp_PNT).reshape(P * N, G)
-    entropy_BG = np.asarray(out.entropy_PNT).reshape(P * N, G)
+    logp_BG = np.asarray(out.logp_PNR).reshape(P * N, G)
+    entropy_BG = np.asarray(out.entropy_PNR).reshape(P * N, G)
     np.testing.assert_allclose(logp_BG, np.where(mask_BG, ref_logp, 0), atol=1e-5)
     np.testing.assert_allclose(entropy_BG, np.where(mask_BG, ref_entropy, 0), atol=1e-5)
 
@@ -220,16 +220,16 @@ def test_changing_sampling_values_does_not_recompile(qwen3):
             dict(temperature=0.0, top_k=3),
         ]
     ):
-        assert qwen3.run(key=i, **kw).tokens_PNT.shape == (P, N, G)
+        assert qwen3.run(key=i, **kw).tokens_PNR.shape == (P, N, G)
     assert fn._cache_size() == before == 1
 
 
 def test_keys_reproduce_and_rows_draw_separately(qwen3):
     a, b = qwen3.run(key=7, temperature=1.0), qwen3.run(key=7, temperature=1.0)
     c = qwen3.run(key=8, temperature=1.0)
-    np.testing.assert_array_equal(a.tokens_PNT, b.tokens_PNT)
-    assert (np.asarray(a.tokens_PNT) != np.asarray(c.tokens_PNT)).any()
-    assert (np.asarray(a.tokens_PNT)[:, 0] != np.asarray(a.tokens_PNT)[:, 1]).any()
+    np.testing.assert_array_equal(a.tokens_PNR, b.tokens_PNR)
+    assert (np.asarray(a.tokens_PNR) != np.asarray(c.tokens_PNR)).any()
+    assert (np.asarray(a.tokens_PNR)[:, 0] != np.asarray(a.tokens_PNR)[:, 1]).any()
 
 
 def test_sharded_greedy_equals_full_forward(llama):
@@ -245,7 +245,7 @@ def test_sharded_greedy_equals_full_forward(llama):
         llama, tokens=jax.device_put(llama.tokens, rows), mask=jax.device_put(llama.mask, rows)
     )
     out = case.run(mesh=mesh, params=params, temperature=0.0)
-    assert out.tokens_PNT.sharding.is_equivalent_to(
+    assert out.tokens_PNR.sharding.is_equivalent_to(
         NamedSharding(mesh, PartitionSpec("data", None, None)), 3
     )
     _check_against_reference(llama, out)

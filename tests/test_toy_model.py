@@ -11,6 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from ttrl_jax import data as data_lib
+from ttrl_jax import prompts as prompts_lib
 from ttrl_jax import rollout as rollout_lib
 from ttrl_jax import sampler as sampler_lib
 from ttrl_jax import weights
@@ -21,7 +22,7 @@ from ttrl_jax.toy import tokenizer as toy_tokenizer
 
 def _greedy_texts(cfg, params, tokenizer, questions, max_new_tokens=96):
     """One greedy response per question, through the run's own prompt and sampling path."""
-    prompt_ids, _, _ = data_lib.build_prompts(
+    prompt_ids, _, _ = prompts_lib.build_prompts(
         [{"id": str(i), "prompt": q} for i, q in enumerate(questions)],
         tokenizer, None, max_prompt_tokens=128, skip_long=False,
     )  # fmt: skip
@@ -47,7 +48,7 @@ def test_shipped_folder_loads_with_matching_tokenizer():
     # The folder's tokenizer is the builder's: same ids for a whole chat prompt and response.
     built = toy_tokenizer.build_tokenizer()
     question = task.test_split(data_lib.TOY_TEST_SEED, 1)[0]["prompt"]
-    text = data_lib.chat_prompt_text(question, tokenizer, None) + "2 +3=5\n\\boxed{5}"
+    text = prompts_lib.chat_prompt_text(question, tokenizer, None) + "2 +3=5\n\\boxed{5}"
     assert tokenizer(text)["input_ids"] == built(text)["input_ids"]
     # Small enough to ship inside the package.
     size = sum(p.stat().st_size for p in TOY_MODEL_DIR.iterdir())

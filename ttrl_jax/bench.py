@@ -374,7 +374,7 @@ def our_first_minibatch(
     def loss_fn(p):
         loss, _ = grpo.grpo_loss(
             logp_fn(p), old_BR, advantage_B, rmask_BR,
-            logp_ref_BT=old_BR if use_kl else None,
+            logp_ref_BR=old_BR if use_kl else None,
             clip_low=hyper.clip_low, clip_high=hyper.clip_high, dual_clip=dual_clip,
             kl_coef=hyper.kl_coef if use_kl else 0.0,
         )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Benchmarks → items → chat-templated prompt ids → left-padded buckets, and the prompt order.
+"""Benchmarks → items: the built-in benchmarks from the hub, local files, the toy split.
 
 An item is a dict `{"id": str, "prompt": str, "answer": str | None, "source": str}`: the
 question text, the gold answer (used only for metrics, never for training) and a unique id.
@@ -17,7 +17,7 @@ Built-in benchmarks come from the Hugging Face hub; each has a fixed field mappi
 
 AMC answers stay as upstream writes them ("142.0"); the answer checker compares values. Local
 files use the upstream TTRL format (`prompt`, `answer`, `id` or `unique_id`), see
-`load_benchmark`.
+`load_benchmark`. Items become prompt ids in prompts.py; their order per step is schedule.py's.
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -195,12 +194,18 @@ def _read_records(path: Path) -> list[Any]:
         return loaded
     if loaded is not None and not isinstance(loaded, dict):
         raise ValueError(f"benchmark file {path}: expected a JSON array of objects or JSON lines")
-    try:
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"benchmark file {path} is neither a JSON array nor JSON lines: {e}"
-        ) from None
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"benchmark file {path} is neither a JSON array nor JSON lines: line {number} "
+                f"is not JSON ({e.msg} at column {e.colno}); fix or remove that line"
+            ) from None
+    return records
 
 
 def _records_to_items(records: Sequence[Any], source: str, origin: str) -> list[Item]:
@@ -335,229 +340,3 @@ def _load_toy() -> list[Item]:
 
     records = task.test_split(seed=TOY_TEST_SEED, n=TOY_TEST_SIZE)
     return _records_to_items(records, source=TOY, origin="ttrl_jax.toy.task.test_split")
-
-
-# ----------------------------------------------------------------------------- prompts
-
-
-def chat_prompt_text(
-    question: str, tokenizer: Any, system_prompt: str | None, enable_thinking: bool | None = None
-) -> str:
-    """The chat template applied to one question as the user turn, ready for the assistant."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(
-            f"tokenizer {getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)!r} has no "
-            "chat template; use a checkpoint whose tokenizer_config.json defines chat_template"
-        )
-    messages = [{"role": "user", "content": question}]
-    if system_prompt is not None:
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, **kwargs
-    )
-
-
-def build_prompts(
-    items: Sequence[Item],
-    tokenizer: Any,
-    system_prompt: str | None,
-    max_prompt_tokens: int,
-    skip_long: bool,
-    enable_thinking: bool | None = None,
-) -> tuple[list[list[int]], list[Item], int]:
-    """Token ids of each item's chat prompt, checked against the prompt budget.
-
-    Args:
-      items: from `load_benchmark`.
-      tokenizer: a transformers tokenizer with a chat template.
-      system_prompt: the system turn; None keeps the template's default (Qwen2.5-Math's asks
-        for the final answer in \\boxed{}).
-      max_prompt_tokens: the longest prompt allowed.
-      skip_long: drop longer prompts (and count them) instead of raising.
-      enable_thinking: passed to templates that know it (Qwen3); None = template default.
-
-    Returns:
-      (prompt_ids, kept_items, n_skipped): ids per kept item, the kept items in order, and
-      how many were skipped as too long.
-
-    Raises:
-      ValueError: a prompt is longer than max_prompt_tokens and skip_long is False.
-    """
-    texts = [
-        chat_prompt_text(it["prompt"], tokenizer, system_prompt, enable_thinking) for it in items
-    ]
-    # The template already holds any BOS token, so the tokenizer must not add another.
-    all_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    prompt_ids, kept, n_skipped = [], [], 0
-    for item, ids in zip(items, all_ids):
-        if len(ids) > max_prompt_tokens:
-            if not skip_long:
-                raise ValueError(
-                    f"prompt of item '{item['id']}' has {len(ids)} tokens, more than "
-                    f"data.max_prompt_tokens={max_prompt_tokens}. Fix: raise "
-                    "data.max_prompt_tokens (with a sample.prompt_buckets entry that large) or "
-                    "set data.skip_long_prompts=true"
-                )
-            n_skipped += 1
-            continue
-        prompt_ids.append(list(ids))
-        kept.append(item)
-    if n_skipped:
-        logger.warning(
-            "skipped %d of %d prompts longer than %d tokens",
-            n_skipped,
-            len(items),
-            max_prompt_tokens,
-        )
-    return prompt_ids, kept, n_skipped
-
-
-def bucket_and_pad(
-    prompt_ids: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pads a batch of prompts to the smallest bucket that holds its longest prompt.
-
-    Args:
-      prompt_ids: P token-id lists, none empty.
-      buckets: allowed padded lengths.
-      pad_id: id written into padding positions.
-
-    Returns:
-      (tokens_PT int32, mask_PT bool) with T the chosen bucket; mask is True on real tokens,
-      which sit at the right end of each row.
-    """
-    if not prompt_ids:
-        raise ValueError("bucket_and_pad needs at least one prompt")
-    lengths = [len(ids) for ids in prompt_ids]
-    if min(lengths) == 0:
-        raise ValueError(f"prompt {lengths.index(0)} of the batch is empty")
-    longest = max(lengths)
-    fitting = [b for b in buckets if b >= longest]
-    if not fitting:
-        raise ValueError(
-            f"the longest prompt of the batch has {longest} tokens but the largest prompt bucket "
-            f"is {max(buckets, default=0)}; add a bucket >= {longest} to sample.prompt_buckets "
-            "or lower data.max_prompt_tokens"
-        )
-    t = min(fitting)
-    tokens_PT = np.full((len(prompt_ids), t), pad_id, dtype=np.int32)
-    mask_PT = np.zeros((len(prompt_ids), t), dtype=bool)
-    for p, ids in enumerate(prompt_ids):
-        tokens_PT[p, t - len(ids) :] = ids
-        mask_PT[p, t - len(ids) :] = True
-    return tokens_PT, mask_PT
-
-
-# ----------------------------------------------------------------------------- order
-
-_ORDER_STREAM = 0x5EED  # keeps the data-order stream apart from other uses of the run seed
-
-
-def episode_order(seed: int, n_items: int, episode: int, shuffle: bool = True) -> np.ndarray:
-    """The order of prompt indices in one episode: a permutation fixed by (seed, episode)."""
-    if not shuffle:
-        return np.arange(n_items)
-    return np.random.default_rng((seed, _ORDER_STREAM, episode)).permutation(n_items)
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptSchedule:
-    """Which prompts each global step trains on; a pure function of the step, so resume is exact.
-
-    Every step gets exactly `batch_prompts` prompts (static shapes). When `batch_prompts` does
-    not divide `n_items`, `last_batch` decides the remainder: "drop" leaves it out of that
-    episode (upstream's drop_last; with shuffling a different remainder sits out each episode;
-    the count is logged) and "wrap" completes the batch from the next episode's order, so the
-    steps run through the concatenated episode orders.
-    """
-
-    n_items: int
-    batch_prompts: int
-    episodes: int
-    seed: int
-    shuffle: bool = True
-    last_batch: str = "drop"
-
-    def __post_init__(self):
-        if self.n_items < 1 or self.batch_prompts < 1 or self.episodes < 1:
-            raise ValueError(
-                f"PromptSchedule needs n_items, batch_prompts and episodes >= 1, got "
-                f"{self.n_items}, {self.batch_prompts}, {self.episodes}"
-            )
-        if self.last_batch not in ("drop", "wrap"):
-            raise ValueError(f"last_batch={self.last_batch!r} must be 'drop' or 'wrap'")
-        if self.last_batch == "drop" and self.n_items < self.batch_prompts:
-            raise ValueError(
-                f"{self.n_items} prompts cannot fill one batch of data.batch_prompts="
-                f"{self.batch_prompts}; lower data.batch_prompts or set data.last_batch=wrap"
-            )
-        if self.n_dropped_per_episode:
-            log = logger.info if self.shuffle else logger.warning
-            log(
-                "%d prompts, batches of %d: %d prompts sit out each episode (%s)",
-                self.n_items,
-                self.batch_prompts,
-                self.n_dropped_per_episode,
-                "a different random set each time"
-                if self.shuffle
-                else "the SAME ones every episode, as data.shuffle=false",
-            )
-
-    @property
-    def n_dropped_per_episode(self) -> int:
-        return self.n_items % self.batch_prompts if self.last_batch == "drop" else 0
-
-    @property
-    def total_steps(self) -> int:
-        if self.last_batch == "drop":
-            return self.episodes * (self.n_items // self.batch_prompts)
-        return math.ceil(self.episodes * self.n_items / self.batch_prompts)
-
-    def batch_indices(self, step: int) -> np.ndarray:
-        """Indices into the items of the prompts of global step `step` (shape [batch_prompts])."""
-        self._check_step(step)
-        b, n = self.batch_prompts, self.n_items
-        if self.last_batch == "drop":
-            episode, k = divmod(step, n // b)
-            return episode_order(self.seed, n, episode, self.shuffle)[k * b : (k + 1) * b]
-        stream = np.arange(step * b, (step + 1) * b)
-        episodes = stream // n
-        orders = {e: episode_order(self.seed, n, int(e), self.shuffle) for e in set(episodes)}
-        return np.array([orders[e][p % n] for e, p in zip(episodes, stream)])
-
-    def position(self, step: int) -> tuple[int, int]:
-        """(episode, step within that episode) of a global step; with "wrap", the episode in
-        which the step's batch starts."""
-        self._check_step(step)
-        if self.last_batch == "drop":
-            return divmod(step, self.n_items // self.batch_prompts)
-        episode = step * self.batch_prompts // self.n_items
-        return episode, step - self._first_step(episode)
-
-    def step_of(self, episode: int, step_in_episode: int) -> int:
-        """Inverse of `position`."""
-        if self.last_batch == "drop":
-            per_episode = self.n_items // self.batch_prompts
-            if not 0 <= step_in_episode < per_episode:
-                raise ValueError(f"step_in_episode must be in [0, {per_episode})")
-            step = episode * per_episode + step_in_episode
-        else:
-            step = self._first_step(episode) + step_in_episode
-            if step_in_episode < 0 or step * self.batch_prompts // self.n_items != episode:
-                raise ValueError(f"episode {episode} has no step {step_in_episode}")
-        self._check_step(step)
-        return step
-
-    def iter_steps(self, start_step: int = 0) -> Iterator[tuple[int, np.ndarray]]:
-        """(step, batch_indices) from `start_step` to the end; resuming passes the next step."""
-        for step in range(start_step, self.total_steps):
-            yield step, self.batch_indices(step)
-
-    def _first_step(self, episode: int) -> int:
-        """With "wrap": the first step whose batch starts inside `episode`."""
-        return -(-episode * self.n_items // self.batch_prompts)
-
-    def _check_step(self, step: int) -> None:
-        if not 0 <= step < self.total_steps:
-            raise ValueError(f"step {step} is outside the schedule's [0, {self.total_steps})")

@@ -5,10 +5,10 @@ are plain numbers, never a config object. The order of a TTRL step (DESIGN.md §
 
     majority_P, ratio_P = majority_vote(answer_id_PN)            # over the N_vote group
     reward_PN = vote_reward(answer_id_PN, majority_P)            # or another reward below
-    index_PK = select_responses(key, P, N_vote, N_train, True)   # K = N_train
-    reward_PK = gather_responses(reward_PN, index_PK)
-    advantage_PK = group_advantages(reward_PK)                   # then optional reshaping
-    loss, aux = grpo_loss(logp_new_BT, logp_old_BT, advantage_B, mask_BT, ...)
+    index_PM = select_responses(key, P, N_vote, N_train, True)   # M = N_train
+    reward_PM = gather_responses(reward_PN, index_PM)
+    advantage_PM = group_advantages(reward_PM)                   # then optional reshaping
+    loss, aux = grpo_loss(logp_new_BR, logp_old_BR, advantage_B, mask_BR, ...)
 
 Rewards are computed on the whole vote group (the frequency of an answer is a property of
 the group) and then gathered for the selected responses, which are normalised among
@@ -20,9 +20,15 @@ from __future__ import annotations
 
 import math
 import numbers
+import typing
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
+
+# The reward variants of a TTRL step (train.py dispatches on the name).
+Reward = Literal["majority", "soft_frequency", "self_certainty", "evol_novelty"]
+REWARDS: tuple[str, ...] = typing.get_args(Reward)
 
 # verl clamps log-ratios before exponentiating so one wild token cannot overflow the loss.
 _LOG_RATIO_CLAMP = 20.0
@@ -32,29 +38,38 @@ _K3_CLAMP = 10.0
 
 # ----------------------------------------------------------------------------- vote
 
+NO_ANSWER = -1  # the response was drawn and has no final answer
+NOT_DRAWN = -2  # a slot of a group smaller than N (an adaptive vote stopped early): no response
+
+
+def drawn(answer_id_PN: jax.Array) -> jax.Array:
+    """True on the slots that hold a response (groups of varying size share one N)."""
+    return answer_id_PN != NOT_DRAWN
+
 
 def majority_vote(answer_id_PN: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Majority answer id per prompt and the fraction of responses that gave it.
 
     Args:
-      answer_id_PN: int answer cluster ids per response, -1 for "no answer", otherwise in
-        [0, N). Ids must be numbered in order of first appearance within the prompt (as
-        `rewards.py` does) for ties to go to the first-seen answer, as upstream's
-        `Counter.most_common` does.
+      answer_id_PN: int answer cluster ids per response, NO_ANSWER (-1) for "no answer",
+        NOT_DRAWN (-2) for an empty slot, otherwise in [0, N). Ids must be numbered in order of
+        first appearance within the prompt (as `rewards.py` does) for ties to go to the
+        first-seen answer, as upstream's `Counter.most_common` does.
 
     Returns:
       majority_P: int32 most frequent id among ids >= 0; ties go to the smallest id; -1 when
         the prompt has no answer at all. "No answer" never wins, however frequent.
-      majority_ratio_P: float32 count(majority) / N, where N counts no-answer responses too;
+      majority_ratio_P: float32 count(majority) / responses drawn (no-answer ones included);
         0 when there is no answer.
     """
     num_n = answer_id_PN.shape[-1]
-    # one_hot maps -1 (and anything outside [0, N)) to an all-zero row, so it is never counted.
-    count_PK = jax.nn.one_hot(answer_id_PN, num_n, dtype=jnp.int32).sum(axis=1)
-    top_count_P = count_PK.max(axis=1)
+    # one_hot maps negative ids to an all-zero row, so they are never counted.
+    count_PA = jax.nn.one_hot(answer_id_PN, num_n, dtype=jnp.int32).sum(axis=1)
+    top_count_P = count_PA.max(axis=1)
     # argmax returns the first maximum: the smallest id among ties.
-    majority_P = jnp.where(top_count_P > 0, jnp.argmax(count_PK, axis=1), -1).astype(jnp.int32)
-    return majority_P, top_count_P.astype(jnp.float32) / num_n
+    majority_P = jnp.where(top_count_P > 0, jnp.argmax(count_PA, axis=1), -1).astype(jnp.int32)
+    n_drawn_P = jnp.maximum(drawn(answer_id_PN).sum(axis=1), 1)
+    return majority_P, top_count_P.astype(jnp.float32) / n_drawn_P
 
 
 def vote_reward(answer_id_PN: jax.Array, majority_P: jax.Array) -> jax.Array:
@@ -70,7 +85,7 @@ def soft_frequency_reward(answer_id_PN: jax.Array) -> jax.Array:
     the group earns 0.4 whether or not its answer is the plurality.
     """
     count_PN = (answer_id_PN[:, :, None] == answer_id_PN[:, None, :]).sum(axis=-1)
-    share_PN = count_PN / answer_id_PN.shape[-1]
+    share_PN = count_PN / jnp.maximum(drawn(answer_id_PN).sum(axis=1, keepdims=True), 1)
     return jnp.where(answer_id_PN >= 0, share_PN, 0.0).astype(jnp.float32)
 
 
@@ -88,7 +103,12 @@ def prompt_filter_mask(majority_ratio_P: jax.Array, threshold: float | jax.Array
 
 
 def select_responses(
-    key: jax.Array, num_prompts: int, num_vote: int, num_train: int, random_subset: bool
+    key: jax.Array,
+    num_prompts: int,
+    num_vote: int,
+    num_train: int,
+    random_subset: bool,
+    drawn_PN: jax.Array | None = None,
 ) -> jax.Array:
     """Which N_train of the N_vote responses per prompt go into the update.
 
@@ -99,25 +119,36 @@ def select_responses(
       num_train: N_train <= N_vote, responses kept per prompt.
       random_subset: True draws a uniform subset without replacement, independently per
         prompt; False keeps the first N_train (upstream TTRL's choice).
+      drawn_PN: which slots hold a response (groups of varying size); None = all. Each prompt
+        needs at least N_train drawn.
 
     Returns:
-      index_PK: int32 indices into the N_vote axis, ascending within each row, K = N_train.
+      index_PM: int32 indices into the N_vote axis, ascending within each row, M = N_train.
     """
     if not 0 < num_train <= num_vote:
         raise ValueError(
             f"num_train={num_train} must be in [1, num_vote={num_vote}]: the update trains on a "
             "subset of the voted responses; lower num_train or raise num_vote."
         )
-    if not random_subset:
+    if drawn_PN is None and not random_subset:
         return jnp.broadcast_to(jnp.arange(num_train, dtype=jnp.int32), (num_prompts, num_train))
-    # The first K of a uniformly random permutation form a uniform K-subset.
-    order_PN = jnp.argsort(jax.random.uniform(key, (num_prompts, num_vote)), axis=1)
+    if random_subset:
+        # The first M of a uniformly random permutation form a uniform M-subset; empty slots
+        # (sort key 2 > any uniform) come last.
+        sort_key_PN = jax.random.uniform(key, (num_prompts, num_vote))
+    else:
+        sort_key_PN = jnp.broadcast_to(
+            jnp.arange(num_vote, dtype=jnp.float32), (num_prompts, num_vote)
+        )
+    if drawn_PN is not None:
+        sort_key_PN = jnp.where(drawn_PN, sort_key_PN, 2.0 + num_vote)
+    order_PN = jnp.argsort(sort_key_PN, axis=1)
     return jnp.sort(order_PN[:, :num_train], axis=1).astype(jnp.int32)
 
 
-def gather_responses(x_PN: jax.Array, index_PK: jax.Array) -> jax.Array:
-    """Rows `index_PK` of the response axis (axis 1) of `x_PN...`; trailing axes are kept."""
-    index = index_PK.reshape(index_PK.shape + (1,) * (x_PN.ndim - 2))
+def gather_responses(x_PN: jax.Array, index_PM: jax.Array) -> jax.Array:
+    """Rows `index_PM` of the response axis (axis 1) of `x_PN...`; trailing axes are kept."""
+    index = index_PM.reshape(index_PM.shape + (1,) * (x_PN.ndim - 2))
     return jnp.take_along_axis(x_PN, index, axis=1)
 
 
@@ -179,14 +210,14 @@ def ettrl_reshape(
     return advantage_PN * jnp.maximum(1.0 + alpha * relative_PN, 0.0)
 
 
-def response_mean(x_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+def response_mean(x_BR: jax.Array, mask_BR: jax.Array) -> jax.Array:
     """Mean of a per-token quantity over each response's own tokens (0 for an empty one)."""
-    mask_BT = mask_BT.astype(jnp.float32)
-    total_B = (x_BT.astype(jnp.float32) * mask_BT).sum(axis=-1)
-    return total_B / jnp.maximum(mask_BT.sum(axis=-1), 1.0)
+    mask_BR = mask_BR.astype(jnp.float32)
+    total_B = (x_BR.astype(jnp.float32) * mask_BR).sum(axis=-1)
+    return total_B / jnp.maximum(mask_BR.sum(axis=-1), 1.0)
 
 
-def token_self_certainty(logits_BTV: jax.Array) -> jax.Array:
+def token_self_certainty(logits_BRV: jax.Array) -> jax.Array:
     """Self-certainty of each token's distribution: KL(Uniform_V || p), from the full logits.
 
     Kang et al., "Scalable Best-of-N Selection for LLMs via Self-Certainty" (2025), define a
@@ -196,12 +227,12 @@ def token_self_certainty(logits_BTV: jax.Array) -> jax.Array:
     the entropy and the chosen token's log-prob, so it is computed here from the logits
     (whoever holds them: the sampler while decoding, or the train step). Pass the model's raw
     logits (temperature 1), as the paper does; V is the last axis, padding rows included.
-    A response's score is `response_mean(token_self_certainty(logits_BTV), mask_BT)`; used as
+    A response's score is `response_mean(token_self_certainty(logits_BRV), mask_BR)`; used as
     a reward (Intuitor, RLIF), more confident responses rank higher within the group.
     """
-    logits_BTV = logits_BTV.astype(jnp.float32)
-    num_v = logits_BTV.shape[-1]
-    return jax.nn.logsumexp(logits_BTV, axis=-1) - logits_BTV.mean(axis=-1) - math.log(num_v)
+    logits_BRV = logits_BRV.astype(jnp.float32)
+    num_v = logits_BRV.shape[-1]
+    return jax.nn.logsumexp(logits_BRV, axis=-1) - logits_BRV.mean(axis=-1) - math.log(num_v)
 
 
 def evol_novelty_reward(
@@ -282,7 +313,7 @@ def _rescale_within(
 
 
 def masked_token_mean(
-    x_BT: jax.Array, mask_BT: jax.Array, num_tokens: jax.Array | float | None = None
+    x_BR: jax.Array, mask_BR: jax.Array, num_tokens: jax.Array | float | None = None
 ) -> jax.Array:
     """verl's "token-mean": sum of x over unmasked tokens / number of unmasked tokens.
 
@@ -290,14 +321,14 @@ def masked_token_mean(
     mini-batch, each divided by the mini-batch's token count, add up to its token mean.
     An all-masked batch gives 0.
     """
-    mask_BT = mask_BT.astype(jnp.float32)
-    denominator = mask_BT.sum() if num_tokens is None else jnp.asarray(num_tokens, jnp.float32)
-    return (x_BT.astype(jnp.float32) * mask_BT).sum() / jnp.maximum(denominator, 1.0)
+    mask_BR = mask_BR.astype(jnp.float32)
+    denominator = mask_BR.sum() if num_tokens is None else jnp.asarray(num_tokens, jnp.float32)
+    return (x_BR.astype(jnp.float32) * mask_BR).sum() / jnp.maximum(denominator, 1.0)
 
 
 def ppo_token_loss(
-    logp_new_BT: jax.Array,
-    logp_old_BT: jax.Array,
+    logp_new_BR: jax.Array,
+    logp_old_BR: jax.Array,
     advantage_B: jax.Array,
     clip_low: float | jax.Array = 0.2,
     clip_high: float | jax.Array = 0.2,
@@ -310,15 +341,15 @@ def ppo_token_loss(
     capped at -A c = c |A| (Ye et al. 2020), so a huge ratio on a bad token cannot dominate.
 
     Args:
-      logp_new_BT: log-probs of the sampled tokens under the policy being trained.
-      logp_old_BT: the same under the rollout policy (no gradient flows into them).
-      advantage_B: one advantage per response, or advantage_BT per token.
+      logp_new_BR: log-probs of the sampled tokens under the policy being trained.
+      logp_old_BR: the same under the rollout policy (no gradient flows into them).
+      advantage_B: one advantage per response, or advantage_BR per token.
       clip_low, clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high]; a larger
         clip_high is DAPO's clip-higher.
       dual_clip: None, or c > 1.
 
     Returns:
-      loss_BT: per-token loss (unmasked; reduce with `masked_token_mean`).
+      loss_BR: per-token loss (unmasked; reduce with `masked_token_mean`).
       aux: per-token float indicators and values: "ratio"; "clipped" (the clipped branch is
         active); "clipped_lower" (dual-clip is active; only when dual_clip is set).
     """
@@ -327,48 +358,48 @@ def ppo_token_loss(
             f"dual_clip={dual_clip} must be > 1 (it caps the loss of a negative-advantage token "
             "at dual_clip * |A|); use 3.0 as verl does, or None to disable."
         )
-    logp_old_BT = jax.lax.stop_gradient(logp_old_BT)
-    advantage_BT = jax.lax.stop_gradient(advantage_B)
-    if advantage_BT.ndim == logp_new_BT.ndim - 1:
-        advantage_BT = advantage_BT[..., None]
-    log_ratio_BT = jnp.clip(logp_new_BT - logp_old_BT, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-    ratio_BT = jnp.exp(log_ratio_BT)
-    unclipped_BT = -advantage_BT * ratio_BT
-    clipped_BT = -advantage_BT * jnp.clip(ratio_BT, 1.0 - clip_low, 1.0 + clip_high)
-    loss_BT = jnp.maximum(unclipped_BT, clipped_BT)
+    logp_old_BR = jax.lax.stop_gradient(logp_old_BR)
+    advantage_BR = jax.lax.stop_gradient(advantage_B)
+    if advantage_BR.ndim == logp_new_BR.ndim - 1:
+        advantage_BR = advantage_BR[..., None]
+    log_ratio_BR = jnp.clip(logp_new_BR - logp_old_BR, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    ratio_BR = jnp.exp(log_ratio_BR)
+    unclipped_BR = -advantage_BR * ratio_BR
+    clipped_BR = -advantage_BR * jnp.clip(ratio_BR, 1.0 - clip_low, 1.0 + clip_high)
+    loss_BR = jnp.maximum(unclipped_BR, clipped_BR)
     aux = {
-        "ratio": ratio_BT,
-        "clipped": (clipped_BT > unclipped_BT).astype(jnp.float32),
+        "ratio": ratio_BR,
+        "clipped": (clipped_BR > unclipped_BR).astype(jnp.float32),
     }
     if dual_clip is not None:
-        cap_BT = -advantage_BT * dual_clip
-        negative_BT = advantage_BT < 0
-        aux["clipped_lower"] = (negative_BT & (loss_BT > cap_BT)).astype(jnp.float32)
-        loss_BT = jnp.where(negative_BT, jnp.minimum(loss_BT, cap_BT), loss_BT)
-    return loss_BT, aux
+        cap_BR = -advantage_BR * dual_clip
+        negative_BR = advantage_BR < 0
+        aux["clipped_lower"] = (negative_BR & (loss_BR > cap_BR)).astype(jnp.float32)
+        loss_BR = jnp.where(negative_BR, jnp.minimum(loss_BR, cap_BR), loss_BR)
+    return loss_BR, aux
 
 
-def k3_kl(logp_new_BT: jax.Array, logp_ref_BT: jax.Array) -> jax.Array:
+def k3_kl(logp_new_BR: jax.Array, logp_ref_BR: jax.Array) -> jax.Array:
     """Per-token k3 estimate of KL(new || ref): exp(d) - d - 1 with d = logp_ref - logp_new.
 
     Schulman's low-variance, always non-negative estimator; as verl's "low_var_kl", d is
     clamped to [-20, 20] before the exponential and the result to [-10, 10] (so at most 10).
     The gradient flows through logp_new only.
     """
-    log_ratio_BT = jax.lax.stop_gradient(logp_ref_BT) - logp_new_BT
-    log_ratio_BT = jnp.clip(log_ratio_BT, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-    kl_BT = jnp.exp(log_ratio_BT) - log_ratio_BT - 1.0
-    return jnp.clip(kl_BT, -_K3_CLAMP, _K3_CLAMP)
+    log_ratio_BR = jax.lax.stop_gradient(logp_ref_BR) - logp_new_BR
+    log_ratio_BR = jnp.clip(log_ratio_BR, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    kl_BR = jnp.exp(log_ratio_BR) - log_ratio_BR - 1.0
+    return jnp.clip(kl_BR, -_K3_CLAMP, _K3_CLAMP)
 
 
 def grpo_loss(
-    logp_new_BT: jax.Array,
-    logp_old_BT: jax.Array,
+    logp_new_BR: jax.Array,
+    logp_old_BR: jax.Array,
     advantage_B: jax.Array,
-    mask_BT: jax.Array,
+    mask_BR: jax.Array,
     *,
-    logp_ref_BT: jax.Array | None = None,
-    entropy_BT: jax.Array | None = None,
+    logp_ref_BR: jax.Array | None = None,
+    entropy_BR: jax.Array | None = None,
     clip_low: float | jax.Array = 0.2,
     clip_high: float | jax.Array = 0.2,
     dual_clip: float | None = None,
@@ -383,58 +414,58 @@ def grpo_loss(
     clip values and coefficients may be traced values: changing them does not recompile.
 
     Args:
-      logp_new_BT: log-probs of the sampled tokens under the policy being trained (this is
+      logp_new_BR: log-probs of the sampled tokens under the policy being trained (this is
         where the gradient flows).
-      logp_old_BT: the same under the rollout policy.
-      advantage_B: one advantage per response (or advantage_BT per token).
-      mask_BT: 1 on response tokens that count (not prompt, not after EOS, not a filtered
+      logp_old_BR: the same under the rollout policy.
+      advantage_B: one advantage per response (or advantage_BR per token).
+      mask_BR: 1 on response tokens that count (not prompt, not after EOS, not a filtered
         prompt), 0 elsewhere.
-      logp_ref_BT: the same under the reference (initial) policy; needed when kl_coef != 0.
+      logp_ref_BR: the same under the reference (initial) policy; needed when kl_coef != 0.
         When given, aux gets "kl" even if kl_coef is 0.
-      entropy_BT: per-token entropy of the policy being trained (differentiable); needed
+      entropy_BR: per-token entropy of the policy being trained (differentiable); needed
         when entropy_coef != 0. When given, aux gets "entropy".
       clip_low, clip_high: PPO ratio clip range [1 - clip_low, 1 + clip_high].
       dual_clip: None, or c > 1 (verl uses 3.0).
       kl_coef: weight of the k3 KL penalty (upstream TTRL: 0.001).
       entropy_coef: weight of the entropy bonus.
-      num_tokens: denominator of every token mean (default: tokens in mask_BT); pass the
+      num_tokens: denominator of every token mean (default: tokens in mask_BR); pass the
         mini-batch's token count when it is split into micro-batches, so that their losses
         and aux values add up to the mini-batch's.
 
     Returns:
       loss: scalar float32.
       aux: scalar token means: "pg_loss", "clip_frac", "ratio_mean", "approx_kl" (mean of
-        logp_old - logp_new), plus "clip_frac_lower" with dual_clip, "kl" with logp_ref_BT,
-        "entropy" with entropy_BT.
+        logp_old - logp_new), plus "clip_frac_lower" with dual_clip, "kl" with logp_ref_BR,
+        "entropy" with entropy_BR.
     """
     for name, coef, array in (
-        ("kl_coef", kl_coef, logp_ref_BT),
-        ("entropy_coef", entropy_coef, entropy_BT),
+        ("kl_coef", kl_coef, logp_ref_BR),
+        ("entropy_coef", entropy_coef, entropy_BR),
     ):
         if array is None and not (isinstance(coef, numbers.Real) and coef == 0):
-            needed = "logp_ref_BT" if name == "kl_coef" else "entropy_BT"
+            needed = "logp_ref_BR" if name == "kl_coef" else "entropy_BR"
             raise ValueError(f"{name}={coef} needs {needed}; pass it, or set {name}=0.")
 
-    def mean(x_BT):
-        return masked_token_mean(x_BT, mask_BT, num_tokens)
+    def mean(x_BR):
+        return masked_token_mean(x_BR, mask_BR, num_tokens)
 
-    pg_loss_BT, ppo_aux = ppo_token_loss(
-        logp_new_BT, logp_old_BT, advantage_B, clip_low, clip_high, dual_clip
+    pg_loss_BR, ppo_aux = ppo_token_loss(
+        logp_new_BR, logp_old_BR, advantage_B, clip_low, clip_high, dual_clip
     )
-    pg_loss = mean(pg_loss_BT)
+    pg_loss = mean(pg_loss_BR)
     aux = {
         "pg_loss": pg_loss,
         "clip_frac": mean(ppo_aux["clipped"]),
         "ratio_mean": mean(ppo_aux["ratio"]),
-        "approx_kl": mean(jax.lax.stop_gradient(logp_old_BT) - logp_new_BT),
+        "approx_kl": mean(jax.lax.stop_gradient(logp_old_BR) - logp_new_BR),
     }
     if "clipped_lower" in ppo_aux:
         aux["clip_frac_lower"] = mean(ppo_aux["clipped_lower"])
     loss = pg_loss
-    if logp_ref_BT is not None:
-        aux["kl"] = mean(k3_kl(logp_new_BT, logp_ref_BT))
+    if logp_ref_BR is not None:
+        aux["kl"] = mean(k3_kl(logp_new_BR, logp_ref_BR))
         loss = loss + kl_coef * aux["kl"]
-    if entropy_BT is not None:
-        aux["entropy"] = mean(entropy_BT)
+    if entropy_BR is not None:
+        aux["entropy"] = mean(entropy_BR)
         loss = loss - entropy_coef * aux["entropy"]
     return loss, aux

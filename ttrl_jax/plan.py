@@ -39,6 +39,7 @@ from jax.sharding import Mesh
 
 from ttrl_jax import config as config_lib
 from ttrl_jax import model as model_lib
+from ttrl_jax import parts as parts_lib
 from ttrl_jax import sampler as sampler_lib
 from ttrl_jax import sharding as sharding_lib
 from ttrl_jax import train as train_lib
@@ -222,22 +223,6 @@ def micro_batch_candidates(mini_batch_rows: int, data_axis: int) -> list[int]:
     ]
 
 
-def step_config(cfg: config_lib.Config, micro_batch_rows: int) -> train_lib.StepConfig:
-    """The train step's static settings for a run config (as run.py builds them)."""
-    t, o = cfg.ttrl, cfg.optim
-    return train_lib.StepConfig(
-        n_train=cfg.sample.n_train,
-        mini_batch_prompts=o.mini_batch_prompts,
-        micro_batch_rows=micro_batch_rows,
-        reward=t.reward,
-        random_select=t.select == "random",
-        use_kl=o.kl_coef > 0,
-        use_entropy_bonus=o.entropy_coef != 0,
-        dual_clip=o.dual_clip,
-        ettrl=t.ettrl_alpha != 0,
-    )
-
-
 def shard_bytes(tree: Any) -> int:
     """Bytes one device holds of a pytree of sharded ShapeDtypeStructs (the largest shard)."""
     total = 0
@@ -321,9 +306,7 @@ def compile_sampler(
     params = params_abstract(mcfg, mesh, sharding_lib.SAMPLE_RULES)
     rows = sharding_lib.batch_sharding(mesh, 2, sharding_lib.SAMPLE_RULES)
     P, T = shapes.prompts, shapes.prompt_len
-    eos = mcfg.eos_token_id
-    stop_ids = tuple(eos) if isinstance(eos, tuple) else (0 if eos is None else eos,)
-    stop_ids = tuple(sorted(set(stop_ids) | set(cfg.sample.stop_token_ids)))
+    stop_ids = parts_lib.stop_ids(mcfg, cfg.sample.stop_token_ids)
     fn = sampler_lib.compiled_sampler(mcfg, shapes.n_vote, shapes.response_len, stop_ids, 0, mesh)
     return _compile(
         fn,
@@ -372,15 +355,6 @@ def train_inputs(
     return TrainInputs(state=state, ref_params=ref, batch=batch)
 
 
-def optimizer(cfg: config_lib.Config):
-    """The run's optimizer and schedule (the schedule's length does not change any shape)."""
-    o = cfg.optim
-    return train_lib.make_optimizer(
-        o.lr, 1000, o.warmup_ratio, o.min_lr_ratio, o.b1, o.b2, o.eps, o.weight_decay,
-        o.grad_clip, o.schedule,
-    )  # fmt: skip
-
-
 def compile_train_step(
     cfg: config_lib.Config,
     mcfg: model_lib.ModelConfig,
@@ -389,12 +363,13 @@ def compile_train_step(
     micro_batch_rows: int,
 ) -> Program:
     """Compiles the train step for one micro-batch size."""
-    tx, lr_fn = optimizer(cfg)
-    inputs = train_inputs(cfg, mcfg, shapes, mesh, tx)
+    # The schedule's length changes no shape: any step count compiles the same program.
+    parts = parts_lib.train_parts(cfg, total_steps=1000, micro_batch_rows=micro_batch_rows)
+    inputs = train_inputs(cfg, mcfg, shapes, mesh, parts.tx)
     state_sh = jax.tree.map(lambda x: x.sharding, inputs.state)
     ref_sh = None if inputs.ref_params is None else state_sh.params
     step = train_lib.build_train_step(
-        mcfg, step_config(cfg, micro_batch_rows), tx, lr_fn, mesh, state_sh, ref_sh
+        mcfg, parts.step_cfg, parts.tx, parts.lr_fn, mesh, state_sh, ref_sh
     )
     hyper = _replicated_like(jax.eval_shape(train_lib.StepHyper.make), mesh)
     return _compile(step, inputs.state, inputs.ref_params, inputs.batch, _key(mesh), hyper)
@@ -441,7 +416,7 @@ def exact_bytes(
       coincide, as with one data shard), "rollout batch" (the train step's input) and
       "KV cache" (the sampler's).
     """
-    inputs = train_inputs(cfg, mcfg, shapes, mesh, optimizer(cfg)[0])
+    inputs = train_inputs(cfg, mcfg, shapes, mesh, parts_lib.optimizer(cfg.optim, 1000)[0])
     sample_params = params_abstract(mcfg, mesh, sharding_lib.SAMPLE_RULES)
     same_layout = all(
         a.sharding.is_equivalent_to(b.sharding, len(a.shape))

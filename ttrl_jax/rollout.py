@@ -1,20 +1,19 @@
 """Prompts in, scored responses out: bucket and pad, sample on device, decode text, answer ids.
 
-The glue between data.py, sampler.py and rewards.py, shared by the TTRL loop and evaluation.
+The seam between the sampler and the train step, shared by the TTRL loop and evaluation:
+`Generator` samples a batch and decodes its texts, `answer_ids` scores them on the host, and
+`Generation.train_batch` turns the rollout and its answer ids into the train step's input.
 
 Multi-host: every process is given the whole batch of prompts, but owns only the prompt groups
-whose rows the mesh places on its own devices (`process_rows`). It feeds those prompts into the
-global prompt arrays, reads back, decodes and scores only their responses, and shares the small
-answer-id arrays with the other processes (`answer_ids`, `gather_rows`), so the vote, the metrics
-and the evaluation are the same on every process. `global_rows` turns process-local row blocks
-into the global arrays a jitted step takes.
+whose rows the mesh places on its own devices (`sharding.process_rows`). It feeds those prompts
+into the global prompt arrays, reads back, decodes and scores only their responses, and shares
+the small arrays (answer ids, lengths) with the other processes, so the vote, the metrics and
+the evaluation are the same on every process.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,11 +21,22 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from ttrl_jax import data as data_lib
 from ttrl_jax import model as model_lib
+from ttrl_jax import prompts as prompts_lib
 from ttrl_jax import rewards
 from ttrl_jax import sampler as sampler_lib
 from ttrl_jax import sharding as sharding_lib
+from ttrl_jax import train as train_lib
+
+
+def response_bucket(longest: int, max_new_tokens: int) -> int:
+    """Train-step response length: the smallest quarter of max_new_tokens that holds `longest`.
+
+    Rollouts are trimmed to it so short responses do not pay for the full budget, at the cost
+    of at most four compiled train steps.
+    """
+    quarter = -(-max_new_tokens // 4)
+    return min(max_new_tokens, max(1, -(-longest // quarter)) * quarter)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +44,8 @@ class Generation:
     """One sampled batch, on the host: prompts, the rollout arrays and the decoded texts.
 
     With several processes it holds this process's prompts only: P is the local count, and
-    `prompts` says which of the call's prompts they are.
+    `prompts` says which of the call's prompts they are; `length_PN` and `finish_PN` are those
+    of every prompt of the call (gathered from all processes).
     """
 
     prompt_PT: np.ndarray
@@ -42,33 +53,49 @@ class Generation:
     rollout: sampler_lib.Rollout  # numpy leaves
     texts_PN: list[list[str]]
     prompt_offset: int = 0  # index, in the call's prompt list, of the first prompt held here
+    length_PN: np.ndarray | None = None  # all prompts' response lengths (None = this rollout's)
+    finish_PN: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.length_PN is None:
+            object.__setattr__(self, "length_PN", np.asarray(self.rollout.length_PN))
+        if self.finish_PN is None:
+            object.__setattr__(self, "finish_PN", np.asarray(self.rollout.finish_PN))
 
     @property
     def prompts(self) -> slice:
         """The call's prompts held here (all of them on one process)."""
         return slice(self.prompt_offset, self.prompt_offset + len(self.texts_PN))
 
+    def train_batch(
+        self,
+        answer_id_PN: np.ndarray,
+        gold_id_P: np.ndarray,
+        max_new_tokens: int,
+        mesh: Mesh | None = None,
+    ) -> train_lib.StepBatch:
+        """The train step's input: this process's rows, trimmed to the response bucket.
 
-def stop_token_ids(
-    tokenizer: Any, cfg: model_lib.ModelConfig, model_dir: str | None, extra: Sequence[int] = ()
-) -> tuple[int, ...]:
-    """Every id that ends a response: the tokenizer's EOS, the model's and generation config's."""
-    ids: set[int] = set(int(i) for i in extra)
-    for eos in (tokenizer.eos_token_id, cfg.eos_token_id):
-        if eos is not None:
-            ids.update([eos] if isinstance(eos, int) else eos)
-    path = os.path.join(model_dir, "generation_config.json") if model_dir else None
-    if path and os.path.isfile(path):
-        with open(path) as f:
-            eos = json.load(f).get("eos_token_id")
-        if eos is not None:
-            ids.update([eos] if isinstance(eos, int) else eos)
-    if not ids:
-        raise ValueError(
-            "no stop token: the tokenizer, config.json and generation_config.json name no EOS "
-            "id; set sample.stop_token_ids"
+        Args:
+          answer_id_PN, gold_id_P: every prompt's ids (from `answer_ids`).
+          max_new_tokens: the rollout's response slots (sets the trimming buckets).
+          mesh: with several processes, rows become global arrays over its 'data' axis.
+        """
+        R = response_bucket(int(self.length_PN.max()), max_new_tokens)
+        r, mine = self.rollout, self.prompts
+        batch = train_lib.StepBatch(
+            prompt_PT=self.prompt_PT,
+            prompt_mask_PT=self.prompt_mask_PT,
+            response_PNR=np.asarray(r.tokens_PNR)[..., :R],
+            response_mask_PNR=np.asarray(r.mask_PNR)[..., :R],
+            logp_PNR=np.asarray(r.logp_PNR)[..., :R],
+            entropy_PNR=np.asarray(r.entropy_PNR)[..., :R],
+            answer_id_PN=np.asarray(answer_id_PN)[mine].astype(np.int32),
+            gold_id_P=np.asarray(gold_id_P)[mine].astype(np.int32),
         )
-    return tuple(sorted(ids))
+        if jax.process_count() > 1:
+            batch = sharding_lib.global_rows(batch, mesh)
+        return batch
 
 
 @dataclasses.dataclass
@@ -92,124 +119,40 @@ class Generator:
         max_new_tokens: int,
     ) -> Generation:
         # Every process pads the whole batch, so all pick the same bucket (static shapes agree).
-        prompt_PT, prompt_mask_PT = data_lib.bucket_and_pad(prompt_ids, self.buckets, self.pad_id)
-        mine = process_rows(self.mesh, len(prompt_ids))
+        prompt_PT, prompt_mask_PT = prompts_lib.bucket_and_pad(
+            prompt_ids, self.buckets, self.pad_id
+        )
+        mine = sharding_lib.process_rows(self.mesh, len(prompt_ids))
         prompt_PT, prompt_mask_PT = prompt_PT[mine], prompt_mask_PT[mine]
         tokens, mask = prompt_PT, prompt_mask_PT
         if self.mesh is not None:
-            tokens, mask = global_rows((tokens, mask), self.mesh, sharding_lib.SAMPLE_RULES)
+            tokens, mask = sharding_lib.global_rows(
+                (tokens, mask), self.mesh, sharding_lib.SAMPLE_RULES
+            )
         rollout = sampler_lib.sample(
             params, self.cfg, tokens, mask, key, sampling,
             n_samples=n_samples, max_new_tokens=max_new_tokens, stop_ids=self.stop_ids,
             pad_id=self.pad_id, mesh=self.mesh,
         )  # fmt: skip
-        rollout = local_rows(rollout)
-        return Generation(prompt_PT, prompt_mask_PT, rollout, self.decode(rollout), mine.start)
+        rollout = sharding_lib.local_rows(rollout)
+        return Generation(
+            prompt_PT, prompt_mask_PT, rollout, self.decode(rollout), mine.start,
+            length_PN=sharding_lib.gather_rows(rollout.length_PN),
+            finish_PN=sharding_lib.gather_rows(rollout.finish_PN),
+        )  # fmt: skip
 
     def decode(self, rollout: sampler_lib.Rollout) -> list[list[str]]:
         """Response texts; the stop token and padding are dropped, special tokens skipped."""
-        tokens_PNT, length_PN = np.asarray(rollout.tokens_PNT), np.asarray(rollout.length_PN)
+        tokens_PNR, length_PN = np.asarray(rollout.tokens_PNR), np.asarray(rollout.length_PN)
         finish_PN = np.asarray(rollout.finish_PN)
         P, N = length_PN.shape
         rows = []
         for p in range(P):
             for n in range(N):
                 end = int(length_PN[p, n]) - int(finish_PN[p, n] == sampler_lib.FINISH_STOP)
-                rows.append(tokens_PNT[p, n, :end].tolist())
+                rows.append(tokens_PNR[p, n, :end].tolist())
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         return [texts[p * N : (p + 1) * N] for p in range(P)]
-
-
-# ----------------------------------------------------------------------------- multi-host
-
-
-def process_rows(mesh: Mesh | None, n: int) -> slice:
-    """The rows of an n-row batch split over the mesh's 'data' axis that this process holds.
-
-    Whole prompt groups are owned by one process only if every process holds one contiguous
-    block of rows, in process order (what `jax.make_mesh` gives when each data row of the mesh
-    lies within one host). Raises ValueError naming the layout otherwise.
-    """
-    count = jax.process_count()
-    if count == 1:
-        return slice(0, n)
-    if mesh is None:
-        raise ValueError(
-            f"{count} processes but no device mesh: a multi-host run must sample on a mesh"
-        )
-    d, m = mesh.shape["data"], mesh.shape["model"]
-    if n % count or n % d:
-        raise ValueError(
-            f"a batch of {n} prompts does not split evenly over {count} processes and the mesh's "
-            f"data axis ({d}); make the prompt batch (data.batch_prompts) a multiple of both"
-        )
-    block = n // count
-    spans: dict[int, set[tuple[int, int]]] = {}
-    rows = sharding_lib.batch_sharding(mesh, 1)
-    for device, index in rows.devices_indices_map((n,)).items():
-        spans.setdefault(device.process_index, set()).add(index[0].indices(n)[:2])
-    for proc, held in sorted(spans.items()):
-        covered = sorted(held)
-        want = (proc * block, (proc + 1) * block)
-        contiguous = all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
-        if not contiguous or (covered[0][0], covered[-1][1]) != want:
-            raise ValueError(
-                f"mesh {d}x{m} over {count} processes: process {proc} holds batch rows "
-                f"{covered}, not the block {want} that owning whole prompt groups needs. Use a "
-                "mesh whose model axis fits within one host's devices (model size dividing "
-                f"{jax.local_device_count()}) and whose data axis is a multiple of {count}"
-            )
-    me = jax.process_index()
-    return slice(me * block, (me + 1) * block)
-
-
-def global_rows(tree: Any, mesh: Mesh | None, rules=sharding_lib.TRAIN_RULES) -> Any:
-    """Process-local row blocks -> global arrays with rows split over the mesh's 'data' axis.
-
-    On one process the host arrays are placed on the mesh (or returned as they are without
-    one); with several, each process passes its own `process_rows` block.
-    """
-    if mesh is None:
-        return tree
-    count = jax.process_count()
-
-    def put(x):
-        x = np.asarray(x)
-        sharding = sharding_lib.batch_sharding(mesh, x.ndim, rules)
-        if count == 1:
-            return jax.device_put(x, sharding)
-        shape = (x.shape[0] * count,) + x.shape[1:]
-        return jax.make_array_from_process_local_data(sharding, x, shape)
-
-    return jax.tree.map(put, tree)
-
-
-def local_rows(tree: Any) -> Any:
-    """Global arrays split over 'data' -> this process's rows as numpy (all rows on one process).
-
-    Shards that are copies of the same rows (replication over 'model') are read once.
-    """
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-
-    def get(x):
-        if x.ndim == 0 or x.is_fully_replicated:
-            return np.asarray(x.addressable_data(0))
-        blocks = {}
-        for shard in x.addressable_shards:
-            blocks.setdefault(shard.index[0].indices(x.shape[0])[0], shard.data)
-        return np.concatenate(jax.device_get([blocks[s] for s in sorted(blocks)]))
-
-    return jax.tree.map(get, tree)
-
-
-def gather_rows(x_local: np.ndarray) -> np.ndarray:
-    """Every process's rows of a host array, concatenated in process order (collective)."""
-    if jax.process_count() == 1:
-        return np.asarray(x_local)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(np.asarray(x_local), tiled=True))
 
 
 def answer_ids(
@@ -219,6 +162,7 @@ def answer_ids(
     real: int | None = None,
     mode: str = "math",
     timeout_s: float = rewards.DEFAULT_TIMEOUT_S,
+    last_number_fallback: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Answer ids of the call's first `real` prompts, each process scoring only its own.
 
@@ -226,7 +170,8 @@ def answer_ids(
       gen: this process's generation.
       golds: gold answers (or None) of the call's prompts, at least `real` of them.
       real: prompts that count (default: all of the call's); later ones are padding.
-      mode, timeout_s: answer extraction settings (see `rewards.answer_ids`).
+      mode, timeout_s, last_number_fallback: answer extraction settings (see
+        `rewards.answer_ids`).
 
     Returns:
       (answer_id_PN int32 [real, N], gold_id_P int32 [real]), the same on every process.
@@ -235,8 +180,9 @@ def answer_ids(
     if jax.process_count() == 1:
         real = held.stop if real is None else real
         return rewards.answer_ids(
-            gen.texts_PN[:real], list(golds[:real]), mode=mode, timeout_s=timeout_s
-        )
+            gen.texts_PN[:real], list(golds[:real]), mode=mode, timeout_s=timeout_s,
+            last_number_fallback=last_number_fallback,
+        )  # fmt: skip
     P, N = len(gen.texts_PN), len(gen.texts_PN[0])
     real = P * jax.process_count() if real is None else real  # process_rows splits evenly
     n_real = max(0, min(real, held.stop) - held.start)
@@ -245,6 +191,7 @@ def answer_ids(
     if n_real:
         answer_id_PN[:n_real], gold_id_P[:n_real] = rewards.answer_ids(
             gen.texts_PN[:n_real], list(golds[held.start : held.start + n_real]),
-            mode=mode, timeout_s=timeout_s,
+            mode=mode, timeout_s=timeout_s, last_number_fallback=last_number_fallback,
         )  # fmt: skip
-    return gather_rows(answer_id_PN)[:real], gather_rows(gold_id_P)[:real]
+    gather = sharding_lib.gather_rows
+    return gather(answer_id_PN)[:real], gather(gold_id_P)[:real]

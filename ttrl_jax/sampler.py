@@ -19,10 +19,10 @@ G = max_new_tokens new tokens per row:
 3. **Sample** with `sample_token`: temperature, top-k, top-p, min-p and greedy, without sorting
    the vocabulary (see there), one pair of uniforms per row and step.
 
-Log-prob convention: `Rollout.logp_PNT` is log softmax(logits / temperature) at the sampled token
+Log-prob convention: `Rollout.logp_PNR` is log softmax(logits / temperature) at the sampled token
 (raw logits when temperature is 0), i.e. the rollout policy's log-prob as the train step
 recomputes it (verl divides by the rollout temperature the same way). It is NOT the log-prob under
-the top-k/top-p/min-p-filtered distribution. `entropy_PNT` is the entropy of that same
+the top-k/top-p/min-p-filtered distribution. `entropy_PNR` is the entropy of that same
 (unfiltered, temperature-scaled) distribution.
 """
 
@@ -101,11 +101,11 @@ class Rollout:
     tokens, mask)` rebuilds full sequences with the same positions the sampler used.
     """
 
-    tokens_PNT: jax.Array  # int32; pad_id after the first stop token and past the last step
-    mask_PNT: jax.Array  # bool; True on response tokens up to and including the first stop token
-    logp_PNT: jax.Array  # float32; log softmax(logits / temperature)[token]; 0 where masked
-    entropy_PNT: jax.Array  # float32; entropy of softmax(logits / temperature); 0 where masked
-    length_PN: jax.Array  # int32; number of True in mask_PNT (stop token included)
+    tokens_PNR: jax.Array  # int32; pad_id after the first stop token and past the last step
+    mask_PNR: jax.Array  # bool; True on response tokens up to and including the first stop token
+    logp_PNR: jax.Array  # float32; log softmax(logits / temperature)[token]; 0 where masked
+    entropy_PNR: jax.Array  # float32; entropy of softmax(logits / temperature); 0 where masked
+    length_PN: jax.Array  # int32; number of True in mask_PNR (stop token included)
     finish_PN: jax.Array  # int32; FINISH_STOP or FINISH_LENGTH
     num_steps: jax.Array  # int32 scalar; decode-loop iterations run (forwards after prefill)
 
@@ -195,10 +195,10 @@ def _build(cfg, n_samples, max_new_tokens, stop_ids, pad_id, mesh):
     batch = sharding.batch_sharding(mesh, 2, sharding.SAMPLE_RULES)
     batch3 = sharding.batch_sharding(mesh, 3, sharding.SAMPLE_RULES)
     out = Rollout(
-        tokens_PNT=batch3,
-        mask_PNT=batch3,
-        logp_PNT=batch3,
-        entropy_PNT=batch3,
+        tokens_PNR=batch3,
+        mask_PNR=batch3,
+        logp_PNR=batch3,
+        entropy_PNR=batch3,
         length_PN=batch,
         finish_PN=batch,
         num_steps=sharding.replicated(mesh),
@@ -301,16 +301,16 @@ def _finish(st: _DecodeState, P: int, N: int, stop_ids, pad_id) -> Rollout:
     mask_BT = (stops_before_BT == 0) & sampled_T[None, :]
     stopped_B = jnp.any(mask_BT & (stop_BT > 0), axis=1)
     rollout = Rollout(
-        tokens_PNT=jnp.where(mask_BT, st.tokens_BT, pad_id).reshape(P, N, G),
-        mask_PNT=mask_BT.reshape(P, N, G),
-        logp_PNT=jnp.where(mask_BT, st.logp_BT, 0.0).reshape(P, N, G),
-        entropy_PNT=jnp.where(mask_BT, st.entropy_BT, 0.0).reshape(P, N, G),
+        tokens_PNR=jnp.where(mask_BT, st.tokens_BT, pad_id).reshape(P, N, G),
+        mask_PNR=mask_BT.reshape(P, N, G),
+        logp_PNR=jnp.where(mask_BT, st.logp_BT, 0.0).reshape(P, N, G),
+        entropy_PNR=jnp.where(mask_BT, st.entropy_BT, 0.0).reshape(P, N, G),
         length_PN=mask_BT.sum(1, dtype=jnp.int32).reshape(P, N),
         finish_PN=jnp.where(stopped_B, FINISH_STOP, FINISH_LENGTH).astype(jnp.int32).reshape(P, N),
         num_steps=st.step - 1,
     )
-    chex.assert_shape([rollout.tokens_PNT, rollout.mask_PNT, rollout.logp_PNT], (P, N, G))
-    chex.assert_shape([rollout.entropy_PNT], (P, N, G))
+    chex.assert_shape([rollout.tokens_PNR, rollout.mask_PNR, rollout.logp_PNR], (P, N, G))
+    chex.assert_shape([rollout.entropy_PNR], (P, N, G))
     chex.assert_shape([rollout.length_PN, rollout.finish_PN], (P, N))
     return rollout
 

@@ -4,6 +4,10 @@ Mesh axis names appear only in this file; everything else speaks of logical axes
 heads, ...). Two tables, one per mode: training shards params FSDP-style over `data` and
 tensor-parallel over `model`; sampling keeps params replicated over `data` (tensor-parallel
 only) so a decode step does no per-token all-gather of weights.
+
+Multi-host rows: every process owns whole prompt groups, the rows of the batch that the mesh's
+'data' axis places on its own devices (`process_rows`); `global_rows` builds global arrays from
+each process's rows, `local_rows` reads them back, `gather_rows` shares small host arrays.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ttrl_jax import model as model_lib
@@ -196,3 +201,95 @@ def spec_snapshot(shardings: Any) -> dict[str, str]:
     return {
         "/".join(str(getattr(k, "key", k)) for k in path): str(tuple(s.spec)) for path, s in flat
     }
+
+
+# ----------------------------------------------------------------------------- multi-host rows
+
+
+def process_rows(mesh: Mesh | None, n: int) -> slice:
+    """The rows of an n-row batch split over the mesh's 'data' axis that this process holds.
+
+    Whole prompt groups are owned by one process only if every process holds one contiguous
+    block of rows, in process order (what `jax.make_mesh` gives when each data row of the mesh
+    lies within one host). Raises ValueError naming the layout otherwise.
+    """
+    count = jax.process_count()
+    if count == 1:
+        return slice(0, n)
+    if mesh is None:
+        raise ValueError(
+            f"{count} processes but no device mesh: a multi-host run must sample on a mesh"
+        )
+    d, m = mesh.shape["data"], mesh.shape["model"]
+    if n % count or n % d:
+        raise ValueError(
+            f"a batch of {n} prompts does not split evenly over {count} processes and the mesh's "
+            f"data axis ({d}); make the prompt batch (data.batch_prompts) a multiple of both"
+        )
+    block = n // count
+    spans: dict[int, set[tuple[int, int]]] = {}
+    rows = batch_sharding(mesh, 1)
+    for device, index in rows.devices_indices_map((n,)).items():
+        spans.setdefault(device.process_index, set()).add(index[0].indices(n)[:2])
+    for proc, held in sorted(spans.items()):
+        covered = sorted(held)
+        want = (proc * block, (proc + 1) * block)
+        contiguous = all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
+        if not contiguous or (covered[0][0], covered[-1][1]) != want:
+            raise ValueError(
+                f"mesh {d}x{m} over {count} processes: process {proc} holds batch rows "
+                f"{covered}, not the block {want} that owning whole prompt groups needs. Use a "
+                "mesh whose model axis fits within one host's devices (model size dividing "
+                f"{jax.local_device_count()}) and whose data axis is a multiple of {count}"
+            )
+    me = jax.process_index()
+    return slice(me * block, (me + 1) * block)
+
+
+def global_rows(tree: Any, mesh: Mesh | None, rules: Rules = TRAIN_RULES) -> Any:
+    """Process-local row blocks -> global arrays with rows split over the mesh's 'data' axis.
+
+    On one process the host arrays are placed on the mesh (or returned as they are without
+    one); with several, each process passes its own `process_rows` block.
+    """
+    if mesh is None:
+        return tree
+    count = jax.process_count()
+
+    def put(x):
+        x = np.asarray(x)
+        sharding = batch_sharding(mesh, x.ndim, rules)
+        if count == 1:
+            return jax.device_put(x, sharding)
+        shape = (x.shape[0] * count,) + x.shape[1:]
+        return jax.make_array_from_process_local_data(sharding, x, shape)
+
+    return jax.tree.map(put, tree)
+
+
+def local_rows(tree: Any) -> Any:
+    """Global arrays split over 'data' -> this process's rows as numpy (all rows on one process).
+
+    Shards that are copies of the same rows (replication over 'model') are read once.
+    """
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+
+    def get(x):
+        if x.ndim == 0 or x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        blocks = {}
+        for shard in x.addressable_shards:
+            blocks.setdefault(shard.index[0].indices(x.shape[0])[0], shard.data)
+        return np.concatenate(jax.device_get([blocks[s] for s in sorted(blocks)]))
+
+    return jax.tree.map(get, tree)
+
+
+def gather_rows(x_local: np.ndarray) -> np.ndarray:
+    """Every process's rows of a host array, concatenated in process order (collective)."""
+    if jax.process_count() == 1:
+        return np.asarray(x_local)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x_local), tiled=True))

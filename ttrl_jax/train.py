@@ -19,8 +19,6 @@ from ttrl_jax import grpo
 from ttrl_jax import model as model_lib
 from ttrl_jax import sharding as sharding_lib
 
-REWARDS = ("majority", "soft_frequency", "self_certainty", "evol_novelty")
-
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
@@ -29,18 +27,18 @@ class StepConfig:
     n_train: int  # responses per prompt used for the update (N_train <= N_vote)
     mini_batch_prompts: int = 1  # prompts per optimizer update (upstream: 1 × 32 responses)
     micro_batch_rows: int = 0  # rows per gradient-accumulation slice; 0 = whole mini-batch
-    reward: str = "majority"
+    reward: grpo.Reward = "majority"
     random_select: bool = True  # random N_train subset (default) or the first N_train
     use_kl: bool = True  # k3 KL to the initial policy (needs ref params)
     use_entropy_bonus: bool = False
     dual_clip: float | None = 3.0
     recompute_old_logp: bool = True  # verl recomputes; False uses the sampler's log-probs
     ettrl: bool = False
-    logit_chunk: int = 512  # positions unembedded at once (bounds the B×T×V logits)
+    logit_chunk: int = 512  # positions unembedded at once (bounds the B×R×V logits)
 
     def __post_init__(self):
-        if self.reward not in REWARDS:
-            raise ValueError(f"unknown reward {self.reward!r}; choose one of {REWARDS}")
+        if self.reward not in grpo.REWARDS:
+            raise ValueError(f"unknown reward {self.reward!r}; choose one of {grpo.REWARDS}")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError(f"dual_clip={self.dual_clip} must be > 1 or None")
 
@@ -196,9 +194,9 @@ def response_logp(
 # ----------------------------------------------------------------------------- the step
 
 
-def _rows(x_PK, n_groups: int):
-    """[P, K, ...] -> [n_groups, P*K/n_groups, ...] (consecutive rows stay together)."""
-    flat = x_PK.reshape((-1,) + x_PK.shape[2:])
+def _rows(x_PM, n_groups: int):
+    """[P, M, ...] -> [n_groups, P*M/n_groups, ...] (consecutive rows stay together)."""
+    flat = x_PM.reshape((-1,) + x_PM.shape[2:])
     return flat.reshape((n_groups, -1) + flat.shape[1:])
 
 
@@ -231,13 +229,13 @@ def train_step(
     """
     sc = step_cfg
     P, N = batch.answer_id_PN.shape
-    K = sc.n_train
+    M = sc.n_train
     if P % sc.mini_batch_prompts:
         raise ValueError(
             f"batch of {P} prompts does not split into mini-batches of {sc.mini_batch_prompts}"
         )
     n_mini = P // sc.mini_batch_prompts
-    rows_mini = sc.mini_batch_prompts * K
+    rows_mini = sc.mini_batch_prompts * M
     rows_micro = sc.micro_batch_rows or rows_mini
     if rows_mini % rows_micro:
         raise ValueError(
@@ -247,14 +245,15 @@ def train_step(
 
     # 1. Vote over all N_vote responses, then choose the N_train to learn from.
     majority_P, ratio_P = grpo.majority_vote(batch.answer_id_PN)
-    index_PK = grpo.select_responses(key, P, N, K, sc.random_select)
-    take = functools.partial(grpo.gather_responses, index_PK=index_PK)
-    answer_PK = take(batch.answer_id_PN)
-    response_PKR = take(batch.response_PNR)
-    rmask_PKR = take(batch.response_mask_PNR)
-    prompt_PKT = jnp.broadcast_to(batch.prompt_PT[:, None], (P, K) + batch.prompt_PT.shape[1:])
-    pmask_PKT = jnp.broadcast_to(
-        batch.prompt_mask_PT[:, None], (P, K) + batch.prompt_mask_PT.shape[1:]
+    drawn_PN = grpo.drawn(batch.answer_id_PN)
+    index_PM = grpo.select_responses(key, P, N, M, sc.random_select, drawn_PN)
+    take = functools.partial(grpo.gather_responses, index_PM=index_PM)
+    answer_PM = take(batch.answer_id_PN)
+    response_PMR = take(batch.response_PNR)
+    rmask_PMR = take(batch.response_mask_PNR)
+    prompt_PMT = jnp.broadcast_to(batch.prompt_PT[:, None], (P, M) + batch.prompt_PT.shape[1:])
+    pmask_PMT = jnp.broadcast_to(
+        batch.prompt_mask_PT[:, None], (P, M) + batch.prompt_mask_PT.shape[1:]
     )
 
     # 2. Old (rollout-policy) and reference log-probs, one forward per micro-batch, no grad.
@@ -268,45 +267,45 @@ def train_step(
                 logit_chunk=sc.logit_chunk,
             )  # fmt: skip
 
-        n = P * K // rows_micro
-        xs = tuple(_rows(x, n) for x in (prompt_PKT, pmask_PKT, response_PKR, rmask_PKR))
+        n = P * M // rows_micro
+        xs = tuple(_rows(x, n) for x in (prompt_PMT, pmask_PMT, response_PMR, rmask_PMR))
         out = jax.lax.map(one, xs)
-        return {k: v.reshape((P, K) + v.shape[2:]) for k, v in out.items()}
+        return {k: v.reshape((P, M) + v.shape[2:]) for k, v in out.items()}
 
     if sc.recompute_old_logp:
         old = forward_rows(state.params, with_extras=True)
-        logp_old_PKR = old["logp_BR"]
+        logp_old_PMR = old["logp_BR"]
     else:
         old = forward_rows(state.params, with_extras=True) if sc.reward in (
             "self_certainty", "evol_novelty") else {}  # fmt: skip
-        logp_old_PKR = take(batch.logp_PNR)
-    logp_old_PKR = jax.lax.stop_gradient(logp_old_PKR)
+        logp_old_PMR = take(batch.logp_PNR)
+    logp_old_PMR = jax.lax.stop_gradient(logp_old_PMR)
     if sc.use_kl:
-        logp_ref_PKR = jax.lax.stop_gradient(forward_rows(ref_params, False)["logp_BR"])
+        logp_ref_PMR = jax.lax.stop_gradient(forward_rows(ref_params, False)["logp_BR"])
     else:
-        logp_ref_PKR = jnp.zeros_like(logp_old_PKR)
+        logp_ref_PMR = jnp.zeros_like(logp_old_PMR)
 
     # 3. Rewards and advantages.
     if sc.reward == "majority":
-        reward_PK = take(grpo.vote_reward(batch.answer_id_PN, majority_P))
+        reward_PM = take(grpo.vote_reward(batch.answer_id_PN, majority_P))
     elif sc.reward == "soft_frequency":
-        reward_PK = take(grpo.soft_frequency_reward(batch.answer_id_PN))
+        reward_PM = take(grpo.soft_frequency_reward(batch.answer_id_PN))
     elif sc.reward == "self_certainty":
-        reward_PK = grpo.response_mean(old["self_certainty_BR"], rmask_PKR)
+        reward_PM = grpo.response_mean(old["self_certainty_BR"], rmask_PMR)
     else:
-        reward_PK = grpo.evol_novelty_reward(old["feature_BD"], answer_PK, majority_P)
-    advantage_PK = grpo.group_advantages(reward_PK)
+        reward_PM = grpo.evol_novelty_reward(old["feature_BD"], answer_PM, majority_P)
+    advantage_PM = grpo.group_advantages(reward_PM)
     if sc.ettrl:
-        entropy_PK = grpo.response_mean(take(batch.entropy_PNR), rmask_PKR)
-        advantage_PK = grpo.ettrl_reshape(advantage_PK, entropy_PK, hyper.ettrl_alpha)
+        entropy_PM = grpo.response_mean(take(batch.entropy_PNR), rmask_PMR)
+        advantage_PM = grpo.ettrl_reshape(advantage_PM, entropy_PM, hyper.ettrl_alpha)
     keep_P = grpo.prompt_filter_mask(ratio_P, hyper.min_majority_ratio)
-    loss_mask_PKR = rmask_PKR & (keep_P[:, None, None] > 0)
+    loss_mask_PMR = rmask_PMR & (keep_P[:, None, None] > 0)
 
     # 4. Mini-batch updates; old log-probs stay those of the rollout policy throughout.
     minis = tuple(
         _rows(x, n_mini)
-        for x in (prompt_PKT, pmask_PKT, response_PKR, rmask_PKR, loss_mask_PKR,
-                  logp_old_PKR, logp_ref_PKR, advantage_PK)
+        for x in (prompt_PMT, pmask_PMT, response_PMR, rmask_PMR, loss_mask_PMR,
+                  logp_old_PMR, logp_ref_PMR, advantage_PM)
     )  # fmt: skip
 
     def micro_loss(params, micro, num_tokens):
@@ -317,8 +316,8 @@ def train_step(
         )  # fmt: skip
         return grpo.grpo_loss(
             out["logp_BR"], lo, adv, lm,
-            logp_ref_BT=lr if sc.use_kl else None,
-            entropy_BT=out.get("entropy_BR"),
+            logp_ref_BR=lr if sc.use_kl else None,
+            entropy_BR=out.get("entropy_BR"),
             clip_low=hyper.clip_low, clip_high=hyper.clip_high, dual_clip=sc.dual_clip,
             kl_coef=hyper.kl_coef if sc.use_kl else 0.0,
             entropy_coef=hyper.entropy_coef if sc.use_entropy_bonus else 0.0,
@@ -355,32 +354,41 @@ def train_step(
     metrics = {k: v.mean() for k, v in mini_metrics.items()}
     metrics["ratio_first_minibatch"] = mini_metrics["ratio_mean"][0]
     metrics["lr"] = lr_fn(new_state.step - 1)
-    metrics.update(rollout_metrics(batch, majority_P, ratio_P, reward_PK, advantage_PK, keep_P))
+    # Non-finite if any parameter is: the run checks it before saving (one reduction).
+    metrics["param_norm"] = optax.tree.norm(params)
+    metrics.update(rollout_metrics(batch, majority_P, ratio_P, reward_PM, advantage_PM, keep_P))
     return new_state, metrics
 
 
-def rollout_metrics(batch: StepBatch, majority_P, ratio_P, reward_PK, advantage_PK, keep_P):
-    """Per-step TTRL measurements; gold-dependent ones average over prompts with a label."""
+def rollout_metrics(batch: StepBatch, majority_P, ratio_P, reward_PM, advantage_PM, keep_P):
+    """Per-step TTRL measurements over the drawn responses; gold-dependent ones average over
+    prompts with a label."""
     answer_PN = batch.answer_id_PN
+    drawn_PN = grpo.drawn(answer_PN)
+    n_drawn_P = jnp.maximum(drawn_PN.sum(-1), 1)
     has_gold_P = batch.gold_id_P >= 0
     n_gold = jnp.maximum(has_gold_P.sum(), 1)
     correct_PN = (answer_PN == batch.gold_id_P[:, None]) & has_gold_P[:, None]
     vote_PN = grpo.vote_reward(answer_PN, majority_P) > 0
     length_PN = batch.response_mask_PNR.sum(-1)
     gold_mean = lambda x_P: jnp.where(has_gold_P, x_P, 0.0).sum() / n_gold
+    group_mean = lambda x_PN: jnp.where(drawn_PN, x_PN, 0).sum(-1) / n_drawn_P
     return {
         "majority_ratio": ratio_P.mean(),
-        "answered": (answer_PN >= 0).mean(),
+        "answered": (answer_PN >= 0).sum() / n_drawn_P.sum(),
         "label_accuracy": gold_mean((majority_P == batch.gold_id_P).astype(jnp.float32)),
         # Fraction of responses whose vote reward equals the reward gold labels would give.
-        "reward_accuracy": gold_mean((vote_PN == correct_PN).mean(-1)),
-        "rollout_accuracy": gold_mean(correct_PN.mean(-1)),
+        "reward_accuracy": gold_mean(group_mean(vote_PN == correct_PN)),
+        "rollout_accuracy": gold_mean(group_mean(correct_PN)),
         "pass_at_n_vote": gold_mean(correct_PN.any(-1).astype(jnp.float32)),
-        "reward_mean": reward_PK.mean(),
-        "advantage_abs_mean": jnp.abs(advantage_PK).mean(),
+        "reward_mean": reward_PM.mean(),
+        "advantage_abs_mean": jnp.abs(advantage_PM).mean(),
         "prompts_kept": keep_P.mean(),
-        "entropy": grpo.masked_token_mean(batch.entropy_PNR, batch.response_mask_PNR),
-        "response_length": length_PN.mean(),
+        "votes_drawn": drawn_PN.sum(-1).mean(dtype=jnp.float32),
+        "entropy": grpo.masked_token_mean(
+            batch.entropy_PNR, batch.response_mask_PNR & drawn_PN[..., None]
+        ),
+        "response_length": jnp.where(drawn_PN, length_PN, 0).sum() / n_drawn_P.sum(),
         "response_length_max": length_PN.max(),
     }
 

@@ -34,6 +34,7 @@ import optax
 
 from ttrl_jax import data as data_lib
 from ttrl_jax import model as model_lib
+from ttrl_jax import prompts as prompts_lib
 from ttrl_jax import weights
 from ttrl_jax.toy import task
 from ttrl_jax.toy import tokenizer as toy_tokenizer
@@ -132,7 +133,7 @@ def make_batches(examples: Sequence[dict], tokenizer, batch_size: int, seed: int
     Examples are bucketed by chain length; within a bucket they keep their order, and leftover
     rows (fewer than a batch) are dropped.
     """
-    prompts = [data_lib.chat_prompt_text(ex["prompt"], tokenizer, None) for ex in examples]
+    prompts = [prompts_lib.chat_prompt_text(ex["prompt"], tokenizer, None) for ex in examples]
     responses = [ex["response"] + toy_tokenizer.IM_END for ex in examples]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
@@ -344,7 +345,7 @@ def measure(
 
     tokenizer = toy_tokenizer.build_tokenizer()
     items = task.test_split(data_lib.TOY_TEST_SEED, n_prompts)
-    prompt_ids, items, _ = data_lib.build_prompts(items, tokenizer, None, 128, skip_long=False)
+    prompt_ids, items, _ = prompts_lib.build_prompts(items, tokenizer, None, 128, skip_long=False)
     generator = rollout_lib.Generator(
         cfg, tokenizer, (tokenizer.eos_token_id,), tokenizer.pad_token_id, (128,)
     )
