@@ -11,8 +11,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from ttrl_jax import data as data_lib
-from ttrl_jax import model, rollout, sampler, weights
+from ttrl_jax import model, parts, prompts, sampler, weights
 
 pytestmark = pytest.mark.slow
 
@@ -61,11 +60,11 @@ def ours(smollm2_folder):
 def _chat_ids(tokenizer, questions):
     """The pipeline's prompt ids: each question as the user turn of the model's chat template."""
     items = [{"prompt": q, "answer": ""} for q in questions]
-    return data_lib.build_prompts(items, tokenizer, None, 256, skip_long=False)[0]
+    return prompts.build_prompts(items, tokenizer, None, 256, skip_long=False)[0]
 
 
 def _left_pad(ids, pad_id):
-    return data_lib.bucket_and_pad(ids, (max(len(x) for x in ids),), pad_id)
+    return prompts.bucket_and_pad(ids, (max(len(x) for x in ids),), pad_id)
 
 
 def _hf_logits(hf_model, tokens_BT, mask_BT):
@@ -122,11 +121,11 @@ def test_tokenizer_and_chat_template_equal_transformers_gguf_loading(smollm2_ggu
     messages = [{"role": "user", "content": QUESTIONS[0]}]
     chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert chat == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert chat == data_lib.chat_prompt_text(QUESTIONS[0], tokenizer, None)
+    assert chat == prompts.chat_prompt_text(QUESTIONS[0], tokenizer, None)
     assert chat.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     assert chat.endswith("<|im_start|>user\nWhat is 7 + 8?<|im_end|>\n<|im_start|>assistant\n")
     assert (tokenizer.eos_token, tokenizer.eos_token_id) == ("<|im_end|>", 2)
-    assert rollout.stop_token_ids(tokenizer, cfg, None) == (2,)
+    assert parts.stop_ids(cfg, (), tokenizer) == (2,)
 
 
 # ----------------------------------------------------------------------------- logits
@@ -166,12 +165,12 @@ def test_greedy_generation_matches_transformers_generate(ours, hf_gguf_model):
     R = 64
     ids = _chat_ids(tokenizer, QUESTIONS)
     tokens_PT, mask_PT = _left_pad(ids, tokenizer.pad_token_id)
-    stop_ids = rollout.stop_token_ids(tokenizer, cfg, None)
+    stop_ids = parts.stop_ids(cfg, (), tokenizer)
     out = sampler.sample(
         params, cfg, tokens_PT, mask_PT, jax.random.key(0), sampler.SamplingParams.make(0.0),
         n_samples=1, max_new_tokens=R, stop_ids=stop_ids, pad_id=tokenizer.pad_token_id,
     )  # fmt: skip
-    tokens_PR, length_P = np.asarray(out.tokens_PNT[:, 0]), np.asarray(out.length_PN[:, 0])
+    tokens_PR, length_P = np.asarray(out.tokens_PNR[:, 0]), np.asarray(out.length_PN[:, 0])
     for p, prompt in enumerate(ids):
         with torch.no_grad():
             ref = hf_gguf_model.generate(
