@@ -58,7 +58,7 @@ class _Problems(list):
 class ModelSection:
     """Which checkpoint to load and the dtypes to run it in."""
 
-    name_or_path: str = TOY_MODEL  # local HF folder, HF hub id, or "toy"
+    name_or_path: str = TOY_MODEL  # local HF folder, HF hub id, .gguf file, or "toy"
     revision: str | None = None  # hub revision (branch, tag or commit) when loading by id
     dtype: Dtype = "float32"  # compute dtype; "bfloat16" on TPU
     param_dtype: Dtype = "float32"  # master params and optimizer state

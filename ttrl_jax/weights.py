@@ -146,10 +146,15 @@ def resolve_folder(
     revision: str | None = None,
     patterns: Sequence[str] = HUB_PATTERNS,
 ) -> Path:
-    """A local folder as is, or a hub id downloaded (only the files matching `patterns`)."""
+    """A local folder as is, a .gguf file converted once (gguf.cached_folder), or a hub id
+    downloaded (only the files matching `patterns`)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if path.suffix == ".gguf":
+        from ttrl_jax import gguf
+
+        return gguf.cached_folder(path)
     if path.exists():
         raise NotADirectoryError(
             f"{path} is a file; pass the folder that holds config.json and the *.safetensors files"
@@ -275,8 +280,9 @@ def load_hf(
     """Loads an HF Llama 3.x / Qwen2 / Qwen3 checkpoint (safetensors) into ttrl_jax params.
 
     Args:
-      name_or_path: a local folder (config.json + model.safetensors or a sharded index), or a
-        hub id such as 'Qwen/Qwen2.5-Math-1.5B' (downloaded, or taken from the hub cache).
+      name_or_path: a local folder (config.json + model.safetensors or a sharded index), a
+        .gguf file (converted once into a cache folder, see ttrl_jax.gguf), or a hub id such as
+        'Qwen/Qwen2.5-Math-1.5B' (downloaded, or taken from the hub cache).
       mesh: place each param directly onto its NamedSharding on this mesh; None = unsharded
         arrays on the default device.
       rules: the rules table for `mesh` (default sharding.TRAIN_RULES).
@@ -421,7 +427,7 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, revision: str | None = No
     """The model folder's (or hub id's) tokenizer, via transformers.AutoTokenizer.
 
     Args:
-      name_or_path: a local folder with tokenizer files, or a hub id.
+      name_or_path: a local folder with tokenizer files, a .gguf file, or a hub id.
       revision: hub branch, tag or commit.
 
     Returns:
@@ -469,7 +475,8 @@ def save_hf(
     export.
 
     Args:
-      params: {'params': {...}} as made by `model.init_params` or `load_hf`.
+      params: {'params': {...}} as made by `model.init_params` or `load_hf` (leaves: jax
+        arrays, or host arrays that np.asarray reads, gathered one at a time).
       cfg: the model config.
       out_dir: destination folder.
       tokenizer: a transformers tokenizer to save alongside (checked against the vocab size).
