@@ -232,6 +232,68 @@ def test_keys_reproduce_and_rows_draw_separately(qwen3):
     assert (np.asarray(a.tokens_PNR)[:, 0] != np.asarray(a.tokens_PNR)[:, 1]).any()
 
 
+def _sample_rows(case, tokens, mask, n, **kw):
+    return sampler.sample(
+        case.params, case.cfg, tokens, mask, jax.random.key(3),
+        sampler.SamplingParams.make(temperature=1.0), n_samples=n, max_new_tokens=G,
+        stop_ids=case.stop_ids, pad_id=PAD, **kw,
+    )  # fmt: skip
+
+
+_ROW_FIELDS = ("tokens_PNR", "mask_PNR", "length_PN", "finish_PN", "logp_PNR", "entropy_PNR")
+
+
+def _assert_same_rows(a, b):
+    """Rows (lists of _ROW_FIELDS arrays) equal: ids exactly, log-probs and entropies closely."""
+    for name, x, y in zip(_ROW_FIELDS, a, b):
+        if name.startswith(("logp", "entropy")):
+            np.testing.assert_allclose(x, y, atol=1e-5, err_msg=name)
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+def test_a_response_depends_only_on_its_prompt_and_sample_index(qwen3):
+    # One call: 4 prompts x 8 samples. Then each prompt alone, its samples 0..3 in one call and
+    # 4..7 (in a shuffled order) in another, and all prompts in reverse order: each response
+    # equals that of the same (prompt index, sample index) in the first call.
+    whole = jax.tree.map(np.asarray, _sample_rows(qwen3, qwen3.tokens, qwen3.mask, 8))
+    assert len({tuple(r) for r in whole.tokens_PNR.reshape(-1, G)}) > 16  # rows draw separately
+    take = lambda r, p, n: [np.asarray(getattr(r, f))[p][:, n] for f in _ROW_FIELDS]
+    for p in range(P):
+        for n in ([0, 1, 2, 3], [6, 4, 7, 5]):
+            part = _sample_rows(
+                qwen3, qwen3.tokens[p : p + 1], qwen3.mask[p : p + 1], 4,
+                prompt_index_P=np.array([p]), sample_index_PN=np.array([n]),
+            )  # fmt: skip
+            _assert_same_rows(take(part, [0], range(4)), take(whole, [p], n))
+    flipped = _sample_rows(
+        qwen3, qwen3.tokens[::-1], qwen3.mask[::-1], 8, prompt_index_P=np.arange(P)[::-1]
+    )
+    _assert_same_rows(
+        take(flipped, slice(None, None, -1), range(8)), take(whole, slice(None), range(8))
+    )
+
+
+def test_first_tokens_follow_the_model_across_streams(qwen3):
+    # 2 x 1000 first tokens of one prompt, under two prompt indices: each prompt index's draws
+    # follow softmax(logits) of the full forward, and the two streams differ.
+    n = 1000
+    tokens, mask = np.repeat(qwen3.tokens[1:2], 2, 0), np.repeat(qwen3.mask[1:2], 2, 0)
+    out = sampler.sample(
+        qwen3.params, qwen3.cfg, tokens, mask, jax.random.key(4),
+        sampler.SamplingParams.make(temperature=1.0), n_samples=n, max_new_tokens=1,
+        stop_ids=(), pad_id=PAD,
+    )  # fmt: skip
+    first_PN = np.asarray(out.tokens_PNR)[..., 0]
+    logits, _ = _forward(
+        qwen3.cfg, qwen3.params, tokens[:1], model.left_pad_positions(mask[:1]), mask[:1]
+    )
+    expected = _expected_probs(np.asarray(logits[0, -1]))
+    for row in first_PN:
+        _check_distribution(row, expected)
+    assert (first_PN[0] != first_PN[1]).mean() > 0.5
+
+
 def test_sharded_greedy_equals_full_forward(llama):
     # 2x4 mesh: rows over data; query heads, MLP and vocabulary over model; K=2 kv heads
     # replicated. This also covers the unfused (tensor-parallel) weights of the decode step,
@@ -371,3 +433,12 @@ def test_sampling_params_validation():
     ]:
         with pytest.raises(ValueError, match=msg):
             sampler.SamplingParams.make(**kw)
+
+
+def test_sample_rejects_index_arrays_of_the_wrong_shape(qwen3):
+    for kw, msg in [
+        (dict(prompt_index_P=np.arange(P + 1)), "prompt_index_P has shape"),
+        (dict(sample_index_PN=np.zeros((P, N + 1), int)), "sample_index_PN has shape"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            _sample_rows(qwen3, qwen3.tokens, qwen3.mask, N, **kw)

@@ -10,6 +10,11 @@ R = max_new_tokens new tokens per row:
 3. **Sample** with `token_draw.sample_token`: temperature, top-k, top-p, min-p and greedy,
    without sorting the vocabulary (see there), one pair of uniforms per row and step.
 
+Random streams are per response: response n of prompt p draws token t with
+fold_in(fold_in(fold_in(key, p), n), t), p and n being indices the caller may set. So a response
+does not depend on what else is in the batch: the same rows come out in one call or in several,
+whole or in chunks of prompts.
+
 Log-prob convention: `Rollout.logp_PNR` is log softmax(logits / temperature) at the sampled token
 (raw logits when temperature is 0), i.e. the rollout policy's log-prob as the train step
 recomputes it (verl divides by the rollout temperature the same way). It is NOT the log-prob under
@@ -84,6 +89,8 @@ def sample(
     stop_ids: Sequence[int],
     pad_id: int,
     mesh: Mesh | None = None,
+    prompt_index_P: jax.Array | None = None,
+    sample_index_PN: jax.Array | None = None,
 ) -> Rollout:
     """Samples `n_samples` responses for each left-padded prompt.
 
@@ -97,13 +104,19 @@ def sample(
       cfg: the model config.
       prompt_tokens_PT: int token ids, left-padded (every row ends with a real token).
       prompt_mask_PT: bool, True on real prompt tokens; every row needs at least one.
-      key: PRNG key; step t uses fold_in(key, t) and each row its own uniforms.
+      key: PRNG key. Each response draws from its own stream, a function of the key, its
+        prompt's index and its sample index only (see `row_keys`): the same response comes out
+        whatever else is in the batch, in one call or over several.
       sampling: temperature / top-p / top-k / min-p (traced).
       n_samples: N, responses per prompt (rows p*N .. p*N+N-1 belong to prompt p).
       max_new_tokens: response slots R; a row that emits no stop token ends with FINISH_LENGTH.
       stop_ids: token ids that end a response (the stop token is kept and masked True).
       pad_id: token id written after the stop token.
       mesh: optional (data, model) device mesh.
+      prompt_index_P: int, each prompt's index in the stream (default 0 .. P-1; traced).
+      sample_index_PN: int, each response's sample index (default n for row (p, n); traced).
+        E.g. a second call with sample indices 16 .. 31 of a prompt, and its prompt index,
+        gives the responses that one call with n_samples=32 gives in those rows.
 
     Returns:
       A Rollout with [P, N, max_new_tokens] tokens, mask, log-probs and entropies.
@@ -120,8 +133,17 @@ def sample(
             "prompts must be left-padded with a real last token in every row "
             "(prompt_mask_PT[:, -1] is False somewhere)"
         )
+    P = prompt_tokens_PT.shape[0]
+    for name, index, shape in (
+        ("prompt_index_P", prompt_index_P, (P,)),
+        ("sample_index_PN", sample_index_PN, (P, n_samples)),
+    ):
+        if index is not None and tuple(index.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(index.shape)}; it must be {shape}")
     fn = compiled_sampler(cfg, n_samples, max_new_tokens, stop_ids, pad_id, mesh)
-    return fn(params, prompt_tokens_PT, prompt_mask_PT, key, sampling)
+    return fn(
+        params, prompt_tokens_PT, prompt_mask_PT, key, sampling, prompt_index_P, sample_index_PN
+    )
 
 
 def compiled_sampler(
@@ -132,8 +154,9 @@ def compiled_sampler(
     pad_id: int,
     mesh: Mesh | None = None,
 ):
-    """The jitted `(params, prompt_PT, mask_PT, key, sampling) -> Rollout` for static settings
-    (one per setting, reused: its compiled programs are cached per prompt shape)."""
+    """The jitted `(params, prompt_PT, mask_PT, key, sampling[, prompt_index_P,
+    sample_index_PN]) -> Rollout` for static settings (one per setting, reused: its compiled
+    programs are cached per prompt shape)."""
     stop = tuple(int(s) for s in stop_ids)
     return _build(cfg, int(n_samples), int(max_new_tokens), stop, int(pad_id), mesh)
 
@@ -174,13 +197,29 @@ class _DecodeState:
     v_gen: tuple[jax.Array, ...]  # per layer [B, K, S, H]
 
 
+def row_keys(key: jax.Array, prompt_index_P: jax.Array, sample_index_PN: jax.Array) -> jax.Array:
+    """Each response's key, [P·N]: fold_in(fold_in(key, prompt index), sample index); its
+    token t is drawn with fold_in(row key, t)."""
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    key_P = jax.vmap(jax.random.fold_in, (None, 0))(key, prompt_index_P)
+    key_PN = jax.vmap(jax.vmap(jax.random.fold_in, (None, 0)))(key_P, sample_index_PN)
+    return key_PN.reshape(-1)
+
+
 def _sample_impl(
-    params, prompt_PT, prompt_mask_PT, key, sampling, *, cfg, n_samples, max_new_tokens,
-    stop_ids, pad_id,
+    params, prompt_PT, prompt_mask_PT, key, sampling, prompt_index_P=None, sample_index_PN=None,
+    *, cfg, n_samples, max_new_tokens, stop_ids, pad_id,
 ) -> Rollout:  # fmt: skip
     P, T = prompt_PT.shape
     N, R = n_samples, max_new_tokens
     B = P * N
+    if prompt_index_P is None:
+        prompt_index_P = jnp.arange(P, dtype=jnp.int32)
+    if sample_index_PN is None:
+        sample_index_PN = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (P, N))
+    key_B = row_keys(key, prompt_index_P.astype(jnp.int32), sample_index_PN.astype(jnp.int32))
+    step_keys = jax.vmap(jax.random.fold_in, (0, None))
     prompt_mask_PT = prompt_mask_PT.astype(bool)
     logits_PV, prompt_kv = _prefill(cfg, params, prompt_PT.astype(jnp.int32), prompt_mask_PT)
     dparams = decode.decode_params(cfg, params, fuse=decode.tensor_parallel_size() == 1)
@@ -190,7 +229,7 @@ def _sample_impl(
     # Token 0 comes from the prefill logits. Repeating them over the N samples costs one B×V
     # copy per call; every later step has B×V logits anyway.
     logits_BV = decode.constrain(jnp.repeat(logits_PV, N, axis=0), ("batch", "vocab"))
-    token_B, logp_B, entropy_B = sample_token(logits_BV, jax.random.fold_in(key, 0), sampling)
+    token_B, logp_B, entropy_B = sample_token(logits_BV, step_keys(key_B, 0), sampling)
 
     def put(buf_BR, value_B, step):
         update_B1 = value_B[:, None].astype(buf_BR.dtype)
@@ -225,7 +264,7 @@ def _sample_impl(
             cfg, dparams, st.token_B, n_prompt_B + slot, slot, st.k_gen, st.v_gen,
             prompt_kv, prompt_mask_PT, N, temperature,
         )  # fmt: skip
-        token_B, logp_B, entropy_B = sample_scaled(z_BV, jax.random.fold_in(key, st.step), sampling)
+        token_B, logp_B, entropy_B = sample_scaled(z_BV, step_keys(key_B, st.step), sampling)
         return _DecodeState(
             step=st.step + 1,
             token_B=token_B,

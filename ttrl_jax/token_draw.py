@@ -76,7 +76,8 @@ def sample_token(
 
     Args:
       logits_BV: raw logits (any float dtype).
-      key: PRNG key for this step; rows draw separate uniforms from it.
+      key: PRNG key for this step, one for all rows (each row draws its own uniforms from it)
+        or one per row ([B] keys: row b's draw depends on keys[b] only).
       sampling: temperature / top-p / top-k / min-p.
 
     Returns:
@@ -129,11 +130,22 @@ def sample_scaled(z_BV, key, sampling: SamplingParams):
         lambda: _filter_threshold(z_BCb, bmax_BC, m_B, s_B, sampling),
         lambda: (jnp.full((B,), -jnp.inf), mass_BC),
     )
-    u_B2 = jax.random.uniform(key, (B, 2))
+    u_B2 = _uniforms(key, B)
     drawn_B = _draw(z_BCb, m_B, tau_B, kept_BC, u_B2, best_B)
     token_B = jnp.where(greedy, best_B, drawn_B)
     z_tok_B = jnp.take_along_axis(z_BV, token_B[:, None], axis=1)[:, 0]
     return token_B, z_tok_B - m_B - log_s_B, entropy_B
+
+
+def _uniforms(key, B: int) -> jax.Array:
+    """Two uniforms per row, [B, 2]: from one key, or from each row's own key."""
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    if key.ndim == 0:
+        return jax.random.uniform(key, (B, 2))
+    if key.shape != (B,):
+        raise ValueError(f"keys of shape {key.shape} for {B} rows: pass one key or one per row")
+    return jax.vmap(lambda k: jax.random.uniform(k, (2,)))(key)
 
 
 def _block_width(V: int) -> int:
