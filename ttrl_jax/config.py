@@ -86,6 +86,9 @@ class SampleSection:
     # data.max_prompt_tokens.
     prompt_buckets: tuple[int, ...] = (128, 256, 512, 1024)
     stop_token_ids: tuple[int, ...] = ()  # extra ids that end a response, besides the EOS ids
+    # Prompts per sampling pass (0 = all at once): fewer rows' caches live at a time, the same
+    # responses. It must divide data.batch_prompts and split over the mesh's data axis.
+    prompt_chunk: int = 0
 
     def problems(self) -> list[str]:
         out = _Problems()
@@ -103,6 +106,10 @@ class SampleSection:
             f"sample.prompt_buckets={buckets} must be positive and strictly increasing",
         )
         out.need(all(i >= 0 for i in self.stop_token_ids), "sample.stop_token_ids must be >= 0")
+        out.need(
+            self.prompt_chunk >= 0,
+            f"sample.prompt_chunk={self.prompt_chunk} must be >= 0 (0 = all)",
+        )
         return out
 
 
@@ -537,6 +544,12 @@ def _problems(cfg: Config, data_axis_size: int | None) -> list[str]:
             f"data.max_prompt_tokens ({d.max_prompt_tokens}); add a bucket >= "
             f"{d.max_prompt_tokens} or lower data.max_prompt_tokens",
         )
+    if 0 < s.prompt_chunk < d.batch_prompts:
+        out.need(
+            d.batch_prompts % s.prompt_chunk == 0,
+            f"sample.prompt_chunk={s.prompt_chunk} must divide "
+            f"data.batch_prompts={d.batch_prompts}",
+        )
     if o.mini_batch_prompts >= 1 and d.batch_prompts >= 1:
         out.need(
             d.batch_prompts % o.mini_batch_prompts == 0,
@@ -569,6 +582,8 @@ def _check_data_axis(out: list[str], cfg: Config, size: int) -> None:
     }
     if cfg.optim.micro_batch_size is not None:
         rows["optim.micro_batch_size"] = cfg.optim.micro_batch_size
+    if 0 < cfg.sample.prompt_chunk < cfg.data.batch_prompts:
+        rows["prompts per sampling pass (sample.prompt_chunk)"] = cfg.sample.prompt_chunk
     for what, n in rows.items():
         if n % size:
             out.append(

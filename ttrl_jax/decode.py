@@ -80,10 +80,12 @@ def decode_params(cfg, params, fuse: bool) -> dict[str, Any]:
 
 
 def decode_step(
-    cfg, dp, token_B, position_B, slot, k_gen, v_gen, prompt_kv, prompt_mask_PT, N, temperature
-):
+    cfg, dp, token_B, position_B, slot, k_gen, v_gen, prompt_kv, prompt_mask_PT, N, temperature,
+    kv_block,
+):  # fmt: skip
     """One-token forward of every row: logits / temperature [B, V] (float32) and the updated
-    response caches."""
+    response caches. Attention reads the response caches in blocks of `kv_block` slots, only
+    those up to `slot`."""
     x_B1D = jnp.take(dp["embed_VD"], token_B, axis=0)[:, None]
     x_B1D = constrain(x_B1D, ("batch", "seq", "act_embed"))
     cos_B1H, sin_B1H = model_lib.rope_tables(
@@ -94,7 +96,7 @@ def decode_step(
         h_B1D = _rms_norm(cfg, lp["attn_norm"]["scale"], x_B1D, "embed")
         a_B1D, k_i, v_i = _attention(
             cfg, lp["attn"], h_B1D, cos_B1H, sin_B1H, slot, k_gen[i], v_gen[i],
-            prompt_kv[0][i], prompt_kv[1][i], prompt_mask_PT, N,
+            prompt_kv[0][i], prompt_kv[1][i], prompt_mask_PT, N, kv_block,
         )  # fmt: skip
         new_k.append(k_i)
         new_v.append(v_i)
@@ -134,15 +136,16 @@ def _rms_norm(cfg, scale, x, axis_name):
 
 
 def _attention(
-    cfg, ap, x_B1D, cos_B1H, sin_B1H, slot, k_BKHS, v_BKSH, k_PKHT, v_PKTH, prompt_mask_PT, N
-):
+    cfg, ap, x_B1D, cos_B1H, sin_B1H, slot, k_BKHS, v_BKSH, k_PKHT, v_PKTH, prompt_mask_PT, N,
+    kv_block,
+):  # fmt: skip
     """Grouped-query attention of one new token per row over its prompt and its response so far.
 
     The same maths as `model.Attention` (f32 scores, -1e30 masking, softmax over all keys), with
-    the prompt's keys shared by the N rows of a group and the softmax split over key sets.
+    the prompt's keys shared by the N rows of a group and the softmax split over key sets. A
+    response cache longer than `kv_block` slots is read block by block, only up to `slot`.
     """
     B = x_B1D.shape[0]
-    P = B // N
     Q, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = Q // K
 
@@ -174,15 +177,26 @@ def _attention(
         v_BKSH, v_B1KH.transpose(0, 2, 1, 3).astype(v_BKSH.dtype), (0, 0, slot, 0)
     )
 
-    scale = 1.0 / math.sqrt(H)
     q_BKGH = q_B1QH.reshape(B, K, G, H)
+    attend = _blocked_attention if k_BKHS.shape[-1] > kv_block else _whole_attention
+    out_BQH = attend(cfg, q_BKGH, slot, k_BKHS, v_BKSH, k_PKHT, v_PKTH, prompt_mask_PT, N, kv_block)
+    out_BQH = constrain(out_BQH, ("batch", "heads", "head_dim"))
+    a_BD = jnp.einsum("BQH,QHD->BD", out_BQH, ap["o"])
+    return a_BD[:, None], k_BKHS, v_BKSH
+
+
+def _whole_attention(
+    cfg, q_BKGH, slot, k_BKHS, v_BKSH, k_PKHT, v_PKTH, prompt_mask_PT, N, kv_block
+):  # fmt: skip
+    """`_attention`'s softmax over the prompt and every response slot (those past `slot`
+    masked), in one pass: for caches of at most `kv_block` slots."""
+    B, K, G, H = q_BKGH.shape
+    P = B // N
+    scale = 1.0 / math.sqrt(H)
     # Response part: this row's own keys, slots 0 .. slot.
     s_BKGS = jnp.einsum("BKGH,BKHS->BKGS", q_BKGH, k_BKHS).astype(jnp.float32) * scale
     s_BKGS = jnp.where(jnp.arange(k_BKHS.shape[-1]) <= slot, s_BKGS, model_lib._NEG_INF)
-    # Prompt part: the group's shared keys, one matmul per (prompt, kv head) over N·G queries.
-    q_PKJH = _to_PKJ(q_BKGH, P, N)
-    s_PKJT = jnp.einsum("PKJH,PKHT->PKJT", q_PKJH, k_PKHT).astype(jnp.float32) * scale
-    s_PKJT = jnp.where(prompt_mask_PT[:, None, None, :], s_PKJT, model_lib._NEG_INF)
+    s_PKJT = _prompt_scores(q_BKGH, k_PKHT, prompt_mask_PT, N)
 
     m_BKG = jnp.maximum(_to_BKG(s_PKJT.max(-1), P, N), s_BKGS.max(-1))
     p_PKJT = jnp.exp(s_PKJT - _to_PKJ(m_BKG, P, N)[..., None])
@@ -191,10 +205,66 @@ def _attention(
     dtype = jnp.dtype(cfg.dtype)
     out_BKGH = _to_BKG(jnp.einsum("PKJT,PKTH->PKJH", p_PKJT.astype(dtype), v_PKTH), P, N)
     out_BKGH = out_BKGH + jnp.einsum("BKGS,BKSH->BKGH", p_BKGS.astype(dtype), v_BKSH)
-    out_BQH = (out_BKGH / denom_BKG[..., None].astype(dtype)).reshape(B, Q, H)
-    out_BQH = constrain(out_BQH, ("batch", "heads", "head_dim"))
-    a_BD = jnp.einsum("BQH,QHD->BD", out_BQH, ap["o"])
-    return a_BD[:, None], k_BKHS, v_BKSH
+    return (out_BKGH / denom_BKG[..., None].astype(dtype)).reshape(B, K * G, H)
+
+
+def _blocked_attention(
+    cfg, q_BKGH, slot, k_BKHS, v_BKSH, k_PKHT, v_PKTH, prompt_mask_PT, N, c
+):  # fmt: skip
+    """`_attention`'s softmax over the prompt and the filled response slots, the response cache
+    read in blocks of c slots (only those up to `slot`), combined by the online softmax.
+
+    Block j covers slots [j·c, j·c + c); the last one, if S is not a multiple of c, is read as
+    the c slots ending at S, its slots below j·c masked (they belong to block j - 1). The sums
+    of probability-weighted values accumulate in float32.
+    """
+    B, K, G, H = q_BKGH.shape
+    P, S = B // N, k_BKHS.shape[-1]
+    scale = 1.0 / math.sqrt(H)
+    dtype = jnp.dtype(cfg.dtype)
+    f32 = jnp.float32
+    s_PKJT = _prompt_scores(q_BKGH, k_PKHT, prompt_mask_PT, N)
+    m_BKG = _to_BKG(s_PKJT.max(-1), P, N)  # finite: every prompt has a real token
+    p_PKJT = jnp.exp(s_PKJT - _to_PKJ(m_BKG, P, N)[..., None])
+    l_BKG = _to_BKG(p_PKJT.sum(-1), P, N)
+    pv_PKJH = jnp.einsum(
+        "PKJT,PKTH->PKJH", p_PKJT.astype(dtype), v_PKTH, preferred_element_type=f32
+    )
+    acc_BKGH = _to_BKG(pv_PKJH, P, N)
+
+    def block(j, carry):
+        m_BKG, l_BKG, acc_BKGH = carry
+        start = jnp.minimum(j * c, S - c)
+        k_BKHc = jax.lax.dynamic_slice_in_dim(k_BKHS, start, c, axis=3)
+        v_BKcH = jax.lax.dynamic_slice_in_dim(v_BKSH, start, c, axis=2)
+        s_BKGc = jnp.einsum("BKGH,BKHc->BKGc", q_BKGH, k_BKHc).astype(f32) * scale
+        slot_c = start + jnp.arange(c)
+        s_BKGc = jnp.where((slot_c >= j * c) & (slot_c <= slot), s_BKGc, model_lib._NEG_INF)
+        new_m_BKG = jnp.maximum(m_BKG, s_BKGc.max(-1))
+        rescale_BKG = jnp.exp(m_BKG - new_m_BKG)
+        p_BKGc = jnp.exp(s_BKGc - new_m_BKG[..., None])
+        pv_BKGH = jnp.einsum(
+            "BKGc,BKcH->BKGH", p_BKGc.astype(dtype), v_BKcH, preferred_element_type=f32
+        )
+        return (
+            new_m_BKG,
+            l_BKG * rescale_BKG + p_BKGc.sum(-1),
+            acc_BKGH * rescale_BKG[..., None] + pv_BKGH,
+        )
+
+    carry = (m_BKG, l_BKG, acc_BKGH)
+    _, l_BKG, acc_BKGH = jax.lax.fori_loop(0, slot // c + 1, block, carry)
+    return (acc_BKGH / l_BKG[..., None]).astype(dtype).reshape(B, K * G, H)
+
+
+def _prompt_scores(q_BKGH, k_PKHT, prompt_mask_PT, N):
+    """Scaled float32 scores of a group's J = N·G queries over its shared prompt keys, one
+    matmul per (prompt, kv head), padding masked."""
+    P = q_BKGH.shape[0] // N
+    q_PKJH = _to_PKJ(q_BKGH, P, N)
+    s_PKJT = jnp.einsum("PKJH,PKHT->PKJT", q_PKJH, k_PKHT).astype(jnp.float32)
+    s_PKJT = s_PKJT * (1.0 / math.sqrt(q_BKGH.shape[-1]))
+    return jnp.where(prompt_mask_PT[:, None, None, :], s_PKJT, model_lib._NEG_INF)
 
 
 def _to_PKJ(x_BKG, P, N):
@@ -214,12 +284,12 @@ def _to_BKG(x_PKJ, P, N):
     return jnp.moveaxis(y, 1, 2).reshape((P * N, K, G) + rest)
 
 
-def tensor_parallel_size() -> int:
-    """Devices the query heads are split over while tracing (1 without a mesh)."""
+def split_size(name: str) -> int:
+    """Devices the logical axis `name` is split over while tracing (1 without a mesh)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return 1
-    axis = sharding.mesh_axes_for(("heads",), nn.get_logical_axis_rules())[0]
+    axis = sharding.mesh_axes_for((name,), nn.get_logical_axis_rules())[0]
     axes = () if axis is None else (axis,) if isinstance(axis, str) else axis
     return math.prod(dict(mesh.shape)[a] for a in axes)
 

@@ -51,6 +51,11 @@ __all__ = [
 
 FINISH_STOP = 0  # the row emitted a stop token
 FINISH_LENGTH = 1  # the row ran out of max_new_tokens
+KV_BLOCK = 256  # response-cache slots per decode-attention block (see `sample`)
+
+# Logical axes of the decode loop's caches: keys [rows, K, H, slots], values [rows, K, slots, H].
+_KEYS = ("batch", "kv_heads", "head_dim", "cache_seq")
+_VALUES = ("batch", "kv_heads", "cache_seq", "head_dim")
 
 
 # ----------------------------------------------------------------------------- public types
@@ -70,7 +75,7 @@ class Rollout:
     entropy_PNR: jax.Array  # float32; entropy of softmax(logits / temperature); 0 where masked
     length_PN: jax.Array  # int32; number of True in mask_PNR (stop token included)
     finish_PN: jax.Array  # int32; FINISH_STOP or FINISH_LENGTH
-    num_steps: jax.Array  # int32 scalar; decode-loop iterations run (forwards after prefill)
+    num_steps: jax.Array  # int32 scalar; decode-loop iterations run, over all passes
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -91,13 +96,15 @@ def sample(
     mesh: Mesh | None = None,
     prompt_index_P: jax.Array | None = None,
     sample_index_PN: jax.Array | None = None,
+    prompt_chunk: int | None = None,
+    kv_block: int = KV_BLOCK,
 ) -> Rollout:
     """Samples `n_samples` responses for each left-padded prompt.
 
-    Compiles once per (cfg, n_samples, max_new_tokens, stop_ids, pad_id, mesh) and prompt shape
-    [P, T]; sampling values are traced. With a mesh, pass params in
-    `sharding.param_shardings(cfg, mesh, SAMPLE_RULES)` and prompts in `batch_sharding`; rows
-    are split over 'data', heads and vocabulary over 'model'.
+    Compiles once per (cfg, n_samples, max_new_tokens, stop_ids, pad_id, mesh, prompt_chunk,
+    kv_block) and prompt shape [P, T]; sampling values and indices are traced. With a mesh,
+    pass params in `sharding.param_shardings(cfg, mesh, SAMPLE_RULES)` and prompts in
+    `batch_sharding`; rows are split over 'data', heads and vocabulary over 'model'.
 
     Args:
       params: model params ({'params': ...}), in any float dtype (cast to cfg.dtype once).
@@ -117,6 +124,11 @@ def sample(
       sample_index_PN: int, each response's sample index (default n for row (p, n); traced).
         E.g. a second call with sample indices 16 .. 31 of a prompt, and its prompt index,
         gives the responses that one call with n_samples=32 gives in those rows.
+      prompt_chunk: prompts per pass (0 or None = all): the P prompts are sampled in P /
+        prompt_chunk passes of one program, one pass's caches live at a time. The same
+        responses either way. It must divide P (and, with a mesh, split over its 'data' axis).
+      kv_block: response-cache slots per attention block: each decode step reads the blocks
+        filled so far, not the whole max_new_tokens.
 
     Returns:
       A Rollout with [P, N, max_new_tokens] tokens, mask, log-probs and entropies.
@@ -140,7 +152,9 @@ def sample(
     ):
         if index is not None and tuple(index.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(index.shape)}; it must be {shape}")
-    fn = compiled_sampler(cfg, n_samples, max_new_tokens, stop_ids, pad_id, mesh)
+    fn = compiled_sampler(
+        cfg, n_samples, max_new_tokens, stop_ids, pad_id, mesh, prompt_chunk, kv_block
+    )
     return fn(
         params, prompt_tokens_PT, prompt_mask_PT, key, sampling, prompt_index_P, sample_index_PN
     )
@@ -153,16 +167,25 @@ def compiled_sampler(
     stop_ids: Sequence[int],
     pad_id: int,
     mesh: Mesh | None = None,
+    prompt_chunk: int | None = None,
+    kv_block: int = KV_BLOCK,
 ):
     """The jitted `(params, prompt_PT, mask_PT, key, sampling[, prompt_index_P,
     sample_index_PN]) -> Rollout` for static settings (one per setting, reused: its compiled
     programs are cached per prompt shape)."""
+    if int(kv_block) < 1:
+        raise ValueError(f"kv_block={kv_block} must be >= 1")
+    if prompt_chunk is not None and int(prompt_chunk) < 0:
+        raise ValueError(f"prompt_chunk={prompt_chunk} must be >= 0 (0 or None = all prompts)")
     stop = tuple(int(s) for s in stop_ids)
-    return _build(cfg, int(n_samples), int(max_new_tokens), stop, int(pad_id), mesh)
+    chunk = int(prompt_chunk or 0)
+    return _build(
+        cfg, int(n_samples), int(max_new_tokens), stop, int(pad_id), mesh, chunk, int(kv_block)
+    )
 
 
 @functools.lru_cache(maxsize=64)
-def _build(cfg, n_samples, max_new_tokens, stop_ids, pad_id, mesh):
+def _build(cfg, n_samples, max_new_tokens, stop_ids, pad_id, mesh, prompt_chunk, kv_block):
     fn = functools.partial(
         _sample_impl,
         cfg=cfg,
@@ -170,6 +193,8 @@ def _build(cfg, n_samples, max_new_tokens, stop_ids, pad_id, mesh):
         max_new_tokens=max_new_tokens,
         stop_ids=stop_ids,
         pad_id=pad_id,
+        prompt_chunk=prompt_chunk,
+        kv_block=kv_block,
     )
     if mesh is None:
         return jax.jit(fn)
@@ -209,20 +234,73 @@ def row_keys(key: jax.Array, prompt_index_P: jax.Array, sample_index_PN: jax.Arr
 
 def _sample_impl(
     params, prompt_PT, prompt_mask_PT, key, sampling, prompt_index_P=None, sample_index_PN=None,
-    *, cfg, n_samples, max_new_tokens, stop_ids, pad_id,
+    *, cfg, n_samples, max_new_tokens, stop_ids, pad_id, prompt_chunk, kv_block,
 ) -> Rollout:  # fmt: skip
-    P, T = prompt_PT.shape
-    N, R = n_samples, max_new_tokens
-    B = P * N
+    P = prompt_PT.shape[0]
+    N = n_samples
     if prompt_index_P is None:
         prompt_index_P = jnp.arange(P, dtype=jnp.int32)
     if sample_index_PN is None:
         sample_index_PN = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (P, N))
-    key_B = row_keys(key, prompt_index_P.astype(jnp.int32), sample_index_PN.astype(jnp.int32))
-    step_keys = jax.vmap(jax.random.fold_in, (0, None))
+    # Once per call, shared by every pass: the decode weights, and the prefill of all prompts
+    # (their caches are T slots per prompt, against N·(R-1) per prompt for the responses).
+    dparams = decode.decode_params(cfg, params, fuse=decode.split_size("heads") == 1)
     prompt_mask_PT = prompt_mask_PT.astype(bool)
     logits_PV, prompt_kv = _prefill(cfg, params, prompt_PT.astype(jnp.int32), prompt_mask_PT)
-    dparams = decode.decode_params(cfg, params, fuse=decode.tensor_parallel_size() == 1)
+    per_prompt = (
+        logits_PV,
+        prompt_kv,
+        prompt_mask_PT,
+        prompt_index_P.astype(jnp.int32),
+        sample_index_PN.astype(jnp.int32),
+    )
+    decode_pass = functools.partial(
+        _decode_pass, dparams, key, sampling,
+        cfg=cfg, N=N, R=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id, kv_block=kv_block,
+    )  # fmt: skip
+    C = _passes(P, prompt_chunk, decode.split_size("batch"))
+    if C == 1:
+        return decode_pass(*per_prompt)
+
+    # Pass c takes prompts c, c + C, c + 2C, ...: with the prompts split over the data axis in
+    # contiguous blocks, every device then samples its own prompts in every pass.
+    def split(x):
+        return jnp.swapaxes(x.reshape((P // C, C) + x.shape[1:]), 0, 1)
+
+    def merge(x):
+        return jnp.swapaxes(x, 0, 1).reshape((P,) + x.shape[2:])
+
+    out = jax.lax.map(lambda xs: decode_pass(*xs), jax.tree.map(split, per_prompt))
+    return out.replace(
+        **{f: merge(getattr(out, f)) for f in _ROW_FIELDS}, num_steps=out.num_steps.sum()
+    )
+
+
+def _passes(P: int, prompt_chunk: int, data_size: int) -> int:
+    """Number of passes over the prompts; checks that `prompt_chunk` splits them evenly."""
+    if not prompt_chunk or prompt_chunk >= P:
+        return 1
+    if P % prompt_chunk or prompt_chunk % data_size:
+        raise ValueError(
+            f"prompt_chunk={prompt_chunk} must divide the {P} prompts of a call and be a "
+            f"multiple of the mesh's data axis ({data_size}); choose such a chunk (or 0 = all)"
+        )
+    return P // prompt_chunk
+
+
+def _decode_pass(
+    dparams, key, sampling, logits_PV, prompt_kv, prompt_mask_PT, prompt_index_P,
+    sample_index_PN, *, cfg, N, R, stop_ids, pad_id, kv_block,
+) -> Rollout:  # fmt: skip
+    """One pass: decode the N rows of each of these prefilled prompts until all have stopped."""
+    P = prompt_mask_PT.shape[0]
+    B = P * N
+    key_B = row_keys(key, prompt_index_P, sample_index_PN)
+    step_keys = jax.vmap(jax.random.fold_in, (0, None))
+    prompt_kv = (
+        tuple(decode.constrain(k, _KEYS) for k in prompt_kv[0]),
+        tuple(decode.constrain(v, _VALUES) for v in prompt_kv[1]),
+    )
     temperature = jnp.where(sampling.temperature > 0, sampling.temperature, 1.0)
     n_prompt_B = jnp.repeat(prompt_mask_PT.sum(-1, dtype=jnp.int32), N)
 
@@ -238,12 +316,8 @@ def _sample_impl(
     cache_dtype = jnp.dtype(cfg.dtype)
     K, H = cfg.num_kv_heads, cfg.head_dim
     S = max(R - 1, 1)  # the last sampled token is never fed back
-    k_gen = decode.constrain(
-        jnp.zeros((B, K, H, S), cache_dtype), ("batch", "kv_heads", "head_dim", "cache_seq")
-    )
-    v_gen = decode.constrain(
-        jnp.zeros((B, K, S, H), cache_dtype), ("batch", "kv_heads", "cache_seq", "head_dim")
-    )
+    k_gen = decode.constrain(jnp.zeros((B, K, H, S), cache_dtype), _KEYS)
+    v_gen = decode.constrain(jnp.zeros((B, K, S, H), cache_dtype), _VALUES)
     state = _DecodeState(
         step=jnp.ones((), jnp.int32),
         token_B=token_B,
@@ -262,7 +336,7 @@ def _sample_impl(
         slot = st.step - 1  # the fed token sits in response slot `slot`
         z_BV, k_gen, v_gen = decode.decode_step(
             cfg, dparams, st.token_B, n_prompt_B + slot, slot, st.k_gen, st.v_gen,
-            prompt_kv, prompt_mask_PT, N, temperature,
+            prompt_kv, prompt_mask_PT, N, temperature, kv_block,
         )  # fmt: skip
         token_B, logp_B, entropy_B = sample_scaled(z_BV, step_keys(key_B, st.step), sampling)
         return _DecodeState(
@@ -278,6 +352,9 @@ def _sample_impl(
 
     final = jax.lax.while_loop(cond, body, state)
     return _finish(final, P, N, stop_ids, pad_id)
+
+
+_ROW_FIELDS = ("tokens_PNR", "mask_PNR", "logp_PNR", "entropy_PNR", "length_PN", "finish_PN")
 
 
 def _finish(st: _DecodeState, P: int, N: int, stop_ids, pad_id) -> Rollout:
@@ -325,18 +402,7 @@ def _prefill(cfg, params, prompt_PT, prompt_mask_PT):
     # Left padding puts every prompt's last real token at T-1: only that position is unembedded.
     logits_PV = module.apply(params, h_PTD[:, -1:], method=model_lib.Transformer.unembed)[:, 0]
     dtype = jnp.dtype(cfg.dtype)
-    keys = tuple(
-        decode.constrain(
-            cache.k_LBSKH[i].astype(dtype).transpose(0, 2, 3, 1),
-            ("batch", "kv_heads", "head_dim", "cache_seq"),
-        )
-        for i in range(cfg.num_layers)
-    )
-    values = tuple(
-        decode.constrain(
-            cache.v_LBSKH[i].astype(dtype).transpose(0, 2, 1, 3),
-            ("batch", "kv_heads", "cache_seq", "head_dim"),
-        )
-        for i in range(cfg.num_layers)
-    )
+    k_LPTKH, v_LPTKH = cache.k_LBSKH.astype(dtype), cache.v_LBSKH.astype(dtype)
+    keys = tuple(decode.constrain(k.transpose(0, 2, 3, 1), _KEYS) for k in k_LPTKH)
+    values = tuple(decode.constrain(v.transpose(0, 2, 1, 3), _VALUES) for v in v_LPTKH)
     return logits_PV, (keys, values)
