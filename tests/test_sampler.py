@@ -19,7 +19,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 from scipy import stats
 
-from ttrl_jax import model, sampler, sharding
+from ttrl_jax import model, rollout, sampler, sharding
+from ttrl_jax.toy import tokenizer as toy_tokenizer
 
 P, T, N, R = 4, 8, 2, 7
 PAD = 0
@@ -353,6 +354,14 @@ def test_prompt_chunks_give_the_same_rollouts(qwen3):
         assert int(out.num_steps) >= int(whole.num_steps)  # summed over the passes
     with pytest.raises(ValueError, match="prompt_chunk=3 must divide the 4 prompts"):
         qwen3.run(prompt_chunk=3)
+    # The run's path: a Generator with sample.prompt_chunk, from token-id lists to texts.
+    generator = rollout.Generator(
+        qwen3.cfg, toy_tokenizer.build_tokenizer(), qwen3.stop_ids, PAD, (T,), prompt_chunk=2
+    )
+    prompt_ids = [list(t[m]) for t, m in zip(qwen3.tokens, qwen3.mask)]
+    sampling = sampler.SamplingParams.make(temperature=1.0)
+    gen = generator(qwen3.params, prompt_ids, jax.random.key(5), sampling, N, R)
+    _assert_same_rows(_rows(gen.rollout), _rows(whole))
 
 
 def test_sharded_chunked_blocked_sampling_equals_unsharded(llama):

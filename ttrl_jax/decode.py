@@ -9,11 +9,15 @@ laid out for one new token per row:
     scanned layer stack slices (on CPU: copies) every layer's weights on every step, and with
     float32 master weights and bfloat16 compute it would read 4 bytes per weight per step;
   - response keys are stored [B, K, H, S] and values [B, K, S, H] (S response slots), so both
-    attention matmuls take a row-major right operand.
+    attention matmuls take a row-major right operand;
+  - a response cache longer than one block (`kv_block` slots) is read block by block, only the
+    blocks filled so far, combined with the prompt part by the online softmax: a step costs
+    what its response length needs, not max_new_tokens.
 
 Shape letters are the package's (B = P·N rows, T prompt length, S response-cache slots, Q/K/G/H
 heads); besides them, J = N·G is the number of queries of a prompt's group at one kv head, E the
-heads of one projection (Q, K, or Q + 2K fused) and I the gate/up pair of the fused MLP.
+heads of one projection (Q, K, or Q + 2K fused), I the gate/up pair of the fused MLP and c the
+slots of one block of the response cache.
 """
 
 from __future__ import annotations

@@ -6,7 +6,10 @@ R = max_new_tokens new tokens per row:
 1. **Prefill** the P prompts once, with the model's own cached forward.
 2. **Decode** all B rows in a `lax.while_loop` that exits as soon as every row has emitted a
    stop token. The loop body is `decode.decode_step`, a one-token forward written for sampling
-   (prompt keys shared by a group's N rows, weights prepared once per call; see there).
+   (prompt keys shared by a group's N rows, weights prepared once per call, the response cache
+   read only as far as it is filled; see there). With `prompt_chunk`, the prompts are decoded
+   in passes of that many (a `lax.map` over passes in the same program), so that only one
+   pass's response caches, N·(R-1) slots per prompt, are live at a time.
 3. **Sample** with `token_draw.sample_token`: temperature, top-k, top-p, min-p and greedy,
    without sorting the vocabulary (see there), one pair of uniforms per row and step.
 
@@ -42,9 +45,11 @@ from ttrl_jax.token_draw import SamplingParams, sample_scaled, sample_token
 __all__ = [
     "FINISH_LENGTH",
     "FINISH_STOP",
+    "KV_BLOCK",
     "Rollout",
     "SamplingParams",
     "compiled_sampler",
+    "row_keys",
     "sample",
     "sample_token",
 ]
@@ -177,25 +182,17 @@ def compiled_sampler(
         raise ValueError(f"kv_block={kv_block} must be >= 1")
     if prompt_chunk is not None and int(prompt_chunk) < 0:
         raise ValueError(f"prompt_chunk={prompt_chunk} must be >= 0 (0 or None = all prompts)")
-    stop = tuple(int(s) for s in stop_ids)
-    chunk = int(prompt_chunk or 0)
-    return _build(
-        cfg, int(n_samples), int(max_new_tokens), stop, int(pad_id), mesh, chunk, int(kv_block)
-    )
+    static = dict(
+        cfg=cfg, n_samples=int(n_samples), max_new_tokens=int(max_new_tokens),
+        stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id),
+        prompt_chunk=int(prompt_chunk or 0), kv_block=int(kv_block),
+    )  # fmt: skip
+    return _build(mesh, **static)
 
 
 @functools.lru_cache(maxsize=64)
-def _build(cfg, n_samples, max_new_tokens, stop_ids, pad_id, mesh, prompt_chunk, kv_block):
-    fn = functools.partial(
-        _sample_impl,
-        cfg=cfg,
-        n_samples=n_samples,
-        max_new_tokens=max_new_tokens,
-        stop_ids=stop_ids,
-        pad_id=pad_id,
-        prompt_chunk=prompt_chunk,
-        kv_block=kv_block,
-    )
+def _build(mesh, **static):
+    fn = functools.partial(_sample_impl, **static)
     if mesh is None:
         return jax.jit(fn)
     per_token = sharding.batch_sharding(mesh, 3, sharding.SAMPLE_RULES)
