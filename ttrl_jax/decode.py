@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec
 
 from ttrl_jax import model as model_lib
 from ttrl_jax import sharding
+from ttrl_jax.model_config import ATTENTION_MASK_VALUE as MASK_VALUE
 
 
 def decode_params(cfg, params, fuse: bool) -> dict[str, Any]:
@@ -199,7 +200,7 @@ def _whole_attention(
     scale = 1.0 / math.sqrt(H)
     # Response part: this row's own keys, slots 0 .. slot.
     s_BKGS = jnp.einsum("BKGH,BKHS->BKGS", q_BKGH, k_BKHS).astype(jnp.float32) * scale
-    s_BKGS = jnp.where(jnp.arange(k_BKHS.shape[-1]) <= slot, s_BKGS, model_lib._NEG_INF)
+    s_BKGS = jnp.where(jnp.arange(k_BKHS.shape[-1]) <= slot, s_BKGS, MASK_VALUE)
     s_PKJT = _prompt_scores(q_BKGH, k_PKHT, prompt_mask_PT, N)
 
     m_BKG = jnp.maximum(_to_BKG(s_PKJT.max(-1), P, N), s_BKGS.max(-1))
@@ -243,7 +244,7 @@ def _blocked_attention(
         v_BKcH = jax.lax.dynamic_slice_in_dim(v_BKSH, start, c, axis=2)
         s_BKGc = jnp.einsum("BKGH,BKHc->BKGc", q_BKGH, k_BKHc).astype(f32) * scale
         slot_c = start + jnp.arange(c)
-        s_BKGc = jnp.where((slot_c >= j * c) & (slot_c <= slot), s_BKGc, model_lib._NEG_INF)
+        s_BKGc = jnp.where((slot_c >= j * c) & (slot_c <= slot), s_BKGc, MASK_VALUE)
         new_m_BKG = jnp.maximum(m_BKG, s_BKGc.max(-1))
         rescale_BKG = jnp.exp(m_BKG - new_m_BKG)
         p_BKGc = jnp.exp(s_BKGc - new_m_BKG[..., None])
@@ -268,7 +269,7 @@ def _prompt_scores(q_BKGH, k_PKHT, prompt_mask_PT, N):
     q_PKJH = _to_PKJ(q_BKGH, P, N)
     s_PKJT = jnp.einsum("PKJH,PKHT->PKJT", q_PKJH, k_PKHT).astype(jnp.float32)
     s_PKJT = s_PKJT * (1.0 / math.sqrt(q_BKGH.shape[-1]))
-    return jnp.where(prompt_mask_PT[:, None, None, :], s_PKJT, model_lib._NEG_INF)
+    return jnp.where(prompt_mask_PT[:, None, None, :], s_PKJT, MASK_VALUE)
 
 
 def _to_PKJ(x_BKG, P, N):
