@@ -300,18 +300,24 @@ def test_first_tokens_follow_the_model_across_streams(qwen3):
     assert (first_PN[0] != first_PN[1]).mean() > 0.5
 
 
+def _on_2x4_mesh(case: Case):
+    """A 2x4 mesh, the case's params in the sample layout and its prompts split over data."""
+    mesh = sharding.make_mesh("2x4", jax.devices()[:8])
+    params = jax.device_put(
+        case.params, sharding.param_shardings(case.cfg, mesh, sharding.SAMPLE_RULES)
+    )
+    rows = sharding.batch_sharding(mesh, 2)
+    placed = dataclasses.replace(
+        case, tokens=jax.device_put(case.tokens, rows), mask=jax.device_put(case.mask, rows)
+    )
+    return mesh, params, placed
+
+
 def test_sharded_greedy_equals_full_forward(llama):
     # 2x4 mesh: rows over data; query heads, MLP and vocabulary over model; K=2 kv heads
     # replicated. This also covers the unfused (tensor-parallel) weights of the decode step,
     # an untied head and rope scaling; the unsharded run equals the same reference above.
-    mesh = sharding.make_mesh("2x4", jax.devices()[:8])
-    params = jax.device_put(
-        llama.params, sharding.param_shardings(llama.cfg, mesh, sharding.SAMPLE_RULES)
-    )
-    rows = sharding.batch_sharding(mesh, 2)
-    case = dataclasses.replace(
-        llama, tokens=jax.device_put(llama.tokens, rows), mask=jax.device_put(llama.mask, rows)
-    )
+    mesh, params, case = _on_2x4_mesh(llama)
     out = case.run(mesh=mesh, params=params, temperature=0.0)
     assert out.tokens_PNR.sharding.is_equivalent_to(
         NamedSharding(mesh, PartitionSpec("data", None, None)), 3
@@ -365,14 +371,7 @@ def test_prompt_chunks_give_the_same_rollouts(qwen3):
 def test_sharded_chunked_blocked_sampling_equals_unsharded(llama):
     # 2x4 mesh, two passes of 2 prompts (one per data shard each), response attention in blocks
     # of 4 of the 6 cache slots: the same rows as one unsharded pass with one block.
-    mesh = sharding.make_mesh("2x4", jax.devices()[:8])
-    params = jax.device_put(
-        llama.params, sharding.param_shardings(llama.cfg, mesh, sharding.SAMPLE_RULES)
-    )
-    rows = sharding.batch_sharding(mesh, 2)
-    case = dataclasses.replace(
-        llama, tokens=jax.device_put(llama.tokens, rows), mask=jax.device_put(llama.mask, rows)
-    )
+    mesh, params, case = _on_2x4_mesh(llama)
     out = case.run(key=2, mesh=mesh, params=params, temperature=1.0, prompt_chunk=2, kv_block=4)
     assert out.tokens_PNR.sharding.is_equivalent_to(
         NamedSharding(mesh, PartitionSpec("data", None, None)), 3
