@@ -167,7 +167,8 @@ def test_two_processes_match_one(answering_model, data_file, tmp_path):
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=0, atol=PARAM_ATOL, err_msg=name)
     initial = load_file(os.path.join(answering_model, "model.safetensors"))
-    assert any(np.abs(a[n] - initial[n]).max() > 10 * PARAM_ATOL for n in a)  # it trained
+    # It trained: the warmed-up steps move some weight well past the two runs' tolerance.
+    assert max(np.abs(a[n] - initial[n]).max() for n in a) > 3 * PARAM_ATOL
 
 
 @pytest.mark.slow
