@@ -122,9 +122,7 @@ def _overtake(c_lead: int, c_j: int, w_j: float, w_rest: float, m: int, first: b
     return float((p_s[:, None] * p_k_s * (wins & (k <= s[:, None]))).sum())
 
 
-def overturn_probability(
-    answer_id_PN: np.ndarray, n_max: int, new_mass: float = 1.0
-) -> np.ndarray:
+def overturn_probability(answer_id_PN: np.ndarray, n_max: int, new_mass: float = 1.0) -> np.ndarray:
     """Upper bound, per prompt, on the chance that the full budget's winner is not today's.
 
     See the module docstring: exact per competitor under the Pólya-urn predictive, summed over
@@ -198,37 +196,49 @@ def first_round(num_prompts: int, n_min: int) -> RoundPlan:
     )
 
 
+def round_sizes(num_prompts: int, shards: int = 1) -> tuple[int, ...]:
+    """The group counts a later round may have: P/4, P/2 and P where they split over the data
+    shards. Each is one compiled round program; smaller rounds would save little, as a decode
+    step with few rows costs about what reading the weights costs (on TPU, and for small models
+    on CPU), and would add compiles."""
+    sizes = {g for g in (num_prompts // 4, num_prompts // 2) if g >= shards and g % shards == 0}
+    return (*sorted(sizes), num_prompts)
+
+
 def next_round(
-    drawn_P: np.ndarray, settled_P: np.ndarray, n_max: int, groups: int, n_step: int,
-    shards: int = 1,
-) -> RoundPlan | None:  # fmt: skip
+    drawn_P: np.ndarray, settled_P: np.ndarray, n_max: int, n_step: int, shards: int = 1
+) -> RoundPlan | None:
     """The next round's groups for the unsettled prompts, or None when every vote is settled.
 
-    The prompts and the G group slots are split into `shards` equal blocks (the mesh's data
+    The prompts and the round's G groups are split into `shards` equal blocks (the mesh's data
     axis): a group draws only for a prompt of its own block, whose prompt keys and values sit
-    on the same devices. Within a block every unsettled prompt gets one group, then the slots
-    left over go round-robin to those still short of n_max: rows freed by settled prompts go to
-    unsettled ones. A group's rows past its prompt's need, and unused groups, are idle.
+    on the same devices. G is the smallest of `round_sizes` that gives every unsettled prompt
+    one group; the slots left over go round-robin to the unsettled prompts still short of
+    n_max (rows freed by settled prompts go to unsettled ones: a static round shape computes
+    them anyway). A group's rows past its prompt's need, and unused groups, are idle.
     """
     drawn_P, settled_P = np.asarray(drawn_P), np.asarray(settled_P)
     P = len(drawn_P)
-    if P % shards or groups % shards:
-        raise ValueError(f"{P} prompts and {groups} groups must split over {shards} data shards")
+    if P % shards:
+        raise ValueError(f"{P} prompts must split over {shards} data shards")
     need_P = np.where(settled_P, 0, np.maximum(n_max - drawn_P, 0))
     if not need_P.any():
         return None
-    prompts, slots = P // shards, groups // shards
+    prompts = P // shards
+    busiest = max((need_P[d * prompts : (d + 1) * prompts] > 0).sum() for d in range(shards))
+    groups = next(g for g in round_sizes(P, shards) if g // shards >= busiest)
+    slots = groups // shards
     group_prompt = np.zeros(groups, np.int32)
     sample_index = np.zeros((groups, n_step), np.int32)
     live = np.zeros((groups, n_step), bool)
     next_P = drawn_P.astype(np.int64).copy()
     for d in range(shards):
         block = range(d * prompts, (d + 1) * prompts)
-        g = d * slots
-        group_prompt[g : g + slots] = block.start  # idle groups read their block's first prompt
-        while g < (d + 1) * slots and any(need_P[p] > 0 for p in block):
+        g, end = d * slots, (d + 1) * slots
+        group_prompt[g:end] = block.start  # idle groups read their block's first prompt
+        while g < end and any(need_P[p] > 0 for p in block):
             for p in block:
-                if need_P[p] <= 0 or g == (d + 1) * slots:
+                if need_P[p] <= 0 or g == end:
                     continue
                 rows = min(n_step, int(need_P[p]))
                 group_prompt[g] = p
@@ -260,3 +270,40 @@ def label_agreement(
         first = int(np.flatnonzero(np.asarray(ids) == m)[0])
         out.append(bool(full[first] == full_m))
     return np.array(out, bool)
+
+
+def majority(answer_id_PN: np.ndarray) -> np.ndarray:
+    """grpo.majority_vote's winner on the host: the most frequent id >= 0, ties to the first
+    seen (smallest id), -1 without any answer."""
+    out = []
+    for ids in np.asarray(answer_id_PN):
+        counts, _, _ = _tally(ids)
+        out.append(int(np.argmax(counts)) if counts.sum() else -1)
+    return np.array(out, np.int32)
+
+
+def audit_metrics(
+    adaptive_id_PN: np.ndarray, adaptive_gold_P: np.ndarray, full_id_PN: np.ndarray,
+    full_gold_P: np.ndarray, same_PN: np.ndarray,
+) -> dict[str, float]:  # fmt: skip
+    """The adaptive vote against the fixed budget's vote over the same full draw.
+
+    Args:
+      adaptive_id_PN, adaptive_gold_P: the adaptive vote's ids (NOT_DRAWN past its draws).
+      full_id_PN, full_gold_P: the full draw's ids.
+      same_PN: whether each drawn adaptive response equals the full draw's in its slot.
+    """
+    adaptive, full = majority(adaptive_id_PN), majority(full_id_PN)
+    drawn_PN = np.asarray(adaptive_id_PN) != NOT_DRAWN
+    out = {
+        "audit/label_agreement": float(
+            label_agreement(adaptive_id_PN, full_id_PN, adaptive, full).mean()
+        ),
+        "audit/same_responses": float(np.asarray(same_PN)[drawn_PN].mean()),
+    }
+    gold_P = np.asarray(full_gold_P) >= 0
+    if gold_P.any():
+        hit = adaptive == np.asarray(adaptive_gold_P)
+        out["audit/label_accuracy"] = float(hit[gold_P].mean())
+        out["audit/label_accuracy_full"] = float((full == np.asarray(full_gold_P))[gold_P].mean())
+    return out
