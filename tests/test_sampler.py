@@ -625,7 +625,8 @@ def test_sample_rejects_index_arrays_of_the_wrong_shape(qwen3):
 def test_sampler_compiles_for_tpu_v5e_2x2(v5e_devices):
     # The tiny model in bfloat16 with 128-wide heads (TPU tiles), sharded (rows over data, heads
     # over model), the prefill by the Pallas kernel, responses longer than an attention block; in
-    # one pass and in two passes of 2 prompts, whose decode loop holds half the caches.
+    # one pass and in two passes of 2 prompts, whose decode loop holds half the caches; and in
+    # rounds from one prefill (an adaptive vote).
     mesh = sharding.make_mesh("2x2", v5e_devices)
     cfg = LLAMA_CFG.replace(dtype="bfloat16", head_dim=128)
     shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
@@ -653,3 +654,17 @@ def test_sampler_compiles_for_tpu_v5e_2x2(v5e_devices):
     # Per device: P/2 prompts x n rows, 2 layers, 1 kv head, keys and values of R - 1 slots.
     caches = P // 2 * n * 2 * 1 * (length - 1) * 128 * 2 * 2
     assert peak[0] - peak[2] > 0.9 * caches / 2
+
+    # The same in rounds: the prefill once (the Pallas kernel), then a first round of n/2 rows
+    # per prompt and a later one of P/2 groups x n/4 rows, decoding from the stored prefill.
+    with jax.default_matmul_precision("default"):
+        prefill = rounds.compiled_prefill(cfg, P, T, mesh).lower(*args[:3], args[1]).compile()
+    assert "tpu_custom_call" in prefill.as_text()
+    for groups, rows in ((P, n // 2), (P // 2, n // 4)):
+        stored, *plan = rounds.abstract_round_inputs(cfg, mesh, P, T, groups, rows)
+        fn = rounds.compiled_groups(cfg, rows, length, (1,), PAD, mesh, kv_block=64)
+        with jax.default_matmul_precision("default"):
+            compiled = fn.lower(params, stored, *args[3:], *plan).compile()
+        # Its response caches, and no more: a round of half the rows saves half the caches.
+        saved = caches * (1 - groups * rows / (P * n))
+        assert peak[0] - compiled.memory_analysis().peak_memory_in_bytes > 0.9 * saved

@@ -276,3 +276,23 @@ def _groups_impl(
         dparams, key, sampling, per_group, cfg=cfg, N=N, R=R, stop_ids=stop_ids, pad_id=pad_id,
         kv_block=kv_block, chunk=chunk,
     )  # fmt: skip
+
+
+def abstract_round_inputs(
+    cfg: model_lib.ModelConfig, mesh: Mesh, prompts: int, prompt_len: int, groups: int, rows: int
+) -> tuple[Prefill, jax.ShapeDtypeStruct, jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+    """A round's arguments after (params, prefill, key, sampling) and the prefill itself, as
+    sharded ShapeDtypeStructs: (prefill, group_prompt_G, sample_index_GN, live_GN). With them a
+    memory plan compiles `compiled_groups(cfg, rows, ...)` for a round of `groups` x `rows`."""
+
+    def per_group(shape, dtype):
+        return jax.ShapeDtypeStruct(
+            shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape))
+        )
+
+    return (
+        abstract_prefill(cfg, prompts, prompt_len, mesh),
+        per_group((groups,), jnp.int32),
+        per_group((groups, rows), jnp.int32),
+        per_group((groups, rows), jnp.bool_),
+    )
