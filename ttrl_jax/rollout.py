@@ -202,8 +202,8 @@ class Generator:
         out = _Slots(mine.stop - mine.start, N, R, self.pad_id)
         shards = 1 if self.mesh is None else self.mesh.shape["data"]
         plan = vote_budget_lib.first_round(P, budget.n_min)
-        n_rounds = row_steps = 0
-        time_score = 0.0
+        row_steps = 0
+        time_score, sizes = 0.0, []
         while plan is not None:
             # This process's groups: they draw for its own prompts (vote_budget.next_round).
             held = sharding_lib.process_rows(self.mesh, len(plan.group_prompt_G))
@@ -216,9 +216,9 @@ class Generator:
                 group_chunk=_round_chunk(len(plan.group_prompt_G), self.prompt_chunk, shards),
             )  # fmt: skip
             got = sharding_lib.local_rows(got)
-            n_rounds += 1
             # num_steps adds up the passes of prompt_chunk groups each.
             G, n = plan.sample_index_GN.shape
+            sizes.append(G)
             rows_per_pass = (_round_chunk(G, self.prompt_chunk, shards) or G) * n
             row_steps += rows_per_pass * int(got.num_steps)
             g, j = np.nonzero(block[2])
@@ -244,7 +244,7 @@ class Generator:
             length_PN=sharding_lib.gather_rows(rollout.length_PN),
             finish_PN=sharding_lib.gather_rows(rollout.finish_PN),
         )  # fmt: skip
-        return Voted(gen, answer_id_PN, gold_id_P, n_rounds, row_steps, time_score)
+        return Voted(gen, answer_id_PN, gold_id_P, sizes, row_steps, time_score)
 
 
 def _round_chunk(groups: int, prompt_chunk: int, shards: int) -> int:
@@ -262,7 +262,7 @@ class Voted:
     gen: Generation  # [P, n_max] slots; prompt p's first votes_P[p] are drawn, the rest empty
     answer_id_PN: np.ndarray  # int32, grpo.NOT_DRAWN on the empty slots
     gold_id_P: np.ndarray
-    rounds: int
+    round_groups: list[int]  # each round's group count G (a round is G x n_min or n_step rows)
     row_steps: int  # rows x decode steps of the rounds' programs (idle and stopped rows too)
     time_reward: float  # seconds of it spent scoring answers
 

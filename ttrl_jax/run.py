@@ -150,7 +150,7 @@ def ttrl_step(job: job_lib.Job, root: jax.Array, step: int) -> dict[str, float]:
         gen, answer_id_PN, gold_id_P = voted.gen, voted.answer_id_PN, voted.gold_id_P
         t_reward = time.perf_counter()
         t_sample = t_reward - voted.time_reward
-        rounds, row_steps = voted.rounds, voted.row_steps
+        groups, row_steps = voted.round_groups, voted.row_steps
     else:
         # Sample n_vote responses per prompt with the current policy.
         gen = job.generator(params, prompts, key, job.parts.sampling, s.n_vote, s.max_new_tokens)
@@ -159,7 +159,7 @@ def ttrl_step(job: job_lib.Job, root: jax.Array, step: int) -> dict[str, float]:
         answer_id_PN, gold_id_P = rollout_lib.answer_ids(gen, golds, **answers)
         t_reward = time.perf_counter()
         chunk = min(s.prompt_chunk or len(idx), len(idx))
-        rounds, row_steps = 1, chunk * s.n_vote * int(gen.rollout.num_steps)
+        groups, row_steps = [len(idx)], chunk * s.n_vote * int(gen.rollout.num_steps)
     audit = _audit(job, gen, answer_id_PN, gold_id_P, params, prompts, golds, key, answers)
     t_audit = time.perf_counter()
     # Vote, rewards, advantages and the GRPO updates: one compiled step.
@@ -176,7 +176,8 @@ def ttrl_step(job: job_lib.Job, root: jax.Array, step: int) -> dict[str, float]:
         time_reward=t_reward - t_sample, time_train=t_end - t_audit,
         sample_tokens_per_s=tokens / (t_sample - t0),
         truncated=float((gen.finish_PN == sampler_lib.FINISH_LENGTH)[drawn_PN].mean()),
-        sample_tokens=tokens, sample_row_steps=row_steps, vote_rounds=rounds,
+        sample_tokens=tokens, sample_row_steps=row_steps, vote_rounds=len(groups),
+        vote_round_groups=groups,
         votes_saved=1.0 - float(drawn_PN.mean()),
         votes_per_prompt=vote_budget_lib.votes_drawn(answer_id_PN).tolist(),
         **audit,
