@@ -3,6 +3,8 @@
 The seam between the sampler and the train step, shared by the TTRL loop and evaluation:
 `Generator` samples a batch and decodes its texts, `answer_ids` scores them on the host, and
 `Generation.train_batch` turns the rollout and its answer ids into the train step's input.
+`Generator.vote_in_rounds` does the first two in rounds for an adaptive vote (vote_budget.py):
+it returns groups of varying size, `grpo.NOT_DRAWN` marking the slots it did not draw.
 
 Multi-host: every process is given the whole batch of prompts, but owns only the prompt groups
 whose rows the mesh places on its own devices (`sharding.process_rows`). It feeds those prompts

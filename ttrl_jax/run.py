@@ -2,7 +2,8 @@
 
 With no arguments it runs the built-in CPU default (configs/toy.yaml: the tiny model shipped in
 ttrl_jax/toy/model on the synthetic unlabeled test split). Each step samples n_vote responses
-per prompt, turns their final answers into ids on the host, and runs the compiled TTRL step;
+per prompt (or, with ttrl.vote_rule lead | posterior, samples in rounds until each prompt's vote
+is settled), turns their final answers into ids on the host, and runs the compiled TTRL step;
 gold labels are used only for metrics.
 
 Multi-host (a TPU pod slice, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID

@@ -13,6 +13,9 @@ R = max_new_tokens new tokens per row:
 3. **Sample** with `token_draw.sample_token`: temperature, top-k, top-p, min-p and greedy,
    without sorting the vocabulary (see there), one pair of uniforms per row and step.
 
+`decode_groups` (the decode loop over groups of rows, each group one prefilled prompt) and
+`prefill_prompts` are shared with rounds.py, which samples in rounds from one stored prefill.
+
 Random streams are per response: response n of prompt p draws token t with
 fold_in(fold_in(fold_in(key, p), n), t), p and n being indices the caller may set. So a response
 does not depend on what else is in the batch: the same rows come out in one call or in several,
