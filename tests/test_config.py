@@ -205,6 +205,12 @@ def test_invalid_yaml_syntax(tmp_path):
         (["data.episodes=0"], "data.episodes=0"),
         (["eval.k=0"], "eval.k=0"),
         (["run.keep_checkpoints=0"], "run.keep_checkpoints"),
+        (["sample.n_vote_min=16"], "sample.n_vote_min=16 must be between sample.n_train=32"),
+        (["sample.n_vote_min=65"], "sample.n_vote_min=65"),
+        (["sample.n_vote_step=0"], "sample.n_vote_step=0"),
+        (["ttrl.vote_rule=sprt"], "ttrl.vote_rule='sprt'"),
+        (["ttrl.vote_error=0"], "ttrl.vote_error=0"),
+        (["ttrl.vote_rule=lead", "mesh.shape=16x1"], "adaptive vote's rounds (data.batch_prompts)"),
     ],
 )
 def test_invalid_values_name_the_key(overrides, key):

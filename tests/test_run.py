@@ -152,3 +152,32 @@ def test_response_bucket():
     assert rollout_lib.response_bucket(769, 3072) == 1536
     assert rollout_lib.response_bucket(3072, 3072) == 3072
     assert rollout_lib.response_bucket(10, 12) == 12
+
+
+@pytest.mark.slow
+def test_adaptive_vote_run(data_file, tmp_path):
+    # The packaged toy model (it answers, so votes settle) on 6 prompts: the posterior rule
+    # with the audit. Each prompt draws between n_vote_min and n_vote responses, the drawn ones
+    # are exactly the full draw's prefixes, and the train step runs on the ragged groups.
+    out = tmp_path / "run"
+    proc = subprocess_run([
+        "model.name_or_path=toy", f"data.path={data_file}", f"run.out_dir={out}",
+        "sample.n_vote=8", "sample.n_train=2", "sample.n_vote_min=2", "sample.n_vote_step=2",
+        "sample.max_new_tokens=48", "sample.prompt_buckets=[128]", "data.batch_prompts=2",
+        "optim.mini_batch_prompts=1", "ttrl.vote_rule=posterior", "ttrl.vote_error=0.1",
+        "ttrl.vote_audit=true", "eval.k=1", "eval.greedy=false", "eval.max_new_tokens=48",
+        "eval.before_training=false", "run.max_steps=2", "run.checkpoint_every=0",
+        "run.tensorboard=false",
+    ])  # fmt: skip
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log
+    trains = [r for r in records(out) if r.get("train")]
+    assert len(trains) == 2
+    votes = [v for r in trains for v in r["votes_per_prompt"]]
+    assert all(2 <= v <= 8 for v in votes) and min(votes) < 8
+    for r in trains:
+        assert r["votes_drawn"] == pytest.approx(sum(r["votes_per_prompt"]) / 2)
+        assert r["audit/same_responses"] == 1.0
+        assert r["sample_tokens"] <= r["audit/sample_tokens_full"]
+        assert 0 <= r["audit/label_agreement"] <= 1 and r["vote_rounds"] >= 1
+        assert r["votes_saved"] == pytest.approx(1 - sum(r["votes_per_prompt"]) / 16)

@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 from scipy import stats
 
-from ttrl_jax import model, rollout, sampler, sharding
+from ttrl_jax import model, rollout, rounds, sampler, sharding
 from ttrl_jax.toy import tokenizer as toy_tokenizer
 
 P, T, N, R = 4, 8, 2, 7
@@ -325,6 +325,71 @@ def test_sharded_greedy_equals_full_forward(llama):
     _check_against_reference(llama, out)
 
 
+# ----------------------------------------------------------------------------- rounds
+
+
+def _round(case, prefilled, groups, samples, live=None, mesh=None, params=None, **kw):
+    return rounds.sample_groups(
+        case.params if params is None else params, case.cfg, prefilled, jax.random.key(3),
+        sampler.SamplingParams.make(temperature=1.0), np.asarray(groups), np.asarray(samples),
+        None if live is None else np.asarray(live, bool), max_new_tokens=R,
+        stop_ids=case.stop_ids, pad_id=PAD, mesh=mesh, **kw,
+    )  # fmt: skip
+
+
+def _assert_round_rows(out, groups, samples, live, whole):
+    """Live rows equal the one-call rows of their (prompt, sample index); idle rows are empty."""
+    got, want = _rows(out), _rows(whole)
+    live = np.asarray(live, bool)
+    g, j = np.nonzero(live)
+    p, n = np.asarray(groups)[g], np.asarray(samples)[g, j]
+    _assert_same_rows([x[g, j] for x in got], [x[p, n] for x in want])
+    assert not np.asarray(out.mask_PNR)[~live].any()
+    assert (np.asarray(out.length_PN)[~live] == 0).all()
+
+
+def test_rounds_give_the_responses_of_one_call(qwen3):
+    # One prefill, then rounds of any shape: a first round of samples 0..2 of every prompt, a
+    # second where prompt 1 gets two groups, prompt 3 one with an idle row, one group is idle.
+    whole = _sample_rows(qwen3, qwen3.tokens, qwen3.mask, 8)
+    prefilled = rounds.prefill(qwen3.params, qwen3.cfg, qwen3.tokens, qwen3.mask)
+    first = (np.arange(P), np.tile(np.arange(3), (P, 1)), np.ones((P, 3)))
+    _assert_round_rows(_round(qwen3, prefilled, *first), *first, whole)
+    second = (
+        [1, 1, 3, 0],
+        [[3, 4, 5], [6, 7, 0], [3, 4, 5], [0, 1, 2]],
+        [[1, 1, 1], [1, 1, 0], [1, 1, 0], [0, 0, 0]],
+    )
+    for chunk in (None, 2):
+        out = _round(qwen3, prefilled, *second, group_chunk=chunk)
+        _assert_round_rows(out, *second, whole)
+    # The idle rows do not hold the loop up: a round of prompt 0's rows alone (it stops at its
+    # third token) ends as soon as they do.
+    only_0 = ([0, 2], [[0, 1, 2], [0, 1, 2]], [[1, 1, 1], [0, 0, 0]])
+    greedy = rounds.sample_groups(
+        qwen3.params, qwen3.cfg, prefilled, jax.random.key(0), sampler.SamplingParams.make(0.0),
+        *(np.asarray(x) for x in only_0[:2]), np.asarray(only_0[2], bool), max_new_tokens=R,
+        stop_ids=qwen3.stop_ids, pad_id=PAD,
+    )  # fmt: skip
+    assert int(greedy.num_steps) < R - 1
+
+
+def test_sharded_rounds_equal_one_unsharded_call(llama):
+    # 2x4 mesh: prompts and groups split over data in two blocks; each group draws for a
+    # prompt of its own block (prompt 1 twice in block 0, one idle row in block 1).
+    mesh, params, case = _on_2x4_mesh(llama)
+    whole = _sample_rows(llama, llama.tokens, llama.mask, 8)
+    prefilled = rounds.prefill(params, case.cfg, case.tokens, case.mask, mesh=mesh)
+    plan = ([1, 1, 3, 2], [[0, 1], [2, 3], [5, 6], [7, 0]], [[1, 1], [1, 1], [1, 1], [1, 0]])
+    out = _round(llama, prefilled, *plan, mesh=mesh, params=params)
+    assert out.tokens_PNR.sharding.is_equivalent_to(
+        NamedSharding(mesh, PartitionSpec("data", None, None)), 3
+    )
+    _assert_round_rows(out, *plan, whole)
+    with pytest.raises(ValueError, match="one of the 4 prompts of its own data shard"):
+        _round(llama, prefilled, [2, 1, 3, 2], *plan[1:], mesh=mesh, params=params)
+
+
 # ------------------------------------------------------------- long responses, prompt chunks
 
 
@@ -560,7 +625,8 @@ def test_sample_rejects_index_arrays_of_the_wrong_shape(qwen3):
 def test_sampler_compiles_for_tpu_v5e_2x2(v5e_devices):
     # The tiny model in bfloat16 with 128-wide heads (TPU tiles), sharded (rows over data, heads
     # over model), the prefill by the Pallas kernel, responses longer than an attention block; in
-    # one pass and in two passes of 2 prompts, whose decode loop holds half the caches.
+    # one pass and in two passes of 2 prompts, whose decode loop holds half the caches; and in
+    # rounds from one prefill (an adaptive vote).
     mesh = sharding.make_mesh("2x2", v5e_devices)
     cfg = LLAMA_CFG.replace(dtype="bfloat16", head_dim=128)
     shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
@@ -588,3 +654,17 @@ def test_sampler_compiles_for_tpu_v5e_2x2(v5e_devices):
     # Per device: P/2 prompts x n rows, 2 layers, 1 kv head, keys and values of R - 1 slots.
     caches = P // 2 * n * 2 * 1 * (length - 1) * 128 * 2 * 2
     assert peak[0] - peak[2] > 0.9 * caches / 2
+
+    # The same in rounds: the prefill once (the Pallas kernel), then a first round of n/2 rows
+    # per prompt and a later one of P/2 groups x n/4 rows, decoding from the stored prefill.
+    with jax.default_matmul_precision("default"):
+        prefill = rounds.compiled_prefill(cfg, P, T, mesh).lower(*args[:3], args[1]).compile()
+    assert "tpu_custom_call" in prefill.as_text()
+    for groups, rows in ((P, n // 2), (P // 2, n // 4)):
+        stored, *plan = rounds.abstract_round_inputs(cfg, mesh, P, T, groups, rows)
+        fn = rounds.compiled_groups(cfg, rows, length, (1,), PAD, mesh, kv_block=64)
+        with jax.default_matmul_precision("default"):
+            compiled = fn.lower(params, stored, *args[3:], *plan).compile()
+        # Its response caches, and no more: a round of half the rows saves half the caches.
+        saved = caches * (1 - groups * rows / (P * n))
+        assert peak[0] - compiled.memory_analysis().peak_memory_in_bytes > 0.9 * saved

@@ -17,6 +17,7 @@ from ttrl_jax.answers import AnswerMode
 from ttrl_jax.grpo import Reward
 from ttrl_jax.model_config import Attention, Remat
 from ttrl_jax.verifier import DEFAULT_TIMEOUT_S
+from ttrl_jax.vote_budget import VoteRule
 
 TOY_MODEL = "toy"  # model.name_or_path for the tiny model shipped in ttrl_jax/toy/model
 TOY_MODEL_DIR = Path(__file__).resolve().parent / "toy" / "model"
@@ -74,6 +75,12 @@ class SampleSection:
 
     n_vote: int = 64  # responses per prompt for the majority vote
     n_train: int = 32  # of those, responses per prompt used in the update
+    # An adaptive vote (ttrl.vote_rule lead | posterior) draws n_vote_min responses per prompt
+    # first (null = n_train, the fewest the update can use), then rounds of groups of
+    # n_vote_step more (null = half of n_vote_min) for the prompts whose vote is not settled,
+    # up to n_vote. Ignored by the fixed rule.
+    n_vote_min: int | None = None
+    n_vote_step: int | None = None
     temperature: float = 1.0  # 1.0 for Qwen2.5-Math, 0.6 for instruct models
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
@@ -93,6 +100,17 @@ class SampleSection:
         out.need(
             1 <= self.n_train <= self.n_vote,
             f"sample.n_train={self.n_train} must be between 1 and sample.n_vote={self.n_vote}",
+        )
+        if self.n_vote_min is not None:
+            out.need(
+                self.n_train <= self.n_vote_min <= self.n_vote,
+                f"sample.n_vote_min={self.n_vote_min} must be between sample.n_train="
+                f"{self.n_train} (the update trains on that many per prompt) and sample.n_vote="
+                f"{self.n_vote}",
+            )
+        out.need(
+            self.n_vote_step is None or self.n_vote_step >= 1,
+            f"sample.n_vote_step={self.n_vote_step} must be at least 1 (or null)",
         )
         out += _sampling_problems("sample", self)
         out.need(self.top_k >= 0, f"sample.top_k={self.top_k} must be >= 0 (0 = off)")
@@ -134,9 +152,18 @@ class TTRLSection:
     # number (instruct models that answer in free text: "9 + 8 equals 17.").
     last_number_fallback: bool = False
     answer_timeout_s: float = DEFAULT_TIMEOUT_S  # math-verify seconds per distinct answer
+    # The vote's budget (vote_budget.py): "fixed" draws sample.n_vote per prompt in one call;
+    # "lead" stops a prompt once the remaining draws cannot change its winner; "posterior" once
+    # the chance that they change it is below vote_error. See sample.n_vote_min / n_vote_step.
+    vote_rule: VoteRule = "fixed"
+    vote_error: float = 0.05
+    # Also draw the full sample.n_vote per prompt (not trained on) and log how the adaptive
+    # vote's pseudo-labels compare with the fixed budget's on the same responses (audit/...).
+    vote_audit: bool = False
 
     def problems(self) -> list[str]:
         out = _Problems()
+        out.need(0 < self.vote_error < 1, f"ttrl.vote_error={self.vote_error} must be in (0, 1)")
         out.need(
             0 <= self.min_majority_ratio <= 1,
             f"ttrl.min_majority_ratio={self.min_majority_ratio} must be in [0, 1]",

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 # Panels of the curves figure: (title, metric keys plotted in it).
 PANELS = (
@@ -74,6 +75,9 @@ class Logbook:
         if self.tb is not None:
             for k, v in numbers.items():
                 self.tb.add_scalar(k, v, step)
+            for k, v in record.items():  # per-prompt lists, e.g. votes_per_prompt
+                if isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
+                    self.tb.add_histogram(k, np.asarray(v), step)
             self.tb.flush()
         if self.wandb is not None:
             self.wandb.log(numbers, step=step)
@@ -158,7 +162,10 @@ def summary(records: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], str]:
             lines.append(f"| {k[5:]} | {first[k]:.3f} | {last.get(k, float('nan')):.3f} |")
     if trains:
         out["last_train"] = trains[-1]
-        for k in ("label_accuracy", "reward_accuracy", "majority_ratio", "rollout_accuracy"):
+        for k in (
+            "label_accuracy", "reward_accuracy", "majority_ratio", "rollout_accuracy",
+            "votes_drawn",
+        ):  # fmt: skip
             if k in trains[0]:
                 lines.append(f"| train {k} | {trains[0][k]:.3f} | {trains[-1][k]:.3f} |")
     out["steps"] = trains[-1]["step"] if trains else 0

@@ -18,6 +18,7 @@ from ttrl_jax import config as config_lib
 from ttrl_jax import model as model_lib
 from ttrl_jax import sampler as sampler_lib
 from ttrl_jax import train as train_lib
+from ttrl_jax import vote_budget as vote_budget_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +107,20 @@ def step_hyper(cfg: config_lib.Config) -> train_lib.StepHyper:
         entropy_coef=o.entropy_coef,
         min_majority_ratio=cfg.ttrl.min_majority_ratio,
         ettrl_alpha=cfg.ttrl.ettrl_alpha,
+    )
+
+
+def vote_budget(cfg: config_lib.Config) -> vote_budget_lib.VoteBudget:
+    """The rollout vote's budget: rule, first round, later rounds' groups, error level."""
+    s, t = cfg.sample, cfg.ttrl
+    n_min = s.n_vote_min or s.n_train
+    return vote_budget_lib.VoteBudget(
+        rule=t.vote_rule,
+        n_max=s.n_vote,
+        n_min=n_min,
+        n_step=s.n_vote_step or max(1, n_min // 2),
+        error=t.vote_error,
+        audit=t.vote_audit,
     )
 
 

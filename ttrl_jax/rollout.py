@@ -3,6 +3,8 @@
 The seam between the sampler and the train step, shared by the TTRL loop and evaluation:
 `Generator` samples a batch and decodes its texts, `answer_ids` scores them on the host, and
 `Generation.train_batch` turns the rollout and its answer ids into the train step's input.
+`Generator.vote_in_rounds` does the first two in rounds for an adaptive vote (vote_budget.py):
+it returns groups of varying size, `grpo.NOT_DRAWN` marking the slots it did not draw.
 
 Multi-host: every process is given the whole batch of prompts, but owns only the prompt groups
 whose rows the mesh places on its own devices (`sharding.process_rows`). It feeds those prompts
@@ -14,6 +16,7 @@ the evaluation are the same on every process.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,12 +24,14 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from ttrl_jax import grpo, rewards
 from ttrl_jax import model as model_lib
 from ttrl_jax import prompts as prompts_lib
-from ttrl_jax import rewards
+from ttrl_jax import rounds as rounds_lib
 from ttrl_jax import sampler as sampler_lib
 from ttrl_jax import sharding as sharding_lib
 from ttrl_jax import train as train_lib
+from ttrl_jax import vote_budget as vote_budget_lib
 
 
 def response_bucket(longest: int, max_new_tokens: int) -> int:
@@ -144,16 +149,191 @@ class Generator:
 
     def decode(self, rollout: sampler_lib.Rollout) -> list[list[str]]:
         """Response texts; the stop token and padding are dropped, special tokens skipped."""
-        tokens_PNR, length_PN = np.asarray(rollout.tokens_PNR), np.asarray(rollout.length_PN)
-        finish_PN = np.asarray(rollout.finish_PN)
+        length_PN = np.asarray(rollout.length_PN)
         P, N = length_PN.shape
-        rows = []
-        for p in range(P):
-            for n in range(N):
-                end = int(length_PN[p, n]) - int(finish_PN[p, n] == sampler_lib.FINISH_STOP)
-                rows.append(tokens_PNR[p, n, :end].tolist())
-        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        texts = self._texts(
+            np.asarray(rollout.tokens_PNR).reshape(P * N, -1), length_PN.reshape(-1),
+            np.asarray(rollout.finish_PN).reshape(-1),
+        )  # fmt: skip
         return [texts[p * N : (p + 1) * N] for p in range(P)]
+
+    def _texts(self, tokens_BR, length_B, finish_B) -> list[str]:
+        rows = []
+        for tokens, length, finish in zip(tokens_BR, length_B, finish_B):
+            end = int(length) - int(finish == sampler_lib.FINISH_STOP)
+            rows.append(tokens[:end].tolist())
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+    def vote_in_rounds(
+        self,
+        params: Any,
+        prompt_ids: Sequence[Sequence[int]],
+        key: jax.Array,
+        sampling: sampler_lib.SamplingParams,
+        budget: vote_budget_lib.VoteBudget,
+        max_new_tokens: int,
+        golds: Sequence[str | None],
+        *,
+        mode: str = "math",
+        timeout_s: float = rewards.DEFAULT_TIMEOUT_S,
+        last_number_fallback: bool = False,
+    ) -> Voted:
+        """Samples in rounds until every prompt's vote is settled (vote_budget.py).
+
+        The prompts are prefilled once; a first round draws samples 0 .. n_min - 1 of each, and
+        every later round gives its P groups of n_step rows to the prompts not yet settled.
+        Each round's responses are decoded and scored as they come (`PrefixScorer`; golds and
+        the answer settings as for `answer_ids`), every prompt's drawn answers clustered
+        together. Slot n of a prompt holds its sample n: the drawn
+        responses of a prompt are slots 0 .. votes - 1, the same responses one call of
+        `__call__` with n_samples = n_max gives there.
+        """
+        prompt_PT, prompt_mask_PT = prompts_lib.bucket_and_pad(
+            prompt_ids, self.buckets, self.pad_id
+        )
+        P, N, R = len(prompt_ids), budget.n_max, max_new_tokens
+        mine = sharding_lib.process_rows(self.mesh, P)
+        prompt_PT, prompt_mask_PT = prompt_PT[mine], prompt_mask_PT[mine]
+        tokens, mask = prompt_PT, prompt_mask_PT
+        if self.mesh is not None:
+            tokens, mask = sharding_lib.global_rows(
+                (tokens, mask), self.mesh, sharding_lib.SAMPLE_RULES
+            )
+        prefilled = rounds_lib.prefill(params, self.cfg, tokens, mask, mesh=self.mesh)
+        scorer = PrefixScorer(list(golds[mine]), mode, timeout_s, last_number_fallback)
+        out = _Slots(mine.stop - mine.start, N, R, self.pad_id)
+        shards = 1 if self.mesh is None else self.mesh.shape["data"]
+        plan = vote_budget_lib.first_round(P, budget.n_min)
+        row_steps = 0
+        time_score, sizes = 0.0, []
+        while plan is not None:
+            # This process's groups: they draw for its own prompts (vote_budget.next_round).
+            held = sharding_lib.process_rows(self.mesh, len(plan.group_prompt_G))
+            block = [x[held] for x in (plan.group_prompt_G, plan.sample_index_GN, plan.live_GN)]
+            args = block if jax.process_count() == 1 else sharding_lib.global_rows(
+                tuple(block), self.mesh, sharding_lib.SAMPLE_RULES)  # fmt: skip
+            got = rounds_lib.sample_groups(
+                params, self.cfg, prefilled, key, sampling, *args, max_new_tokens=R,
+                stop_ids=self.stop_ids, pad_id=self.pad_id, mesh=self.mesh,
+                group_chunk=_round_chunk(len(plan.group_prompt_G), self.prompt_chunk, shards),
+            )  # fmt: skip
+            got = sharding_lib.local_rows(got)
+            # num_steps adds up the passes of prompt_chunk groups each.
+            G, n = plan.sample_index_GN.shape
+            sizes.append(G)
+            rows_per_pass = (_round_chunk(G, self.prompt_chunk, shards) or G) * n
+            row_steps += rows_per_pass * int(got.num_steps)
+            g, j = np.nonzero(block[2])
+            p, n = block[0][g] - mine.start, block[1][g, j]
+            out.put(p, n, got, g, j)
+            texts = self._texts(
+                np.asarray(got.tokens_PNR)[g, j], np.asarray(got.length_PN)[g, j],
+                np.asarray(got.finish_PN)[g, j],
+            )  # fmt: skip
+            t0 = time.perf_counter()
+            scorer.add(p, n, texts)
+            answer_id_PN, gold_id_P = scorer.ids(N)
+            time_score += time.perf_counter() - t0
+            answer_id_PN = sharding_lib.gather_rows(answer_id_PN)
+            gold_id_P = sharding_lib.gather_rows(gold_id_P)
+            plan = vote_budget_lib.next_round(
+                vote_budget_lib.votes_drawn(answer_id_PN),
+                vote_budget_lib.settled(answer_id_PN, budget), N, budget.n_step, shards,
+            )  # fmt: skip
+        rollout = out.rollout()
+        gen = Generation(
+            prompt_PT, prompt_mask_PT, rollout, out.texts, mine.start,
+            length_PN=sharding_lib.gather_rows(rollout.length_PN),
+            finish_PN=sharding_lib.gather_rows(rollout.finish_PN),
+        )  # fmt: skip
+        return Voted(gen, answer_id_PN, gold_id_P, sizes, row_steps, time_score)
+
+
+def _round_chunk(groups: int, prompt_chunk: int, shards: int) -> int:
+    """Groups per decode pass of a round: the largest divisor of `groups` that is at most
+    sample.prompt_chunk and splits over the data axis (0 = all in one pass)."""
+    if not prompt_chunk or prompt_chunk >= groups:
+        return 0
+    return max(c for c in range(shards, prompt_chunk + 1, shards) if groups % c == 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Voted:
+    """An adaptive vote on the host: ragged groups and their answer ids (every prompt's)."""
+
+    gen: Generation  # [P, n_max] slots; prompt p's first votes_P[p] are drawn, the rest empty
+    answer_id_PN: np.ndarray  # int32, grpo.NOT_DRAWN on the empty slots
+    gold_id_P: np.ndarray
+    round_groups: list[int]  # each round's group count G (a round is G x n_min or n_step rows)
+    row_steps: int  # rows x decode steps of the rounds' programs (idle and stopped rows too)
+    time_reward: float  # seconds of it spent scoring answers
+
+
+class _Slots:
+    """Host buffers of one process's prompts x n_max response slots, filled round by round."""
+
+    def __init__(self, P: int, N: int, R: int, pad_id: int):
+        self.tokens_PNR = np.full((P, N, R), pad_id, np.int32)
+        self.mask_PNR = np.zeros((P, N, R), bool)
+        self.logp_PNR = np.zeros((P, N, R), np.float32)
+        self.entropy_PNR = np.zeros((P, N, R), np.float32)
+        self.length_PN = np.zeros((P, N), np.int32)
+        self.finish_PN = np.full((P, N), sampler_lib.FINISH_STOP, np.int32)
+        self.texts = [[""] * N for _ in range(P)]
+        self.steps = 0
+
+    def put(self, p, n, got: sampler_lib.Rollout, g, j) -> None:
+        for name in ("tokens_PNR", "mask_PNR", "logp_PNR", "entropy_PNR", "length_PN"):
+            getattr(self, name)[p, n] = np.asarray(getattr(got, name))[g, j]
+        self.finish_PN[p, n] = np.asarray(got.finish_PN)[g, j]
+        self.steps += int(got.num_steps)
+
+    def rollout(self) -> sampler_lib.Rollout:
+        return sampler_lib.Rollout(
+            self.tokens_PNR, self.mask_PNR, self.logp_PNR, self.entropy_PNR, self.length_PN,
+            self.finish_PN, np.int32(self.steps),
+        )  # fmt: skip
+
+
+@dataclasses.dataclass
+class PrefixScorer:
+    """Answer ids of prompts whose responses arrive in rounds, in sample order.
+
+    Each response's final answer is extracted once; a prompt's ids are those of clustering all
+    its drawn answers together (redone when it grows), so they are numbered by first
+    appearance in sample order, as for the same responses drawn in one call.
+    """
+
+    golds: Sequence[str | None]  # this process's prompts'
+    mode: str = "math"
+    timeout_s: float = rewards.DEFAULT_TIMEOUT_S
+    last_number_fallback: bool = False
+
+    def __post_init__(self):
+        self._answers: list[dict[int, str | None]] = [{} for _ in self.golds]
+        self._ids: list[tuple[list[int], int] | None] = [None] * len(self.golds)
+
+    def add(self, p_B: np.ndarray, n_B: np.ndarray, texts_B: Sequence[str]) -> None:
+        for p, n, text in zip(p_B, n_B, texts_B):
+            answer = rewards.extract_answer(text, self.mode, self.last_number_fallback)
+            self._answers[int(p)][int(n)] = answer
+            self._ids[int(p)] = None
+
+    def ids(self, n_max: int) -> tuple[np.ndarray, np.ndarray]:
+        """(answer_id_PN with grpo.NOT_DRAWN past each prompt's draws, gold_id_P)."""
+        answer_id_PN = np.full((len(self.golds), n_max), grpo.NOT_DRAWN, np.int32)
+        gold_id_P = np.full((len(self.golds),), -1, np.int32)
+        for p, (answers, gold) in enumerate(zip(self._answers, self.golds)):
+            if len(answers) and sorted(answers) != list(range(len(answers))):
+                raise ValueError(f"prompt {p}: samples {sorted(answers)} are not a prefix")
+            if self._ids[p] is None:
+                ordered = [answers[n] for n in range(len(answers))]
+                self._ids[p] = rewards.cluster_answers(
+                    ordered, gold, mode=self.mode, timeout_s=self.timeout_s
+                )
+            ids, gold_id_P[p] = self._ids[p]
+            answer_id_PN[p, : len(ids)] = ids
+        return answer_id_PN, gold_id_P
 
 
 def answer_ids(

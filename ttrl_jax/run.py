@@ -2,7 +2,8 @@
 
 With no arguments it runs the built-in CPU default (configs/toy.yaml: the tiny model shipped in
 ttrl_jax/toy/model on the synthetic unlabeled test split). Each step samples n_vote responses
-per prompt, turns their final answers into ids on the host, and runs the compiled TTRL step;
+per prompt (or, with ttrl.vote_rule lead | posterior, samples in rounds until each prompt's vote
+is settled), turns their final answers into ids on the host, and runs the compiled TTRL step;
 gold labels are used only for metrics.
 
 Multi-host (a TPU pod slice, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
@@ -29,12 +30,15 @@ import jax
 from ttrl_jax import checkpoint as checkpoint_lib
 from ttrl_jax import config as config_lib
 from ttrl_jax import evaluate as evaluate_lib
+from ttrl_jax import grpo, preemption, weights
 from ttrl_jax import job as job_lib
 from ttrl_jax import logbook as logbook_lib
-from ttrl_jax import preemption, weights
+from ttrl_jax import parts as parts_lib
 from ttrl_jax import rollout as rollout_lib
 from ttrl_jax import rundir as rundir_lib
 from ttrl_jax import sampler as sampler_lib
+from ttrl_jax import sharding as sharding_lib
+from ttrl_jax import vote_budget as vote_budget_lib
 
 # Streams of the root key: each purpose folds its own constant, then the step.
 _SAMPLE, _SELECT, _EVAL = 1, 2, 3
@@ -129,21 +133,36 @@ def run(cfg: config_lib.Config) -> dict[str, Any]:
 
 def ttrl_step(job: job_lib.Job, root: jax.Array, step: int) -> dict[str, float]:
     """One TTRL step on the job's state: sample, score, update; returns its metrics."""
-    cfg, s = job.cfg, job.cfg.sample
-    t0 = time.perf_counter()
-    # Sample n_vote responses per prompt with the current policy.
+    cfg, s, t = job.cfg, job.cfg.sample, job.cfg.ttrl
+    budget = parts_lib.vote_budget(cfg)
     idx = job.schedule.batch_indices(step)
-    gen = job.generator(
-        job.sample_params(), [job.task.prompt_ids[i] for i in idx],
-        _stream(root, _SAMPLE, step), job.parts.sampling, s.n_vote, s.max_new_tokens,
+    prompts, golds = [job.task.prompt_ids[i] for i in idx], [job.task.golds[i] for i in idx]
+    key, params = _stream(root, _SAMPLE, step), job.sample_params()
+    answers = dict(
+        mode=t.answer_mode, timeout_s=t.answer_timeout_s,
+        last_number_fallback=t.last_number_fallback,
     )  # fmt: skip
-    t_sample = time.perf_counter()
-    # Their final answers as ids, on the host (each process scores its own prompts).
-    answer_id_PN, gold_id_P = rollout_lib.answer_ids(
-        gen, [job.task.golds[i] for i in idx], mode=cfg.ttrl.answer_mode,
-        timeout_s=cfg.ttrl.answer_timeout_s, last_number_fallback=cfg.ttrl.last_number_fallback,
-    )  # fmt: skip
-    t_reward = time.perf_counter()
+    t0 = time.perf_counter()
+    if budget.adaptive:
+        # Sample in rounds, scoring each round's answers, until every prompt's vote is settled.
+        voted = job.generator.vote_in_rounds(
+            params, prompts, key, job.parts.sampling, budget, s.max_new_tokens, golds, **answers
+        )
+        gen, answer_id_PN, gold_id_P = voted.gen, voted.answer_id_PN, voted.gold_id_P
+        t_reward = time.perf_counter()
+        t_sample = t_reward - voted.time_reward
+        groups, row_steps = voted.round_groups, voted.row_steps
+    else:
+        # Sample n_vote responses per prompt with the current policy.
+        gen = job.generator(params, prompts, key, job.parts.sampling, s.n_vote, s.max_new_tokens)
+        t_sample = time.perf_counter()
+        # Their final answers as ids, on the host (each process scores its own prompts).
+        answer_id_PN, gold_id_P = rollout_lib.answer_ids(gen, golds, **answers)
+        t_reward = time.perf_counter()
+        chunk = min(s.prompt_chunk or len(idx), len(idx))
+        groups, row_steps = [len(idx)], chunk * s.n_vote * int(gen.rollout.num_steps)
+    audit = _audit(job, gen, answer_id_PN, gold_id_P, params, prompts, golds, key, answers)
+    t_audit = time.perf_counter()
     # Vote, rewards, advantages and the GRPO updates: one compiled step.
     batch = gen.train_batch(answer_id_PN, gold_id_P, s.max_new_tokens, job.mesh)
     job.state, metrics = job.step_fn(
@@ -151,13 +170,41 @@ def ttrl_step(job: job_lib.Job, root: jax.Array, step: int) -> dict[str, float]:
     )
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     t_end = time.perf_counter()
+    drawn_PN = grpo.drawn(answer_id_PN)
+    tokens = int(gen.length_PN.sum())
     metrics.update(
         episode=job.schedule.position(step)[0], time_sample=t_sample - t0,
-        time_reward=t_reward - t_sample, time_train=t_end - t_reward,
-        sample_tokens_per_s=int(gen.length_PN.sum()) / (t_sample - t0),
-        truncated=float((gen.finish_PN == sampler_lib.FINISH_LENGTH).mean()),
+        time_reward=t_reward - t_sample, time_train=t_end - t_audit,
+        sample_tokens_per_s=tokens / (t_sample - t0),
+        truncated=float((gen.finish_PN == sampler_lib.FINISH_LENGTH)[drawn_PN].mean()),
+        sample_tokens=tokens, sample_row_steps=row_steps, vote_rounds=len(groups),
+        vote_round_groups=groups,
+        votes_saved=1.0 - float(drawn_PN.mean()),
+        votes_per_prompt=vote_budget_lib.votes_drawn(answer_id_PN).tolist(),
+        **audit,
     )  # fmt: skip
+    if audit:
+        metrics["time_audit"] = t_audit - t_reward
     return metrics
+
+
+def _audit(job, gen, answer_id_PN, gold_id_P, params, prompts, golds, key, answers) -> dict:
+    """With ttrl.vote_audit: the full budget drawn too (the same key, so the adaptive responses
+    are its prefixes), its fixed-budget vote against the adaptive one. Not trained on."""
+    s = job.cfg.sample
+    if not job.cfg.ttrl.vote_audit:
+        return {}
+    full = job.generator(params, prompts, key, job.parts.sampling, s.n_vote, s.max_new_tokens)
+    full_id_PN, full_gold_P = rollout_lib.answer_ids(full, golds, **answers)
+    drawn_PN = grpo.drawn(answer_id_PN)[gen.prompts]
+    same_PN = (gen.rollout.tokens_PNR == full.rollout.tokens_PNR).all(-1) | ~drawn_PN
+    out = vote_budget_lib.audit_metrics(
+        answer_id_PN, gold_id_P, full_id_PN, full_gold_P, sharding_lib.gather_rows(same_PN)
+    )
+    full_tokens = int(full.length_PN.sum())
+    out["audit/sample_tokens_full"] = full_tokens
+    out["audit/tokens_saved"] = 1.0 - int(gen.length_PN.sum()) / max(full_tokens, 1)
+    return out
 
 
 class TrainingDiverged(RuntimeError):

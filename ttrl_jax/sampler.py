@@ -13,6 +13,9 @@ R = max_new_tokens new tokens per row:
 3. **Sample** with `token_draw.sample_token`: temperature, top-k, top-p, min-p and greedy,
    without sorting the vocabulary (see there), one pair of uniforms per row and step.
 
+`decode_groups` (the decode loop over groups of rows, each group one prefilled prompt) and
+`prefill_prompts` are shared with rounds.py, which samples in rounds from one stored prefill.
+
 Random streams are per response: response n of prompt p draws token t with
 fold_in(fold_in(fold_in(key, p), n), t), p and n being indices the caller may set. So a response
 does not depend on what else is in the batch: the same rows come out in one call or in several,
@@ -243,7 +246,7 @@ def _sample_impl(
     # (their caches are T slots per prompt, against N·(R-1) per prompt for the responses).
     dparams = decode.decode_params(cfg, params, fuse=decode.split_size("heads") == 1)
     prompt_mask_PT = prompt_mask_PT.astype(bool)
-    logits_PV, prompt_kv = _prefill(cfg, params, prompt_PT.astype(jnp.int32), prompt_mask_PT)
+    logits_PV, prompt_kv = prefill_prompts(cfg, params, prompt_PT.astype(jnp.int32), prompt_mask_PT)
     per_prompt = (
         logits_PV,
         prompt_kv,
@@ -251,23 +254,36 @@ def _sample_impl(
         prompt_index_P.astype(jnp.int32),
         sample_index_PN.astype(jnp.int32),
     )
+    return decode_groups(
+        dparams, key, sampling, per_prompt, cfg=cfg, N=N, R=max_new_tokens, stop_ids=stop_ids,
+        pad_id=pad_id, kv_block=kv_block, chunk=prompt_chunk,
+    )  # fmt: skip
+
+
+def decode_groups(
+    dparams, key, sampling, per_group, *, cfg, N, R, stop_ids, pad_id, kv_block, chunk
+) -> Rollout:
+    """Decodes the N rows of each group of `per_group` = (logits_GV, (keys, values),
+    prompt_mask_GT, prompt_index_G, sample_index_GN[, live_GN]), a group being one prefilled
+    prompt, in passes of `chunk` groups (0 = all)."""
+    G = per_group[2].shape[0]
     decode_pass = functools.partial(
         _decode_pass, dparams, key, sampling,
-        cfg=cfg, N=N, R=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id, kv_block=kv_block,
+        cfg=cfg, N=N, R=R, stop_ids=stop_ids, pad_id=pad_id, kv_block=kv_block,
     )  # fmt: skip
-    C = _passes(P, prompt_chunk, decode.split_size("batch"))
+    C = _passes(G, chunk, decode.split_size("batch"))
     if C == 1:
-        return decode_pass(*per_prompt)
+        return decode_pass(*per_group)
 
-    # Pass c takes prompts c, c + C, c + 2C, ...: with the prompts split over the data axis in
-    # contiguous blocks, every device then samples its own prompts in every pass.
+    # Pass c takes groups c, c + C, c + 2C, ...: with the groups split over the data axis in
+    # contiguous blocks, every device then samples its own groups in every pass.
     def split(x):
-        return jnp.swapaxes(x.reshape((P // C, C) + x.shape[1:]), 0, 1)
+        return jnp.swapaxes(x.reshape((G // C, C) + x.shape[1:]), 0, 1)
 
     def merge(x):
-        return jnp.swapaxes(x, 0, 1).reshape((P,) + x.shape[2:])
+        return jnp.swapaxes(x, 0, 1).reshape((G,) + x.shape[2:])
 
-    out = jax.lax.map(lambda xs: decode_pass(*xs), jax.tree.map(split, per_prompt))
+    out = jax.lax.map(lambda xs: decode_pass(*xs), jax.tree.map(split, per_group))
     return out.replace(
         **{f: merge(getattr(out, f)) for f in _ROW_FIELDS}, num_steps=out.num_steps.sum()
     )
@@ -287,9 +303,10 @@ def _passes(P: int, prompt_chunk: int, data_size: int) -> int:
 
 def _decode_pass(
     dparams, key, sampling, logits_PV, prompt_kv, prompt_mask_PT, prompt_index_P,
-    sample_index_PN, *, cfg, N, R, stop_ids, pad_id, kv_block,
+    sample_index_PN, live_PN=None, *, cfg, N, R, stop_ids, pad_id, kv_block,
 ) -> Rollout:  # fmt: skip
-    """One pass: decode the N rows of each of these prefilled prompts until all have stopped."""
+    """One pass: decode the N rows of each of these prefilled prompts until all have stopped
+    (rows not `live_PN` start stopped and come out empty)."""
     P = prompt_mask_PT.shape[0]
     B = P * N
     key_B = row_keys(key, prompt_index_P, sample_index_PN)
@@ -300,11 +317,15 @@ def _decode_pass(
     )
     temperature = jnp.where(sampling.temperature > 0, sampling.temperature, 1.0)
     n_prompt_B = jnp.repeat(prompt_mask_PT.sum(-1, dtype=jnp.int32), N)
+    live_B = None if live_PN is None else live_PN.reshape(B)  # idle rows start stopped
 
     # Token 0 comes from the prefill logits. Repeating them over the N samples costs one B×V
     # copy per call; every later step has B×V logits anyway.
     logits_BV = decode.constrain(jnp.repeat(logits_PV, N, axis=0), ("batch", "vocab"))
     token_B, logp_B, entropy_B = sample_token(logits_BV, step_keys(key_B, 0), sampling)
+    done_B = _is_stop(token_B, stop_ids)
+    if live_B is not None:
+        done_B = done_B | ~live_B
 
     def put(buf_BR, value_B, step):
         update_B1 = value_B[:, None].astype(buf_BR.dtype)
@@ -318,7 +339,7 @@ def _decode_pass(
     state = _DecodeState(
         step=jnp.ones((), jnp.int32),
         token_B=token_B,
-        done_B=_is_stop(token_B, stop_ids),
+        done_B=done_B,
         tokens_BR=put(jnp.full((B, R), pad_id, jnp.int32), token_B, 0),
         logp_BR=put(jnp.zeros((B, R), jnp.float32), logp_B, 0),
         entropy_BR=put(jnp.zeros((B, R), jnp.float32), entropy_B, 0),
@@ -348,19 +369,22 @@ def _decode_pass(
         )
 
     final = jax.lax.while_loop(cond, body, state)
-    return _finish(final, P, N, stop_ids, pad_id)
+    return _finish(final, P, N, stop_ids, pad_id, live_B)
 
 
 _ROW_FIELDS = ("tokens_PNR", "mask_PNR", "logp_PNR", "entropy_PNR", "length_PN", "finish_PN")
 
 
-def _finish(st: _DecodeState, P: int, N: int, stop_ids, pad_id) -> Rollout:
-    """Masks everything after the first stop token (cumulative-sum trick) and reshapes."""
+def _finish(st: _DecodeState, P: int, N: int, stop_ids, pad_id, live_B=None) -> Rollout:
+    """Masks everything after the first stop token (cumulative-sum trick), and idle rows, and
+    reshapes."""
     B, R = st.tokens_BR.shape
     stop_BR = _is_stop(st.tokens_BR, stop_ids).astype(jnp.int32)
     stops_before_BR = jnp.cumsum(stop_BR, axis=1) - stop_BR
     sampled_R = jnp.arange(R) < st.step  # slots filled before the loop exited
     mask_BR = (stops_before_BR == 0) & sampled_R[None, :]
+    if live_B is not None:
+        mask_BR = mask_BR & live_B[:, None]
     stopped_B = jnp.any(mask_BR & (stop_BR > 0), axis=1)
     rollout = Rollout(
         tokens_PNR=jnp.where(mask_BR, st.tokens_BR, pad_id).reshape(P, N, R),
@@ -387,7 +411,7 @@ def _is_stop(tokens, stop_ids: tuple[int, ...]):
 # ----------------------------------------------------------------------------- prefill
 
 
-def _prefill(cfg, params, prompt_PT, prompt_mask_PT):
+def prefill_prompts(cfg, params, prompt_PT, prompt_mask_PT):
     """Last-position logits [P, V] and per-layer prompt keys [P,K,H,T] / values [P,K,T,H]."""
     P, T = prompt_PT.shape
     module = model_lib.Transformer(cfg)

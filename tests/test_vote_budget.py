@@ -1,0 +1,240 @@
+"""The adaptive vote's stopping rules and round plans on hand-made vote sequences."""
+
+import functools
+
+import numpy as np
+import pytest
+
+from ttrl_jax import grpo
+from ttrl_jax import vote_budget as vb
+
+ND = grpo.NOT_DRAWN
+
+
+def ids(*rows, n_max):
+    """Answer-id rows (drawn prefixes) padded with NOT_DRAWN to n_max slots."""
+    out = np.full((len(rows), n_max), ND, np.int32)
+    for p, row in enumerate(rows):
+        out[p, : len(row)] = row
+    return out
+
+
+def stop_point(sequence, budget):
+    """How many votes of `sequence` (drawn one at a time) the rule draws before it settles."""
+    for n in range(1, len(sequence) + 1):
+        if vb.settled(ids(sequence[:n], n_max=budget.n_max), budget)[0]:
+            return n
+    raise AssertionError("never settled")
+
+
+LEAD = vb.VoteBudget(rule="lead", n_max=16, n_min=1)
+POSTERIOR = vb.VoteBudget(rule="posterior", n_max=16, n_min=1, error=0.05)
+FIXED = vb.VoteBudget(rule="fixed", n_max=16, n_min=1)
+SPLIT_5443 = [0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 0]  # ends 5 / 4 / 4 / 3
+
+
+def test_a_settled_lead_stops():
+    unanimous = [0] * 16
+    # The lead rule needs the leader's count to reach the remaining budget (an answer not seen
+    # yet could at best tie it, and a tie goes to the first seen); the posterior stops earlier.
+    assert stop_point(unanimous, LEAD) == 8
+    assert stop_point(unanimous, POSTERIOR) < 8
+    assert stop_point(unanimous, FIXED) == 16
+    # 8 to 1 with 7 to go: 1 could at best tie, and a tie goes to 0 (seen first).
+    assert stop_point([0, 1] + [0] * 14, LEAD) == 9
+
+
+def test_a_split_vote_runs_to_the_maximum():
+    assert np.bincount(SPLIT_5443).tolist() == [5, 4, 4, 3]
+    for budget in (LEAD, POSTERIOR, vb.VoteBudget("posterior", 16, 1, error=0.2)):
+        assert stop_point(SPLIT_5443, budget) == 16
+
+
+@pytest.mark.parametrize(
+    "row, n_max, settled",
+    [
+        ([0, 0, 0, 1, 1], 6, True),  # 1 could tie 3-3 but 0 was seen first
+        ([0, 1, 1, 1, 0], 6, False),  # 0 could tie 3-3 and wins it: seen first
+        ([0, 0, 1, 1], 5, False),
+        ([0, 1], 2, True),  # nothing remains: the tie goes to 0
+        ([-1, -1, -1, 0, 0, 0], 8, True),  # no-answer is no competitor
+        ([-1] * 7 + [0], 10, False),  # an answer not seen yet could reach 2 > 1
+        ([0], 1, True),  # one answer, nothing remains
+        ([0], 4, False),
+        ([-1] * 8, 16, False),  # no answer yet: settled only at the maximum
+        ([-1] * 16, 16, True),
+    ],
+)
+def test_lead_rule_ties_and_edge_cases(row, n_max, settled):
+    assert vb.lead_settled(ids(row, n_max=n_max), n_max)[0] == settled
+
+
+def test_all_no_answer_runs_to_the_maximum():
+    assert stop_point([-1] * 16, LEAD) == 16
+    assert stop_point([-1] * 16, POSTERIOR) == 16
+
+
+def test_posterior_error_is_monotone_in_the_evidence():
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        row = list(rng.choice([0, 0, 0, 1, 2, -1], size=rng.integers(1, 12)))
+        row = _first_seen(row)
+        base = vb.overturn_probability(ids(row, n_max=16), 16)[0]
+        lead = int(vb.majority(ids(row, n_max=16))[0])
+        if lead < 0:
+            continue
+        more_lead = vb.overturn_probability(ids(row + [lead], n_max=16), 16)[0]
+        assert more_lead <= base + 1e-12
+        # The same number of votes, one going to a rival instead: at least as uncertain.
+        for rival in {a for a in row if a >= 0 and a != lead} | {-1, max(row) + 1}:
+            other = vb.overturn_probability(ids(row + [rival], n_max=16), 16)[0]
+            assert other >= more_lead - 1e-12
+    # Along a unanimous sequence the error falls strictly until the lead is safe.
+    errors = [vb.overturn_probability(ids([0] * n, n_max=16), 16)[0] for n in range(1, 9)]
+    assert all(a > b for a, b in zip(errors, errors[1:])) and errors[-1] == 0
+
+
+def _first_seen(row):
+    """Renumber answer ids in order of first appearance, as rewards.cluster_answers does."""
+    order = {}
+    return [-1 if a < 0 else order.setdefault(a, len(order)) for a in row]
+
+
+@functools.cache
+def _exact_change(counts, n_none, m, new_mass):
+    """P(the final winner is not today's) under the Dirichlet-process urn, by enumerating every
+    way the m remaining draws fall (new answers as clusters of their own): the slow reference."""
+
+    def winner(c):
+        return max(range(len(c)), key=lambda a: (c[a], -a)) if any(c) else -1
+
+    def walk(c, none, m):
+        if m == 0:
+            return float(winner(c) != lead)
+        total = sum(c) + none + new_mass
+        p = sum(c[a] / total * walk(c[:a] + (c[a] + 1,) + c[a + 1 :], none, m - 1)
+                for a in range(len(c)))  # fmt: skip
+        p += none / total * walk(c, none + 1, m - 1)
+        return p + new_mass / total * walk(c + (1,), none, m - 1)
+
+    lead = winner(counts)
+    return walk(counts, n_none, m)
+
+
+@pytest.mark.parametrize(
+    "row, n_max",
+    [
+        ([0, 0, 1], 6),
+        ([0, 0, 0, 1], 7),
+        ([0, 1, 0, -1, 0], 9),
+        ([0, 1, 1, 0, 2], 9),
+        ([0, 0, 0, 0, 0], 9),
+        ([-1, -1, 0], 6),
+    ],  # fmt: skip
+)
+def test_posterior_bound_against_exact_enumeration(row, n_max):
+    counts = tuple(int(c) for c in np.bincount([a for a in row if a >= 0]))
+    exact = _exact_change(counts, row.count(-1), n_max - len(row), 1.0)
+    bound = vb.overturn_probability(ids(row, n_max=n_max), n_max)[0]
+    assert exact <= bound + 1e-12
+    # Not far above: the union over competitors and the pooling of unseen answers cost little.
+    assert bound <= 1.7 * exact + 1e-3
+
+
+def test_posterior_settles_wherever_the_lead_rule_does():
+    rng = np.random.default_rng(1)
+    rows = [_first_seen(list(rng.choice([0, 0, 0, 0, 1, -1], size=rng.integers(1, 16))))
+            for _ in range(200)]  # fmt: skip
+    batch = np.concatenate([ids(r, n_max=16) for r in rows])
+    lead = vb.lead_settled(batch, 16)
+    error = vb.overturn_probability(batch, 16)
+    assert lead.any() and (error[lead] == 0).all()
+    assert (vb.settled(batch, POSTERIOR) >= lead).all()
+    assert vb.settled(batch, POSTERIOR).sum() > lead.sum()
+
+
+def test_majority_matches_the_device_vote():
+    rng = np.random.default_rng(2)
+    batch = np.stack([ids(_first_seen(list(rng.integers(-1, 4, n))), n_max=12)[0]
+                      for n in rng.integers(1, 13, 50)])  # fmt: skip
+    majority, _ = grpo.majority_vote(batch)
+    np.testing.assert_array_equal(vb.majority(batch), np.asarray(majority))
+
+
+# ----------------------------------------------------------------------------- rounds
+
+
+def test_first_round():
+    plan = vb.first_round(3, 4)
+    np.testing.assert_array_equal(plan.group_prompt_G, [0, 1, 2])
+    np.testing.assert_array_equal(plan.sample_index_GN, np.tile(np.arange(4), (3, 1)))
+    assert plan.live_rows == 12
+
+
+def test_next_round_gives_freed_rows_to_unsettled_prompts():
+    # 8 prompts over 2 shards; 8 drawn each of at most 16, groups of 4. Unsettled: 1 and 2
+    # (shard 0), 6 (shard 1): the round has 4 groups (2 per shard, the smallest size that
+    # holds a group per unsettled prompt); prompt 6's shard gives its spare group to 6 too.
+    drawn = np.full(8, 8)
+    settled = np.ones(8, bool)
+    settled[[1, 2, 6]] = False
+    plan = vb.next_round(drawn, settled, n_max=16, n_step=4, shards=2)
+    np.testing.assert_array_equal(plan.group_prompt_G, [1, 2, 6, 6])
+    np.testing.assert_array_equal(plan.sample_index_GN, [[8, 9, 10, 11]] * 2 + [
+        [8, 9, 10, 11], [12, 13, 14, 15]])  # fmt: skip
+    assert plan.live_GN.all()
+    # Needs smaller than a group leave rows idle; past n_max nothing is drawn.
+    plan = vb.next_round(np.array([14, 8, 16, 8]), np.zeros(4, bool), 16, n_step=4)
+    assert len(plan.group_prompt_G) == 4  # three prompts need rows
+    np.testing.assert_array_equal(plan.group_prompt_G, [0, 1, 3, 1])
+    np.testing.assert_array_equal(plan.live_GN.sum(1), [2, 4, 4, 4])
+    np.testing.assert_array_equal(plan.sample_index_GN[0, :2], [14, 15])
+    np.testing.assert_array_equal(plan.sample_index_GN[3], [12, 13, 14, 15])
+    assert vb.next_round(np.full(4, 8), np.ones(4, bool), 16, 4) is None
+    assert vb.next_round(np.full(4, 16), np.zeros(4, bool), 16, 4) is None
+
+
+def test_round_plans_cover_each_prompt_once_per_sample():
+    # Whatever settles when, the rounds draw each sample index of a prompt at most once, in
+    # order, and never past n_max; a group draws for a prompt of its own shard.
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        P, shards, n_max, n_step = 8, int(rng.choice([1, 2, 4])), 16, int(rng.integers(1, 6))
+        drawn = np.full(P, 4)
+        seen = [list(range(4)) for _ in range(P)]
+        settled = np.zeros(P, bool)
+        while (plan := vb.next_round(drawn, settled, n_max, n_step, shards)) is not None:
+            G = len(plan.group_prompt_G)
+            assert G in vb.round_sizes(P, shards)
+            home = np.arange(G) // (G // shards)
+            assert (plan.group_prompt_G // (P // shards) == home).all()
+            for g, j in zip(*np.nonzero(plan.live_GN)):
+                seen[plan.group_prompt_G[g]].append(int(plan.sample_index_GN[g, j]))
+            drawn = np.array([len(s) for s in seen])
+            settled |= rng.random(P) < 0.3
+        for s in seen:
+            assert s == list(range(len(s))) and len(s) <= n_max
+
+
+def test_label_agreement_across_numberings():
+    # The adaptive prefix numbers answers as they first appear in it; the full draw too, but
+    # over more responses (here it sees answer "b" first in the same slot, "c" only later).
+    adaptive = ids([0, 1, 0], [0, 1, 1], [-1, -1], n_max=5)
+    full = np.array([[0, 1, 0, 1, 1], [0, 1, 1, 2, 2], [-1, -1, 0, -1, -1]])
+    agree = vb.label_agreement(adaptive, full, vb.majority(adaptive), vb.majority(full))
+    np.testing.assert_array_equal(agree, [False, True, False])
+    m = vb.audit_metrics(adaptive, np.array([0, 1, 0]), full, np.array([1, 1, 0]),
+                         np.ones((3, 5), bool))  # fmt: skip
+    assert m["audit/label_agreement"] == pytest.approx(1 / 3)
+    assert m["audit/label_accuracy"] == pytest.approx(2 / 3)  # prompts 0 and 1
+    assert m["audit/label_accuracy_full"] == pytest.approx(3 / 3)
+    assert m["audit/same_responses"] == 1.0
+
+
+def test_vote_budget_settings():
+    assert not vb.VoteBudget("lead", n_max=16, n_min=16).adaptive
+    assert not vb.VoteBudget("fixed", n_max=16, n_min=8).adaptive
+    assert vb.VoteBudget("posterior", n_max=16, n_min=8).adaptive
+    with pytest.raises(ValueError, match="unknown vote rule 'majority'"):
+        vb.settled(ids([0], n_max=2), vb.VoteBudget("majority", 2, 1))
+    assert set(vb.VOTE_RULES) == {"fixed", "lead", "posterior"}
