@@ -158,7 +158,10 @@ def compiled_memory(jitted, args: Sequence[Any], limit: int | None) -> Memory:
     """
     lowered = jitted.lower(*args)
     tpu = next(iter(jax.tree.leaves(args)[0].sharding.device_set)).platform == "tpu"
-    options = {"xla_tpu_max_hbm_size_mib": limit // 2**20} if tpu and limit else {}
+    # The compiler plans within `limit` (it can only lower its own, never raise it) and refuses
+    # a program that needs more.
+    limit_mib = None if limit is None else max(limit // 2**20, 1)
+    options = {"xla_tpu_max_hbm_size_mib": limit_mib} if tpu and limit_mib else {}
     t0 = time.perf_counter()
     try:
         compiled = lowered.compile(compiler_options=options)

@@ -14,6 +14,7 @@ HBM limit is a little lower (the runtime reserves some): 30.75, 15.75, 95.74 and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import os
@@ -70,10 +71,13 @@ class Slice:
         return {1: (1, 1, 1), 4: (2, 2, 1), 8: (2, 4, 1)}[per_host]
 
 
-def known_slices() -> list[str]:
-    """Every slice name `slice_spec` accepts, by generation then size."""
+def known_slices(generation: str | None = None) -> list[str]:
+    """Every slice name `slice_spec` accepts (of one generation, if given), smallest first."""
     return [
-        f"{gen}-{chips * g.cores_per_chip}" for gen, g in GENERATIONS.items() for chips in g.shapes
+        f"{gen}-{chips * g.cores_per_chip}"
+        for gen, g in GENERATIONS.items()
+        if generation in (None, gen)
+        for chips in g.shapes
     ]
 
 
@@ -100,8 +104,10 @@ def compiler_missing() -> str | None:
     return None
 
 
+@functools.cache
 def compile_devices(s: Slice) -> list[Any]:
-    """Abstract devices of the slice, for compiling (never running) with XLA:TPU.
+    """Abstract devices of the slice, for compiling (never running) with XLA:TPU (the same
+    objects on every call, so meshes over them compare equal).
 
     Raises:
       RuntimeError: libtpu is missing or refuses the topology (the message says which).
