@@ -496,3 +496,30 @@ def test_steps_outside_the_schedule():
         s.batch_indices(6)
     with pytest.raises(ValueError, match=r"step_in_episode must be in \[0, 3\)"):
         s.step_of(0, 3)
+
+
+def test_bad_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "x.jsonl"
+    good = [json.dumps({"prompt": f"q{i}", "id": str(i)}) for i in range(6)]
+    path.write_text("\n".join(good + ["{broken", json.dumps({"prompt": "q", "id": "7"})]) + "\n")
+    with pytest.raises(ValueError, match=r"line 7 is not JSON"):
+        data.load_benchmark(str(path))
+
+
+def test_prompt_template_wraps_the_question(tokenizer):
+    suffix = "Let's think step by step and output the final answer within \\boxed{}."
+    template = "{question}\n" + suffix
+    text = prompts.chat_prompt_text("What is 2 + 3?", tokenizer, None, None, template)
+    assert "What is 2 + 3?\n" + suffix in text
+    items = [{"id": "a", "prompt": "What is 2 + 3?"}]
+    ids, _, _ = prompts.build_prompts(items, tokenizer, None, 512, False, template="Q: {question}")
+    assert "Q: What is 2 + 3?" in tokenizer.decode(ids[0])
+
+
+def test_prompt_template_needs_the_question_once():
+    from ttrl_jax.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.prompt_template='Solve it' must hold"):
+        load_config(None, ["data.prompt_template=Solve it"])
+    cfg = load_config(None, ["data.prompt_template={question} Answer with a number."])
+    assert cfg.data.prompt_template == "{question} Answer with a number."

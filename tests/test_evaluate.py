@@ -60,3 +60,14 @@ def test_evaluate_on_a_fixed_rollout():
     assert m["pass@4"] == pytest.approx(2 / 3)
     assert m["greedy"] == pytest.approx(1 / 3)  # greedy = first text: right, wrong, wrong
     assert gen.calls == 4  # two batches (the second padded to 2 prompts), sampled + greedy
+
+
+def test_free_text_answers_count_with_the_last_number_fallback():
+    texts = {0: ["9 + 8 equals 17.", "It is 17", "The sum is 16.", "seventeen"]}
+    common = dict(key=jax.random.key(0), k=4, batch_prompts=1, greedy=False)
+    strict = evaluate.evaluate(FixedGenerator(texts), None, [[0]], ["17"], **common)
+    free = evaluate.evaluate(
+        FixedGenerator(texts), None, [[0]], ["17"], last_number_fallback=True, **common
+    )
+    assert strict["answered"] == 0.0
+    assert free["answered"] == pytest.approx(3 / 4) and free["avg@4"] == pytest.approx(2 / 4)

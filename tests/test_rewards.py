@@ -1,5 +1,6 @@
 """Answer extraction, canonical forms and clustering into per-prompt answer ids."""
 
+import itertools
 import json
 import re
 import threading
@@ -370,3 +371,157 @@ def test_benchmark_golds_match_their_own_answers(bench):
         if re.fullmatch(r"\d+(\.0+)?", gold):
             wrong = str(int(float(gold)) + 1)
             assert cluster_answers([wrong], gold=gold) == ([0], 1), gold
+
+
+# --- held-out style cases ----------------------------------------------------------------------
+
+# Each group: forms of one answer, which must share one id (and the gold's, the first form).
+SAME_ANSWER = [
+    [r"\frac{3}{4}", "0.75", "3/4", r"\dfrac34"],
+    [r"2\frac{1}{2}", r"\frac{5}{2}", "2.5", r"2 \frac{1}{2}"],
+    [r"30^\circ", "30", "30°", r"30^{\circ}", r"30\text{ degrees}"],
+    [r"5 \text{ cm}", "5", r"5\,\mathrm{cm}"],
+    [r"\text{(C)}", "C", "(C)", r"\textbf{(C)}"],
+    [r"[1, 2)", "[1,2)", r"\left[1,2\right)"],
+    [r"(-\infty, 3]", r"(-\infty,3]"],
+    [r"\{1, 2, 3\}", r"\{3, 2, 1\}", r"\left\{1,2,3\right\}"],
+    [r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", r"\begin{bmatrix}1&2\\3&4\end{bmatrix}"],
+    [r"25\%", "25", "25 percent", r"25\text{ percent}"],
+    [r"1.5 \times 10^{3}", "1500", r"1.5\cdot10^3"],
+    [r"6.02 \times 10^{23}", r"6.02\times10^{23}"],
+    [r"2\sqrt{3}", r"\sqrt{12}"],
+    [r"\frac{\pi}{4}", r"\pi/4", r"0.25\pi"],
+    [r"\frac{\sqrt{3}}{3}", r"\frac{1}{\sqrt{3}}"],
+    [r"-\frac{1}{2}", "-0.5", r"\frac{-1}{2}"],
+    ["-7", "-7.0", "-07"],
+    ["1,000,000", "1000000", "1{,}000{,}000", r"1,\!000,\!000"],
+    [r"\$1,234.50", "1234.5"],
+    ["x = 5", "5", "x=5"],
+    [r"k = \frac{1}{3}", r"\frac{1}{3}"],
+    ["y = 2x + 3", "y=2x+3"],
+    [r"x \in [-2, 7]", r"-2 \le x \le 7", "[-2,7]"],
+    [r"\text{Evelyn}", "Evelyn", "evelyn"],
+    ["3^{10}", "59049"],
+    [r"p = -1 \text{ and } p = \dfrac{15}{8}", r"-1, \frac{15}{8}"],
+    ["19, 46, and 82", r"19, 46, \text{ and } 82"],
+    ["32,349", r"32,\! 349", "32349"],
+]
+DIFFERENT_ANSWERS = [
+    ("12:00", "1:00"),
+    (r"\frac{1}{0}", "5/0"),
+    ("3:0", "12:00"),
+    ("32, 349", "32349"),
+    ("0,111", "111"),
+    ("x = 2x+3", "z=2x+3"),
+    ("(1,2)", r"\{1,2\}"),
+    (r"0.5\%", "0.5"),
+    ("0.28", "28"),
+    ("-5", "5"),
+    ("[1,2]", "(1,2)"),
+    ("(2,1)", "(1,2)"),
+    ("2.5", "2.50001"),
+    (r"\text{yes}", r"\text{no}"),
+    ("x > 5", "x < 5"),
+    ("y = x^2", "y = x^3"),
+    ("1, 2", "12"),
+]
+
+
+@pytest.mark.parametrize("forms", SAME_ANSWER, ids=lambda forms: forms[0])
+def test_forms_of_one_answer_share_an_id(forms):
+    assert cluster_answers(forms, gold=forms[0]) == ([0] * len(forms), 0)
+
+
+@pytest.mark.parametrize("a, b", DIFFERENT_ANSWERS)
+def test_different_answers_get_different_ids(a, b):
+    assert cluster_answers([a, b], gold=b) == ([0, 1], 1)
+
+
+def test_held_out_responses():
+    responses_PN = [
+        ["Final Answer: The largest $n$ is 34.", r"so \boxed{34}", "Therefore $n = 34$."],
+        [
+            r"$\boxed{255}$ so far. Final Answer: The final answer is $10,455$. I hope it is "
+            "correct.",
+            r"\boxed{10455}",
+            r"\boxed{255}",
+        ],
+    ]
+    answer_id_PN, gold_id_P = answer_ids(responses_PN, ["34", "10455"])
+    np.testing.assert_array_equal(answer_id_PN, [[0, 0, 0], [0, 0, 1]])
+    np.testing.assert_array_equal(gold_id_P, [0, 0])
+
+
+def test_distinct_integers_need_no_sympy(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("math-verify was called for distinct integers")
+
+    monkeypatch.setattr(rewards.verifier, "cluster", fail)
+    assert cluster_answers(["25", "025", "7", "-3", None, "x = 7"], gold="007") == (
+        [0, 0, 1, 2, -1, 1],
+        1,
+    )
+
+
+# --- order independence ------------------------------------------------------------------------
+
+MIXED_GROUP = [
+    "(1,2)", r"\{1,2\}", r"\{2,1\}", "x=5", "5", "y=5", r"\frac12", "0.5", "1/2", "x = 2x+3",
+    "z=2x+3", "2x+3", r"28\%", "28", "0.28", None, "12:00", "1:00", r"\frac{1}{0}", "1,2",
+    r"(-\infty, 2)", r"x < 2", "[1,2]", r"\sqrt{2}", r"\frac{2}{\sqrt{2}}", "1.414214", "C",
+]  # fmt: skip
+
+
+def _clusters(ids, gold_id, order):
+    """The clusters, and the gold's, as sets of indices into the unshuffled group."""
+    id_of = dict(zip(order.tolist(), ids))
+    members = lambda cluster: frozenset(i for i, c in id_of.items() if c == cluster)  # noqa: E731
+    return {members(c) for c in set(ids) if c >= 0}, members(gold_id)
+
+
+def test_ids_depend_only_on_the_multiset_of_answers():
+    rng = np.random.default_rng(0)
+    reference = None
+    for _ in range(40):
+        order = rng.permutation(len(MIXED_GROUP))
+        ids, gold_id = cluster_answers([MIXED_GROUP[i] for i in order], gold=r"\sqrt{2}")
+        seen = [cluster for cluster in ids if cluster >= 0]
+        assert list(dict.fromkeys(seen)) == list(range(len(set(seen))))  # first appearance
+        clusters = _clusters(ids, gold_id, order)
+        reference = reference or clusters
+        assert clusters == reference
+    partition, gold_members = reference
+    assert {MIXED_GROUP[i] for i in gold_members} == {
+        r"\sqrt{2}",
+        r"\frac{2}{\sqrt{2}}",
+        "1.414214",
+    }
+    named = {frozenset(MIXED_GROUP[i] for i in cluster) for cluster in partition}
+    for alone in ("12:00", "1:00", r"\frac{1}{0}", "0.28"):  # zoo is equal to nothing
+        assert frozenset({alone}) in named
+    assert frozenset({r"28\%", "28"}) in named
+
+
+@pytest.mark.parametrize("permutation", list(itertools.permutations(range(3))))
+def test_interval_and_sets_in_any_order(permutation):
+    group = ["(1,2)", r"\{1,2\}", r"\{2,1\}"]
+    ids, _ = cluster_answers([group[i] for i in permutation])
+    by_answer = {group[i]: cluster for i, cluster in zip(permutation, ids)}
+    assert by_answer[r"\{1,2\}"] == by_answer[r"\{2,1\}"] != by_answer["(1,2)"]
+
+
+# --- the time bound of a group -----------------------------------------------------------------
+
+
+def test_group_time_bound_holds_with_many_slow_answers():
+    # Six answers that parse in a fraction of the limit (each kill would re-parse them all)
+    # and six whose factorial runs for minutes: the group still ends within its budget.
+    limit_s = 0.5
+    slow = [f"(10^{{5}}+{k})!" for k in range(11, 17)]
+    hanging = [f"(10^{{7}}+{k})!" for k in range(11, 17)]
+    answers = [a for pair in zip(slow, hanging) for a in pair] + ["0.5", r"\frac12"]
+    (ids, gold_id), elapsed = timed(cluster_answers, answers, gold="1/2", timeout_s=limit_s)
+    bound_s = (len(answers) + 1) * limit_s  # every answer and the gold go to math-verify
+    assert elapsed < bound_s + 1.0  # + killing and replacing workers
+    assert ids[-1] == ids[-2] == gold_id  # the short answers and the gold went first
+    assert len(set(ids[:-2])) == 12  # the slow answers are distinct from each other

@@ -9,9 +9,9 @@ import numpy as np
 import optax
 import pytest
 
+from ttrl_jax import grpo, train
 from ttrl_jax import model as model_lib
 from ttrl_jax import sharding as sharding_lib
-from ttrl_jax import train
 
 CFG = model_lib.ModelConfig.tiny("qwen2", num_heads=8, num_kv_heads=4)
 P, N, T, R = 4, 6, 5, 4
@@ -222,3 +222,62 @@ def test_remat_gives_the_same_gradients(params):
     plain = jax.grad(loss)(params, CFG)
     remat = jax.grad(loss)(params, CFG.replace(remat=True))
     chex.assert_trees_all_close(plain, remat, atol=1e-6)
+
+
+def ragged(batch, drawn_P, seed):
+    """`batch` with only the first drawn_P[p] slots of prompt p drawn; the empty slots hold
+    garbage that depends on `seed` (the step must not read it)."""
+    rng = np.random.default_rng(seed)
+    drawn_PN = np.arange(N)[None] < np.asarray(drawn_P)[:, None]
+    garbage = lambda x, hi: np.where(
+        drawn_PN.reshape(drawn_PN.shape + (1,) * (x.ndim - 2)), x, rng.integers(0, hi, x.shape)
+    )
+    return batch.replace(
+        response_PNR=jnp.asarray(garbage(np.asarray(batch.response_PNR), CFG.vocab_size)),
+        logp_PNR=jnp.asarray(garbage(np.asarray(batch.logp_PNR), 5), jnp.float32),
+        response_mask_PNR=jnp.asarray(np.asarray(batch.response_mask_PNR) & drawn_PN[..., None]),
+        answer_id_PN=jnp.asarray(np.where(drawn_PN, batch.answer_id_PN, -2), jnp.int32),
+    )
+
+
+def test_ragged_groups_equal_the_groups_given_whole(params):
+    """Groups of 4 drawn slots out of N = 6 train exactly as a batch of N = 4."""
+    step_cfg = train.StepConfig(n_train=3, mini_batch_prompts=2, random_select=False)
+    tx = optax.sgd(0.1)
+    step = train.build_train_step(CFG, step_cfg, tx, optax.constant_schedule(0.1))
+    hyper, key = train.StepHyper.make(), jax.random.key(0)
+    batch = make_batch(5)
+    out = step(train.init_state(params_copy(params), tx), params_copy(params),
+               ragged(batch, [4] * P, 1), key, hyper)  # fmt: skip
+    whole = jax.tree.map(lambda x: x[:, :4] if x.ndim >= 2 and x.shape[1] == N else x, batch)
+    whole = whole.replace(prompt_PT=batch.prompt_PT, prompt_mask_PT=batch.prompt_mask_PT)
+    expected = step(train.init_state(params_copy(params), tx), params_copy(params), whole, key,
+                    hyper)  # fmt: skip
+    chex.assert_trees_all_close(out[0].params, expected[0].params, atol=1e-7)
+    for k, v in expected[1].items():
+        assert float(out[1][k]) == pytest.approx(float(v), abs=1e-6), k
+
+
+@pytest.mark.parametrize("random_select", [False, True])
+def test_ragged_groups_never_read_empty_slots(params, random_select):
+    step_cfg = train.StepConfig(n_train=3, mini_batch_prompts=2, random_select=random_select)
+    tx = optax.sgd(0.1)
+    step = train.build_train_step(CFG, step_cfg, tx, optax.constant_schedule(0.1))
+    hyper, key, batch = train.StepHyper.make(), jax.random.key(2), make_batch(6)
+    drawn_P = [3, 6, 4, 5]
+    runs = [
+        step(train.init_state(params_copy(params), tx), params_copy(params),
+             ragged(batch, drawn_P, seed), key, hyper)
+        for seed in (1, 2)
+    ]  # fmt: skip
+    chex.assert_trees_all_equal(runs[0][0].params, runs[1][0].params)
+    chex.assert_trees_all_equal(runs[0][1], runs[1][1])
+    assert float(runs[0][1]["votes_drawn"]) == pytest.approx(np.mean(drawn_P))
+    # The vote of a short group is the vote of its drawn answers alone.
+    answer_PN = ragged(batch, drawn_P, 1).answer_id_PN
+    majority_P, ratio_P = grpo.majority_vote(answer_PN)
+    for p, n in enumerate(drawn_P):
+        m, r = grpo.majority_vote(batch.answer_id_PN[p : p + 1, :n])
+        assert int(majority_P[p]) == int(m[0]) and float(ratio_P[p]) == pytest.approx(float(r[0]))
+    index_PM = grpo.select_responses(key, P, N, 3, random_select, grpo.drawn(answer_PN))
+    assert all((np.asarray(index_PM)[p] < n).all() for p, n in enumerate(drawn_P))

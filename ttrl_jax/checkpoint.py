@@ -1,18 +1,39 @@
-"""Atomic, resumable checkpoints through an orbax CheckpointManager.
+"""Atomic, verified, resumable checkpoints through an orbax CheckpointManager.
 
 A checkpoint holds the train state (params, optimizer state, update count) and a JSON record
-of everything else a resumed run needs to continue exactly: the rollout step, the data
-position, the seed and the metrics history. Orbax writes each step into a temporary folder
-and renames it when complete, so a crash mid-save leaves the previous checkpoint intact.
+(the TTRL steps done and the seed; the prompt order is a pure function of the step, see
+schedule.py). Orbax writes each step into a temporary folder and renames it when complete, so a
+crash mid-save leaves the previous checkpoint intact.
+
+On top of orbax: once a step is final, a CRC-32 of each of its files is written beside it
+(`checkpoints.crc/<step>.json`), and `restore_latest` checks them, so a flipped bit or a
+truncated file is found before the run trains on it; a damaged step is skipped, with a warning
+naming it, for the newest intact one. A background save that fails (a full disk) is reported at
+the next `poll` and its partial folder removed, instead of surfacing at the following save.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
+import threading
+import time
+import zlib
 from typing import Any
 
 import jax
+import numpy as np
+import optax
 import orbax.checkpoint as ocp
+
+_CHUNK = 1 << 24  # bytes read at a time when checksumming
+_NO_RECORD = "has no checksum record (the run stopped before writing it)"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the message names the step and the cause."""
 
 
 class Checkpointer:
@@ -20,54 +41,211 @@ class Checkpointer:
 
     def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        self.sums_dir = self.directory + ".crc"
+        self._pending: int | None = None  # the step being written in the background
+        self._lock = threading.Lock()
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+                max_to_keep=keep,
+                create=True,
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,  # partial folders of a run that died mid-save
             ),
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def save(self, step: int, state: Any, record: dict[str, Any]) -> None:
-        """Saves the state and the JSON record as checkpoint `step` (collective on multi-host)."""
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
-            ),
-            force=True,
-        )
+        """Starts saving `state` and `record` as checkpoint `step` (collective on multi-host).
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
-        """Restores onto the shardings of `abstract_state` (a tree of ShapeDtypeStructs).
-
-        Returns:
-          (state, record, step); step defaults to the latest.
+        Raises:
+          CheckpointError: the previous background save failed (its partial folder is removed).
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(
-                f"no checkpoint in {self.directory}; start without --resume, or point "
-                "run.out_dir at the run to continue"
+        self.wait()  # the previous save is final (and its CRCs written) before this one starts
+        with self._lock:
+            self._pending = step
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
+                ),
+                force=True,
             )
+        except Exception as e:  # a synchronous write error (e.g. no space for the metadata)
+            self._discard_partial(step)
+            raise CheckpointError(f"checkpoint step {step} failed: {_reason(e)}") from None
+        self.poll()
+
+    def poll(self) -> None:
+        """Records the CRCs of a save that has become final; raises CheckpointError if a
+        background save has failed since the last call."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:
+            step = self._pending
+            self._discard_partial(step)
+            raise CheckpointError(
+                f"checkpoint step {step} failed in the background: {_reason(e)}"
+            ) from None
+        if self._pending is not None and not self.manager.is_saving_in_progress():
+            self._record_sums()
+
+    def wait(self) -> None:
+        """Blocks until the background save is final; raises CheckpointError if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            step = self._pending
+            self._discard_partial(step)
+            raise CheckpointError(f"checkpoint step {step} failed: {_reason(e)}") from None
+        self.poll()
+
+    def close(self, quiet: bool = False) -> None:
+        """Waits for the background save and closes; `quiet` swallows a failed save (another
+        error is being reported)."""
+        try:
+            self.wait()
+        except CheckpointError:
+            if not quiet:
+                raise
+        finally:
+            self.manager.close()
+
+    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict, int] | None:
+        """The newest intact checkpoint, onto the shardings of `abstract_state`.
+
+        A step whose files fail their checksums, that cannot be read, or whose params are not
+        finite is skipped with a warning naming it. Returns (state, record, step), or None when
+        no step is intact.
+        """
+        for step in reversed(self.all_steps()):
+            problem = self.verify(step)
+            if problem == _NO_RECORD:
+                # Killed between the rename and the CRCs: readable and finite is accepted.
+                print(f"warning: checkpoint step {step} {problem}; restoring it unverified")
+                problem = None
+            if problem is None:
+                try:
+                    state, record = self._restore(step, abstract_state)
+                except Exception as e:
+                    problem = f"cannot be read ({_reason(e)})"
+                else:
+                    if np.isfinite(float(optax.tree.norm(state.params))):
+                        return state, record, step
+                    problem = "holds non-finite params"
+            older = [s for s in self.all_steps() if s < step]
+            fallback = f"falling back to step {older[-1]}" if older else "no older checkpoint"
+            print(f"warning: checkpoint step {step} {problem}; {fallback}", flush=True)
+            # Unusable, and its step is about to be redone (and saved) again.
+            self.manager.delete(step)
+            self._drop_sums(step)
+        return None
+
+    def verify(self, step: int) -> str | None:
+        """None if every file of checkpoint `step` matches its recorded CRC, else what is wrong."""
+        path = os.path.join(self.sums_dir, f"{step}.json")
+        try:
+            with open(path) as f:
+                recorded = json.load(f)
+        except FileNotFoundError:
+            return _NO_RECORD
+        except (OSError, ValueError) as e:
+            return f"has an unreadable checksum record ({_reason(e)})"
+        found = _file_sums(os.path.join(self.directory, str(step)))
+        missing = sorted(set(recorded) - set(found))
+        changed = sorted(n for n in recorded if n in found and found[n] != recorded[n])
+        if missing:
+            return f"is missing {len(missing)} file(s), e.g. {missing[0]}"
+        if changed:
+            return f"is damaged: {len(changed)} file(s) fail their checksum, e.g. {changed[0]}"
+        return None
+
+    def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()
             ),
         )
-        return restored["state"], restored["record"], step
+        return restored["state"], restored["record"]
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
+    def _record_sums(self) -> None:
+        """After a step is final: record its files' CRCs (process 0), drop stale records."""
+        with self._lock:
+            step, self._pending = self._pending, None
+        if step is None or jax.process_index() != 0:
+            return
+        folder = os.path.join(self.directory, str(step))
+        if not os.path.isdir(folder):
+            return
+        os.makedirs(self.sums_dir, exist_ok=True)
+        tmp = os.path.join(self.sums_dir, f".{step}.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(_file_sums(folder), f)
+        os.replace(tmp, os.path.join(self.sums_dir, f"{step}.json"))
+        kept = {f"{s}.json" for s in self.manager.all_steps()} | {f"{step}.json"}
+        for name in os.listdir(self.sums_dir):
+            if name.endswith(".json") and name not in kept:
+                os.remove(os.path.join(self.sums_dir, name))
 
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+    def _drop_sums(self, step: int) -> None:
+        if jax.process_index() == 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.sums_dir, f"{step}.json"))
+
+    def _discard_partial(self, step: int | None) -> None:
+        """Removes the temporary folder(s) of a failed save, which would keep the disk full."""
+        with self._lock:
+            self._pending = None
+        if jax.process_index() != 0 or not os.path.isdir(self.directory):
+            return
+        for name in os.listdir(self.directory):
+            if (step is not None and name.startswith(f"{step}.")) or "tmp" in name:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+
+class Cadence:
+    """When to checkpoint: every `every_steps` steps, every `minutes` minutes, and at the end."""
+
+    def __init__(self, every_steps: int, minutes: float, total_steps: int):
+        self.every_steps, self.seconds, self.total = every_steps, 60.0 * minutes, total_steps
+        self.last = time.monotonic()
+
+    def due(self, done: int) -> bool:
+        by_steps = bool(self.every_steps) and done % self.every_steps == 0
+        by_time = self.seconds > 0 and time.monotonic() - self.last >= self.seconds
+        return done == self.total or by_steps or by_time
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
 
 
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs with the shardings of a live pytree (the restore target)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _file_sums(folder: str) -> dict[str, int]:
+    """CRC-32 of every file under `folder`, by path relative to it."""
+    sums = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            crc = 0
+            with open(path, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    crc = zlib.crc32(chunk, crc)
+            sums[os.path.relpath(path, folder)] = crc
+    return sums
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of an exception, for one-line messages."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

@@ -23,17 +23,18 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from ttrl_jax import data as data_lib
+from ttrl_jax.answers import AnswerMode
 from ttrl_jax.grpo import Reward
+from ttrl_jax.verifier import DEFAULT_TIMEOUT_S
 
 TOY_MODEL = "toy"  # model.name_or_path for the tiny model shipped in ttrl_jax/toy/model
 TOY_MODEL_DIR = Path(__file__).resolve().parent / "toy" / "model"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy.yaml"
 
 # Choices are types: each list of allowed values is written once (here, or beside the code that
-# implements it, as grpo.Reward) and OmegaConf checks values against it as the config is built.
+# implements it: grpo.Reward, answers.AnswerMode) and OmegaConf checks values as it builds one.
 Dtype = Literal["float32", "bfloat16"]
 Select = Literal["random", "first"]
-AnswerMode = Literal["math", "choice"]
 Schedule = Literal["cosine", "linear", "constant"]
 LastBatch = Literal["drop", "wrap"]
 _MESH_RE = re.compile(r"^(\d+)x(\d+)$")
@@ -126,7 +127,10 @@ class TTRLSection:
     min_majority_ratio: float = 0.0  # SRT: skip prompts whose majority share is below this
     ettrl_alpha: float = 0.0  # ETTRL entropy-based advantage reshaping; 0 = off
     answer_mode: AnswerMode = "math"  # "math" (boxed expression) | "choice" (option letter)
-    answer_timeout_s: float = 5.0  # time limit for parsing/comparing one answer
+    # "math" mode: a response with no \boxed{} and no "the answer is ..." answers with its last
+    # number (instruct models that answer in free text: "9 + 8 equals 17.").
+    last_number_fallback: bool = False
+    answer_timeout_s: float = DEFAULT_TIMEOUT_S  # math-verify seconds per distinct answer
 
     def problems(self) -> list[str]:
         out = _Problems()
@@ -205,6 +209,11 @@ class MeshSection:
         match = _MESH_RE.match(self.shape)
         return int(match[1]) if match and int(match[1]) >= 1 and int(match[2]) >= 1 else None
 
+    def size(self) -> int | None:
+        """D x M of an explicit shape; None for "auto" or a malformed shape."""
+        match = _MESH_RE.match(self.shape)
+        return int(match[1]) * int(match[2]) if self.data_size() is not None else None
+
     def problems(self) -> list[str]:
         out = _Problems()
         out.need(
@@ -222,6 +231,10 @@ class DataSection:
     path: str | None = None  # local file or folder in the upstream TTRL format; wins over name
     split: str = "test"  # for a folder: which {split}.json/.jsonl/.parquet to read
     system_prompt: str | None = None  # None = the chat template's default system turn
+    # The user turn: "{question}" is replaced by the question, e.g. "{question}\nLet's think
+    # step by step and output the final answer within \boxed{}." (upstream's suffix for
+    # instruct models).
+    prompt_template: str = "{question}"
     enable_thinking: bool | None = None  # Qwen3 chat templates; None = template default
     max_prompt_tokens: int = 1024  # Qwen2.5-Math: 1024 + 3072 new tokens = its 4096 context
     skip_long_prompts: bool = False  # False: a longer prompt is an error
@@ -242,6 +255,10 @@ class DataSection:
                 "data.path",
             )
         out.need(bool(self.split), "data.split is empty")
+        out.need(
+            self.prompt_template.count("{question}") == 1,
+            f"data.prompt_template={self.prompt_template!r} must hold '{{question}}' exactly once",
+        )
         out.need(self.max_prompt_tokens >= 1, "data.max_prompt_tokens must be at least 1")
         out.need(
             self.batch_prompts >= 1, f"data.batch_prompts={self.batch_prompts} must be at least 1"
@@ -280,9 +297,15 @@ class RunSection:
     out_dir: str = "runs/ttrl"
     seed: int = 0
     max_steps: int | None = None  # stop early; None = the whole schedule
-    checkpoint_every: int = 50  # steps; 0 = only at the end
+    checkpoint_every: int = 50  # steps; 0 = only at the end (and by time, below)
+    # Also checkpoint when this many minutes have passed since the last save; 0 = off. With it
+    # a crash loses at most a few minutes, whatever checkpoint_every says.
+    checkpoint_minutes: float = 10.0
     keep_checkpoints: int = 2
-    resume: bool = False  # continue from the latest checkpoint in out_dir
+    resume: bool = False  # continue from the latest intact checkpoint in out_dir
+    # With resume: continue even though the config differs from the run's saved config.yaml
+    # in a setting that alters the run.
+    accept_config_change: bool = False
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "ttrl_jax"
@@ -298,6 +321,7 @@ class RunSection:
         out.need(
             self.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0 = only at the end)"
         )
+        out.need(self.checkpoint_minutes >= 0, "run.checkpoint_minutes must be >= 0 (0 = off)")
         out.need(self.keep_checkpoints >= 1, "run.keep_checkpoints must be at least 1")
         return out
 
@@ -319,7 +343,11 @@ class Config:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    device_count: int | None = None,
+) -> Config:
     """Builds a Config from the defaults, an optional YAML file and `key=value` overrides.
 
     Args:
@@ -327,6 +355,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         None = the dataclass defaults only (see `default_config_path` for the built-in run).
       overrides: dotted `section.key=value` strings applied in order after the file, values
         in YAML syntax (`sample.prompt_buckets=[128,256]`, `data.path=null`).
+      device_count: the devices the run will have, to check an explicit mesh.shape against;
+        None = unknown.
 
     Returns:
       The validated, frozen Config.
@@ -347,7 +377,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(f"cannot resolve '{e.full_key}': {_first_line(e.msg)}") from None
-    problems = bad_choices + _problems(cfg, None)
+    problems = bad_choices + _problems(cfg, None, device_count)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return cfg
@@ -401,7 +431,7 @@ def _read_yaml(path: str | os.PathLike) -> Any:
 
 
 def _parse_override(item: str) -> Any:
-    key, sep, _ = item.partition("=")
+    key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(
             f"override '{item}' is not of the form section.key=value (e.g. sample.n_vote=16)"
@@ -409,7 +439,24 @@ def _parse_override(item: str) -> Any:
     try:
         return OmegaConf.from_dotlist([item])
     except (yaml.YAMLError, OmegaConfBaseException) as e:
+        if _is_text_key(key.strip()):
+            # Text such as "{question} Answer with a number." is not YAML; take it as written.
+            return OmegaConf.create(_nested(key.strip(), value))
         raise ConfigError(f"override '{item}': cannot parse the value: {e}") from None
+
+
+def _is_text_key(dotted: str) -> bool:
+    parent, _, leaf = dotted.rpartition(".")
+    cls = _section_class(parent)
+    hint = typing.get_type_hints(cls).get(leaf) if cls is not None else None
+    return hint in (str, str | None)
+
+
+def _nested(dotted: str, value: Any) -> dict[str, Any]:
+    out: Any = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
 
 
 def _merge(base: Any, update: Any, source: str, bad_choices: list[str]) -> Any:
@@ -524,9 +571,19 @@ def check_context_length(cfg: Config, max_position_embeddings: int) -> None:
         )
 
 
-def _problems(cfg: Config, data_axis_size: int | None) -> list[str]:
+def _problems(
+    cfg: Config, data_axis_size: int | None, device_count: int | None = None
+) -> list[str]:
     """Every section's own checks, then the checks that span sections."""
     out = _Problems()
+    size = cfg.mesh.size()
+    if size is not None and device_count is not None and size != device_count:
+        # Reported instead of the row divisibility checks, which assume this mesh.
+        out.append(
+            f"mesh.shape={cfg.mesh.shape!r} needs {size} devices but {device_count} are "
+            f"available; choose D and M with D*M = {device_count} (or mesh.shape=auto)"
+        )
+        data_axis_size = -1
     for f in dataclasses.fields(cfg):
         out += getattr(cfg, f.name).problems()
     s, o, d = cfg.sample, cfg.optim, cfg.data
@@ -552,7 +609,7 @@ def _problems(cfg: Config, data_axis_size: int | None) -> list[str]:
         )
     if data_axis_size is None:
         data_axis_size = cfg.mesh.data_size()
-    if d.batch_prompts >= 1 and data_axis_size is not None:
+    if d.batch_prompts >= 1 and data_axis_size is not None and data_axis_size > 0:
         _check_data_axis(out, cfg, data_axis_size)
     return out
 

@@ -194,12 +194,18 @@ def _read_records(path: Path) -> list[Any]:
         return loaded
     if loaded is not None and not isinstance(loaded, dict):
         raise ValueError(f"benchmark file {path}: expected a JSON array of objects or JSON lines")
-    try:
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"benchmark file {path} is neither a JSON array nor JSON lines: {e}"
-        ) from None
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"benchmark file {path} is neither a JSON array nor JSON lines: line {number} "
+                f"is not JSON ({e.msg} at column {e.colno}); fix or remove that line"
+            ) from None
+    return records
 
 
 def _records_to_items(records: Sequence[Any], source: str, origin: str) -> list[Item]:

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,6 +63,7 @@ def evaluate(
     batch_prompts: int = 8,
     answer_mode: str = "math",
     timeout_s: float = rewards.DEFAULT_TIMEOUT_S,
+    last_number_fallback: bool = False,
 ) -> dict[str, float]:
     """Samples k responses per prompt (and one greedy) and scores them against the golds.
 
@@ -75,7 +77,7 @@ def evaluate(
       greedy: also decode one greedy response per prompt.
       batch_prompts: prompts per sampler call; the last batch is padded with repeats of its
         first prompt (discarded) so every call has the same shape.
-      answer_mode, timeout_s: answer extraction settings.
+      answer_mode, timeout_s, last_number_fallback: answer extraction settings.
 
     Returns:
       avg@k, maj@k, pass@k, majority_ratio, answered, mean response length, and greedy
@@ -93,8 +95,9 @@ def evaluate(
         gen = generator(params, chunk, jax.random.fold_in(key, b), sampling, k, max_new_tokens)
         # With several processes each scores its own prompts; all get every prompt's ids.
         answer_PN, gold_id_P = rollout_lib.answer_ids(
-            gen, chunk_golds, real=real, mode=answer_mode, timeout_s=timeout_s
-        )
+            gen, chunk_golds, real=real, mode=answer_mode, timeout_s=timeout_s,
+            last_number_fallback=last_number_fallback,
+        )  # fmt: skip
         ids_PN.append(answer_PN)
         gold_P.append(gold_id_P)
         lengths.append(gen.length_PN[:real])
@@ -102,8 +105,9 @@ def evaluate(
             g = generator(params, chunk, key, greedy_sampling, 1, max_new_tokens)
             # Greedy answers join the gold's id space through one clustering call per prompt.
             g_ids, g_gold = rollout_lib.answer_ids(
-                g, chunk_golds, real=real, mode=answer_mode, timeout_s=timeout_s
-            )
+                g, chunk_golds, real=real, mode=answer_mode, timeout_s=timeout_s,
+                last_number_fallback=last_number_fallback,
+            )  # fmt: skip
             greedy_ok.append(np.where(g_gold >= 0, g_ids[:, 0] == g_gold, False)[g_gold >= 0])
     metrics = score(np.concatenate(ids_PN), np.concatenate(gold_P))
     metrics["response_length"] = float(np.concatenate(lengths).mean())
@@ -130,6 +134,7 @@ def evaluate_tasks(
             temperature=ev.temperature, top_p=ev.top_p, max_new_tokens=ev.max_new_tokens,
             greedy=ev.greedy, batch_prompts=min(batch_prompts, len(task.prompt_ids)),
             answer_mode=ttrl.answer_mode, timeout_s=ttrl.answer_timeout_s,
+            last_number_fallback=ttrl.last_number_fallback,
         )  # fmt: skip
         prefix = "eval/" if i == 0 else f"eval_{os.path.basename(task.name)}/"
         result.update({prefix + k: v for k, v in m.items()})
@@ -138,57 +143,112 @@ def evaluate_tasks(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Command line: evaluate a checkpoint on a benchmark and print the metrics as JSON."""
+    args = _parse_args(argv)
+    try:
+        metrics = _evaluate_checkpoint(args)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    json.dump(metrics, sys.stdout, indent=1)
+    print()
+    return metrics
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    def at_least(low: float, kind=int):
+        def check(text: str):
+            try:
+                value = kind(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+            if value < low:
+                raise argparse.ArgumentTypeError(f"{text} must be >= {low}")
+            return value
+
+        return check
+
+    def probability(text: str) -> float:
+        value = at_least(0.0, float)(text)
+        if not 0 < value <= 1:
+            raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
+        return value
+
+    ap = argparse.ArgumentParser(prog="python -m ttrl_jax.evaluate", description=__doc__)
+    ap.add_argument("--model", default="toy", help="HF folder, hub id, or 'toy' (built-in)")
+    ap.add_argument("--data", default="toy", help="benchmark name or local file/folder")
+    ap.add_argument("--k", type=at_least(1), default=16, help="samples per prompt")
+    ap.add_argument("--temperature", type=at_least(0.0, float), default=0.6)
+    ap.add_argument("--top-p", type=probability, default=0.95)
+    ap.add_argument(
+        "--max-new-tokens", type=at_least(1), default=None, help="default: model context"
+    )
+    ap.add_argument("--max-prompt-tokens", type=at_least(1), default=1024)
+    ap.add_argument("--batch-prompts", type=at_least(1), default=8)
+    ap.add_argument("--no-greedy", action="store_true")
+    ap.add_argument("--system-prompt", default=None)
+    ap.add_argument(
+        "--prompt-template", default="{question}",
+        help="the user turn; '{question}' is replaced by the question (as data.prompt_template)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--last-number", action="store_true",
+        help="a response without a boxed or stated answer answers with its last number",
+    )  # fmt: skip
+    ap.add_argument("--answer-mode", default="math", choices=typing.get_args(config_lib.AnswerMode))
+    ap.add_argument(
+        "--timeout", type=at_least(0.001, float), default=None,
+        help="math-verify seconds per answer (default: as a run's ttrl.answer_timeout_s)",
+    )  # fmt: skip
+    ap.add_argument("--mesh", default="auto", help="DxM device mesh")
+    ap.add_argument("--dtype", default="float32", choices=typing.get_args(config_lib.Dtype))
+    ap.add_argument("--seed", type=at_least(0), default=0)
+    ap.add_argument("--limit", type=at_least(1), default=None, help="the first LIMIT items")
+    return ap.parse_args(argv)
+
+
+def _evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
     from ttrl_jax import data as data_lib
     from ttrl_jax import parts as parts_lib
     from ttrl_jax import sharding as sharding_lib
     from ttrl_jax import weights
 
-    ap = argparse.ArgumentParser(prog="python -m ttrl_jax.evaluate", description=__doc__)
-    ap.add_argument("--model", default="toy", help="HF folder, hub id, or 'toy' (built-in)")
-    ap.add_argument("--data", default="toy", help="benchmark name or local file/folder")
-    ap.add_argument("--k", type=int, default=16)
-    ap.add_argument("--temperature", type=float, default=0.6)
-    ap.add_argument("--top-p", type=float, default=0.95)
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: model context")
-    ap.add_argument("--max-prompt-tokens", type=int, default=1024)
-    ap.add_argument("--batch-prompts", type=int, default=8)
-    ap.add_argument("--no-greedy", action="store_true")
-    ap.add_argument("--system-prompt", default=None)
-    ap.add_argument("--answer-mode", default="math", choices=("math", "choice"))
-    ap.add_argument("--mesh", default="auto", help="DxM device mesh")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--limit", type=int, default=None, help="evaluate the first LIMIT items")
-    args = ap.parse_args(argv)
-
-    folder = weights.resolve_folder(config_lib.resolve_model_path(args.model))
     mesh = sharding_lib.make_mesh(args.mesh)
+    folder = weights.resolve_folder(config_lib.resolve_model_path(args.model))
     cfg, params = weights.load_hf(
         folder, mesh=mesh, rules=sharding_lib.SAMPLE_RULES, dtype=args.dtype
     )
     tokenizer = weights.load_tokenizer(folder)
     weights.check_tokenizer(tokenizer, cfg)
+    if args.prompt_template.count("{question}") != 1:
+        raise ValueError(
+            f"--prompt-template {args.prompt_template!r} must hold '{{question}}' exactly once"
+        )
     items = data_lib.load_benchmark(args.data)[: args.limit]
     prompt_ids, items, _ = prompts_lib.build_prompts(
-        items, tokenizer, args.system_prompt, args.max_prompt_tokens, skip_long=False
-    )
+        items, tokenizer, args.system_prompt, args.max_prompt_tokens, skip_long=False,
+        template=args.prompt_template, limit_name="--max-prompt-tokens",
+        fix="raise --max-prompt-tokens",
+    )  # fmt: skip
     longest = max(len(p) for p in prompt_ids)
     max_new = args.max_new_tokens or cfg.max_position_embeddings - longest
+    if longest + max_new > cfg.max_position_embeddings:
+        raise ValueError(
+            f"the longest prompt ({longest} tokens) + --max-new-tokens ({max_new}) exceeds the "
+            f"model's context of {cfg.max_position_embeddings}; lower --max-new-tokens"
+        )
     buckets = (2 ** math.ceil(math.log2(longest)),)
     generator = rollout_lib.Generator(
         cfg, tokenizer, parts_lib.stop_ids(cfg, tokenizer=tokenizer, model_dir=folder),
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         buckets, mesh,
     )  # fmt: skip
-    metrics = evaluate(
+    timeout = args.timeout or config_lib.TTRLSection().answer_timeout_s
+    return evaluate(
         generator, params, prompt_ids, [it["answer"] for it in items], jax.random.key(args.seed),
         k=args.k, temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new,
         greedy=not args.no_greedy, batch_prompts=min(args.batch_prompts, len(prompt_ids)),
-        answer_mode=args.answer_mode,
+        answer_mode=args.answer_mode, timeout_s=timeout, last_number_fallback=args.last_number,
     )  # fmt: skip
-    json.dump(metrics, sys.stdout, indent=1)
-    print()
-    return metrics
 
 
 if __name__ == "__main__":

@@ -38,29 +38,38 @@ _K3_CLAMP = 10.0
 
 # ----------------------------------------------------------------------------- vote
 
+NO_ANSWER = -1  # the response was drawn and has no final answer
+NOT_DRAWN = -2  # a slot of a group smaller than N (an adaptive vote stopped early): no response
+
+
+def drawn(answer_id_PN: jax.Array) -> jax.Array:
+    """True on the slots that hold a response (groups of varying size share one N)."""
+    return answer_id_PN != NOT_DRAWN
+
 
 def majority_vote(answer_id_PN: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Majority answer id per prompt and the fraction of responses that gave it.
 
     Args:
-      answer_id_PN: int answer cluster ids per response, -1 for "no answer", otherwise in
-        [0, N). Ids must be numbered in order of first appearance within the prompt (as
-        `rewards.py` does) for ties to go to the first-seen answer, as upstream's
-        `Counter.most_common` does.
+      answer_id_PN: int answer cluster ids per response, NO_ANSWER (-1) for "no answer",
+        NOT_DRAWN (-2) for an empty slot, otherwise in [0, N). Ids must be numbered in order of
+        first appearance within the prompt (as `rewards.py` does) for ties to go to the
+        first-seen answer, as upstream's `Counter.most_common` does.
 
     Returns:
       majority_P: int32 most frequent id among ids >= 0; ties go to the smallest id; -1 when
         the prompt has no answer at all. "No answer" never wins, however frequent.
-      majority_ratio_P: float32 count(majority) / N, where N counts no-answer responses too;
+      majority_ratio_P: float32 count(majority) / responses drawn (no-answer ones included);
         0 when there is no answer.
     """
     num_n = answer_id_PN.shape[-1]
-    # one_hot maps -1 (and anything outside [0, N)) to an all-zero row, so it is never counted.
-    count_PM = jax.nn.one_hot(answer_id_PN, num_n, dtype=jnp.int32).sum(axis=1)
-    top_count_P = count_PM.max(axis=1)
+    # one_hot maps negative ids to an all-zero row, so they are never counted.
+    count_PA = jax.nn.one_hot(answer_id_PN, num_n, dtype=jnp.int32).sum(axis=1)
+    top_count_P = count_PA.max(axis=1)
     # argmax returns the first maximum: the smallest id among ties.
-    majority_P = jnp.where(top_count_P > 0, jnp.argmax(count_PM, axis=1), -1).astype(jnp.int32)
-    return majority_P, top_count_P.astype(jnp.float32) / num_n
+    majority_P = jnp.where(top_count_P > 0, jnp.argmax(count_PA, axis=1), -1).astype(jnp.int32)
+    n_drawn_P = jnp.maximum(drawn(answer_id_PN).sum(axis=1), 1)
+    return majority_P, top_count_P.astype(jnp.float32) / n_drawn_P
 
 
 def vote_reward(answer_id_PN: jax.Array, majority_P: jax.Array) -> jax.Array:
@@ -76,7 +85,7 @@ def soft_frequency_reward(answer_id_PN: jax.Array) -> jax.Array:
     the group earns 0.4 whether or not its answer is the plurality.
     """
     count_PN = (answer_id_PN[:, :, None] == answer_id_PN[:, None, :]).sum(axis=-1)
-    share_PN = count_PN / answer_id_PN.shape[-1]
+    share_PN = count_PN / jnp.maximum(drawn(answer_id_PN).sum(axis=1, keepdims=True), 1)
     return jnp.where(answer_id_PN >= 0, share_PN, 0.0).astype(jnp.float32)
 
 
@@ -94,7 +103,12 @@ def prompt_filter_mask(majority_ratio_P: jax.Array, threshold: float | jax.Array
 
 
 def select_responses(
-    key: jax.Array, num_prompts: int, num_vote: int, num_train: int, random_subset: bool
+    key: jax.Array,
+    num_prompts: int,
+    num_vote: int,
+    num_train: int,
+    random_subset: bool,
+    drawn_PN: jax.Array | None = None,
 ) -> jax.Array:
     """Which N_train of the N_vote responses per prompt go into the update.
 
@@ -105,6 +119,8 @@ def select_responses(
       num_train: N_train <= N_vote, responses kept per prompt.
       random_subset: True draws a uniform subset without replacement, independently per
         prompt; False keeps the first N_train (upstream TTRL's choice).
+      drawn_PN: which slots hold a response (groups of varying size); None = all. Each prompt
+        needs at least N_train drawn.
 
     Returns:
       index_PM: int32 indices into the N_vote axis, ascending within each row, M = N_train.
@@ -114,10 +130,19 @@ def select_responses(
             f"num_train={num_train} must be in [1, num_vote={num_vote}]: the update trains on a "
             "subset of the voted responses; lower num_train or raise num_vote."
         )
-    if not random_subset:
+    if drawn_PN is None and not random_subset:
         return jnp.broadcast_to(jnp.arange(num_train, dtype=jnp.int32), (num_prompts, num_train))
-    # The first M of a uniformly random permutation form a uniform M-subset.
-    order_PN = jnp.argsort(jax.random.uniform(key, (num_prompts, num_vote)), axis=1)
+    if random_subset:
+        # The first M of a uniformly random permutation form a uniform M-subset; empty slots
+        # (sort key 2 > any uniform) come last.
+        sort_key_PN = jax.random.uniform(key, (num_prompts, num_vote))
+    else:
+        sort_key_PN = jnp.broadcast_to(
+            jnp.arange(num_vote, dtype=jnp.float32), (num_prompts, num_vote)
+        )
+    if drawn_PN is not None:
+        sort_key_PN = jnp.where(drawn_PN, sort_key_PN, 2.0 + num_vote)
+    order_PN = jnp.argsort(sort_key_PN, axis=1)
     return jnp.sort(order_PN[:, :num_train], axis=1).astype(jnp.int32)
 
 

@@ -44,8 +44,10 @@ class Logbook:
         if keep_upto is not None:
             # A resumed run drops what was logged after its checkpoint: it is about to be redone.
             kept = [r for r in read_records(self.path) if r["step"] <= keep_upto]
-            with open(self.path, "w") as f:
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(tmp, self.path)
         elif os.path.exists(self.path):
             os.remove(self.path)
         if tensorboard:
@@ -90,10 +92,30 @@ def _plain(v: Any) -> Any:
 
 
 def read_records(path: str) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a torn last line (a run killed mid-write) is dropped.
+
+    Raises:
+      ValueError: a line before the last is not a JSON record, naming the file and line.
+    """
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for k, (i, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError("not a record with a 'step'")
+        except ValueError as e:
+            if k == len(lines) - 1 and not line.endswith("\n"):
+                print(f"warning: {path}: dropped a torn last line {i} (a stopped run)")
+                break
+            raise ValueError(
+                f"{path} line {i} is not a metrics record ({e}); remove or repair that line"
+            ) from None
+        records.append(record)
+    return records
 
 
 def plot_curves(records: Sequence[dict[str, Any]], png_path: str, title: str = "") -> None:

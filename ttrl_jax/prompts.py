@@ -37,7 +37,7 @@ def load_task(name_or_path: str, tokenizer: Any, d: Any) -> Task:
     items = data_lib.load_benchmark(name_or_path, d.split)
     prompt_ids, items, _ = build_prompts(
         items, tokenizer, d.system_prompt, d.max_prompt_tokens, d.skip_long_prompts,
-        d.enable_thinking,
+        d.enable_thinking, template=d.prompt_template,
     )  # fmt: skip
     if not items:
         raise ValueError(f"{name_or_path}: no prompt fits data.max_prompt_tokens")
@@ -45,15 +45,23 @@ def load_task(name_or_path: str, tokenizer: Any, d: Any) -> Task:
 
 
 def chat_prompt_text(
-    question: str, tokenizer: Any, system_prompt: str | None, enable_thinking: bool | None = None
+    question: str,
+    tokenizer: Any,
+    system_prompt: str | None,
+    enable_thinking: bool | None = None,
+    template: str = "{question}",
 ) -> str:
-    """The chat template applied to one question as the user turn, ready for the assistant."""
+    """The chat template applied to one question as the user turn, ready for the assistant.
+
+    `template` wraps the question first: its "{question}" is replaced by it (plain text
+    replacement, so LaTeX braces such as \boxed{} need no escaping).
+    """
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)!r} has no "
             "chat template; use a checkpoint whose tokenizer_config.json defines chat_template"
         )
-    messages = [{"role": "user", "content": question}]
+    messages = [{"role": "user", "content": template.replace("{question}", question)}]
     if system_prompt is not None:
         messages.insert(0, {"role": "system", "content": system_prompt})
     kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
@@ -69,6 +77,12 @@ def build_prompts(
     max_prompt_tokens: int,
     skip_long: bool,
     enable_thinking: bool | None = None,
+    template: str = "{question}",
+    limit_name: str = "data.max_prompt_tokens",
+    fix: str = (
+        "raise data.max_prompt_tokens (with a sample.prompt_buckets entry that large) or set "
+        "data.skip_long_prompts=true"
+    ),
 ) -> tuple[list[list[int]], list[data_lib.Item], int]:
     """Token ids of each item's chat prompt, checked against the prompt budget.
 
@@ -80,6 +94,8 @@ def build_prompts(
       max_prompt_tokens: the longest prompt allowed.
       skip_long: drop longer prompts (and count them) instead of raising.
       enable_thinking: passed to templates that know it (Qwen3); None = template default.
+      template: the user turn, "{question}" replaced by each item's question.
+      limit_name, fix: how the too-long-prompt error names the limit and the remedy.
 
     Returns:
       (prompt_ids, kept_items, n_skipped): ids per kept item, the kept items in order, and
@@ -89,7 +105,8 @@ def build_prompts(
       ValueError: a prompt is longer than max_prompt_tokens and skip_long is False.
     """
     texts = [
-        chat_prompt_text(it["prompt"], tokenizer, system_prompt, enable_thinking) for it in items
+        chat_prompt_text(it["prompt"], tokenizer, system_prompt, enable_thinking, template)
+        for it in items
     ]
     # The template already holds any BOS token, so the tokenizer must not add another.
     all_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
@@ -99,9 +116,7 @@ def build_prompts(
             if not skip_long:
                 raise ValueError(
                     f"prompt of item '{item['id']}' has {len(ids)} tokens, more than "
-                    f"data.max_prompt_tokens={max_prompt_tokens}. Fix: raise "
-                    "data.max_prompt_tokens (with a sample.prompt_buckets entry that large) or "
-                    "set data.skip_long_prompts=true"
+                    f"{limit_name}={max_prompt_tokens}. Fix: {fix}"
                 )
             n_skipped += 1
             continue

@@ -162,6 +162,7 @@ def answer_ids(
     real: int | None = None,
     mode: str = "math",
     timeout_s: float = rewards.DEFAULT_TIMEOUT_S,
+    last_number_fallback: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Answer ids of the call's first `real` prompts, each process scoring only its own.
 
@@ -169,7 +170,8 @@ def answer_ids(
       gen: this process's generation.
       golds: gold answers (or None) of the call's prompts, at least `real` of them.
       real: prompts that count (default: all of the call's); later ones are padding.
-      mode, timeout_s: answer extraction settings (see `rewards.answer_ids`).
+      mode, timeout_s, last_number_fallback: answer extraction settings (see
+        `rewards.answer_ids`).
 
     Returns:
       (answer_id_PN int32 [real, N], gold_id_P int32 [real]), the same on every process.
@@ -178,8 +180,9 @@ def answer_ids(
     if jax.process_count() == 1:
         real = held.stop if real is None else real
         return rewards.answer_ids(
-            gen.texts_PN[:real], list(golds[:real]), mode=mode, timeout_s=timeout_s
-        )
+            gen.texts_PN[:real], list(golds[:real]), mode=mode, timeout_s=timeout_s,
+            last_number_fallback=last_number_fallback,
+        )  # fmt: skip
     P, N = len(gen.texts_PN), len(gen.texts_PN[0])
     real = P * jax.process_count() if real is None else real  # process_rows splits evenly
     n_real = max(0, min(real, held.stop) - held.start)
@@ -188,7 +191,7 @@ def answer_ids(
     if n_real:
         answer_id_PN[:n_real], gold_id_P[:n_real] = rewards.answer_ids(
             gen.texts_PN[:n_real], list(golds[held.start : held.start + n_real]),
-            mode=mode, timeout_s=timeout_s,
+            mode=mode, timeout_s=timeout_s, last_number_fallback=last_number_fallback,
         )  # fmt: skip
     gather = sharding_lib.gather_rows
     return gather(answer_id_PN)[:real], gather(gold_id_P)[:real]

@@ -16,7 +16,9 @@ one folder that every process sees (as orbax needs for the checkpoints).
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -29,9 +31,10 @@ from ttrl_jax import config as config_lib
 from ttrl_jax import evaluate as evaluate_lib
 from ttrl_jax import job as job_lib
 from ttrl_jax import logbook as logbook_lib
+from ttrl_jax import preemption, weights
 from ttrl_jax import rollout as rollout_lib
+from ttrl_jax import rundir as rundir_lib
 from ttrl_jax import sampler as sampler_lib
-from ttrl_jax import weights
 
 # Streams of the root key: each purpose folds its own constant, then the step.
 _SAMPLE, _SELECT, _EVAL = 1, 2, 3
@@ -57,89 +60,177 @@ def run(cfg: config_lib.Config) -> dict[str, Any]:
 
     Returns:
       dict with the evaluation before and after training and the last train metrics.
+
+    Raises:
+      preemption.Stopped: SIGTERM or SIGINT stopped the run after saving a checkpoint.
+      TrainingDiverged: a loss, gradient or parameter became non-finite (nothing of it saved).
+      checkpoint.CheckpointError: the final checkpoint could not be written.
     """
     out_dir = cfg.run.out_dir
-    ckpt = checkpoint_lib.Checkpointer(
-        os.path.join(out_dir, "checkpoints"), keep=cfg.run.keep_checkpoints
+    with rundir_lib.lock(out_dir), preemption.StopRequests() as stop:
+        ckpt = checkpoint_lib.Checkpointer(
+            os.path.join(out_dir, "checkpoints"), keep=cfg.run.keep_checkpoints
+        )
+        try:
+            resume = _check_start(cfg, ckpt)
+            job = job_lib.build(cfg)
+            rundir_lib.save_config(cfg)
+            steps_done = _restore(job, ckpt, out_dir) if resume else 0
+            total, root = job.total_steps, jax.random.key(cfg.run.seed)
+            logbook = logbook_lib.Logbook(
+                out_dir, keep_upto=steps_done or None, tensorboard=cfg.run.tensorboard,
+                wandb_project=cfg.run.wandb_project if cfg.run.wandb else None,
+                config=config_lib.config_to_dict(cfg),
+            )  # fmt: skip
+
+            def run_eval(done: int) -> dict[str, float]:
+                result = evaluate_lib.evaluate_tasks(
+                    job.generator, job.sample_params(), job.eval_tasks,
+                    jax.random.fold_in(root, _EVAL), cfg.eval, cfg.ttrl, cfg.data.batch_prompts,
+                )  # fmt: skip
+                logbook.log(done, result, kind="eval")
+                return result
+
+            last_eval: dict[str, float] = {}
+            if job.has_gold and cfg.eval.before_training and steps_done == 0:
+                last_eval = run_eval(0)
+            cadence = checkpoint_lib.Cadence(
+                cfg.run.checkpoint_every, cfg.run.checkpoint_minutes, total
+            )
+            progress = _progress(total, steps_done)
+            for step in range(steps_done, total):
+                metrics = ttrl_step(job, root, step)
+                done = step + 1
+                logbook.log(done, metrics)
+                _check_finite(metrics, done, ckpt)
+                signum = stop.requested()
+                if (
+                    job.has_gold
+                    and not signum
+                    and (done == total or _every(done, cfg.eval.every_steps))
+                ):
+                    last_eval = run_eval(done)
+                if signum or cadence.due(done):
+                    _save(ckpt, cadence, job, done, final=done == total or bool(signum))
+                _advance(progress, metrics, last_eval, cfg.eval.k)
+                if signum:
+                    raise preemption.Stopped(signum, _stop_message(signum, done, ckpt))
+        except BaseException:
+            ckpt.close(quiet=True)  # the error in flight is the one to report
+            raise
+        ckpt.close()
+        if progress is not None:
+            progress.close()
+        if cfg.run.export_hf:
+            _export(job, cfg, ckpt)
+        logbook.close()
+        return _summarize(logbook, out_dir, job.task.name)
+
+
+def ttrl_step(job: job_lib.Job, root: jax.Array, step: int) -> dict[str, float]:
+    """One TTRL step on the job's state: sample, score, update; returns its metrics."""
+    cfg, s = job.cfg, job.cfg.sample
+    t0 = time.perf_counter()
+    # Sample n_vote responses per prompt with the current policy.
+    idx = job.schedule.batch_indices(step)
+    gen = job.generator(
+        job.sample_params(), [job.task.prompt_ids[i] for i in idx],
+        _stream(root, _SAMPLE, step), job.parts.sampling, s.n_vote, s.max_new_tokens,
+    )  # fmt: skip
+    t_sample = time.perf_counter()
+    # Their final answers as ids, on the host (each process scores its own prompts).
+    answer_id_PN, gold_id_P = rollout_lib.answer_ids(
+        gen, [job.task.golds[i] for i in idx], mode=cfg.ttrl.answer_mode,
+        timeout_s=cfg.ttrl.answer_timeout_s, last_number_fallback=cfg.ttrl.last_number_fallback,
+    )  # fmt: skip
+    t_reward = time.perf_counter()
+    # Vote, rewards, advantages and the GRPO updates: one compiled step.
+    batch = gen.train_batch(answer_id_PN, gold_id_P, s.max_new_tokens, job.mesh)
+    job.state, metrics = job.step_fn(
+        job.state, job.ref_params, batch, _stream(root, _SELECT, step), job.parts.hyper
     )
-    if ckpt.latest_step() is not None and not cfg.run.resume:
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    t_end = time.perf_counter()
+    metrics.update(
+        episode=job.schedule.position(step)[0], time_sample=t_sample - t0,
+        time_reward=t_reward - t_sample, time_train=t_end - t_reward,
+        sample_tokens_per_s=int(gen.length_PN.sum()) / (t_sample - t0),
+        truncated=float((gen.finish_PN == sampler_lib.FINISH_LENGTH).mean()),
+    )  # fmt: skip
+    return metrics
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss, gradient or parameter became non-finite."""
+
+
+def _check_start(cfg: config_lib.Config, ckpt: checkpoint_lib.Checkpointer) -> bool:
+    """Whether the run resumes; refuses to overwrite a run, or to resume it changed."""
+    steps = ckpt.all_steps()
+    if steps and not cfg.run.resume:
         raise FileExistsError(
-            f"{out_dir} already holds a run (checkpoint step {ckpt.latest_step()}); pass "
+            f"{cfg.run.out_dir} already holds a run (checkpoint step {steps[-1]}); pass "
             "--resume to continue it, or choose another run.out_dir"
         )
-    job = job_lib.build(cfg)
-    if jax.process_index() == 0:
-        config_lib.save_config(cfg, os.path.join(out_dir, "config.yaml"))
-    steps_done = 0
-    if cfg.run.resume and ckpt.latest_step() is not None:
-        job.state, _, steps_done = ckpt.restore(checkpoint_lib.abstract_like(job.state))
-        print(f"resumed from {out_dir} at step {steps_done}", flush=True)
-    s, total = cfg.sample, job.total_steps
-    root = jax.random.key(cfg.run.seed)
-    logbook = logbook_lib.Logbook(
-        out_dir, keep_upto=steps_done if cfg.run.resume else None,
-        tensorboard=cfg.run.tensorboard,
-        wandb_project=cfg.run.wandb_project if cfg.run.wandb else None,
-        config=config_lib.config_to_dict(cfg),
-    )  # fmt: skip
+    if cfg.run.resume and not steps:
+        print(f"nothing to resume in {cfg.run.out_dir} (no checkpoint): starting at step 0")
+    if cfg.run.resume and steps:
+        rundir_lib.check_resume_config(cfg)
+    return bool(cfg.run.resume and steps)
 
-    def run_eval(done: int) -> dict[str, float]:
-        result = evaluate_lib.evaluate_tasks(
-            job.generator, job.sample_params(), job.eval_tasks, jax.random.fold_in(root, _EVAL),
-            cfg.eval, cfg.ttrl, cfg.data.batch_prompts,
-        )  # fmt: skip
-        logbook.log(done, result, kind="eval")
-        return result
 
-    last_eval: dict[str, float] = {}
-    if job.has_gold and cfg.eval.before_training and steps_done == 0:
-        last_eval = run_eval(0)
-    progress = _progress(total, steps_done)
-    for step in range(steps_done, total):
-        t0 = time.perf_counter()
-        # Sample n_vote responses per prompt with the current policy.
-        idx = job.schedule.batch_indices(step)
-        gen = job.generator(
-            job.sample_params(), [job.task.prompt_ids[i] for i in idx],
-            _stream(root, _SAMPLE, step), job.parts.sampling, s.n_vote, s.max_new_tokens,
-        )  # fmt: skip
-        t_sample = time.perf_counter()
-        # Their final answers as ids, on the host (each process scores its own prompts).
-        answer_id_PN, gold_id_P = rollout_lib.answer_ids(
-            gen, [job.task.golds[i] for i in idx], mode=cfg.ttrl.answer_mode,
-            timeout_s=cfg.ttrl.answer_timeout_s,
-        )  # fmt: skip
-        t_reward = time.perf_counter()
-        # Vote, rewards, advantages and the GRPO updates: one compiled step.
-        batch = gen.train_batch(answer_id_PN, gold_id_P, s.max_new_tokens, job.mesh)
-        job.state, metrics = job.step_fn(
-            job.state, job.ref_params, batch, _stream(root, _SELECT, step), job.parts.hyper
+def _restore(job: job_lib.Job, ckpt: checkpoint_lib.Checkpointer, out_dir: str) -> int:
+    """Loads the newest intact checkpoint into the job; the steps it had done (0 if none)."""
+    found = ckpt.restore_latest(checkpoint_lib.abstract_like(job.state))
+    if found is None:
+        print(f"no intact checkpoint in {out_dir}: starting at step 0", flush=True)
+        return 0
+    job.state, _, steps_done = found
+    print(f"resumed from {out_dir} at step {steps_done}", flush=True)
+    return steps_done
+
+
+def _check_finite(metrics: dict[str, float], done: int, ckpt) -> None:
+    bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(metrics[k])]
+    if bad:
+        newest = ckpt.latest_step()
+        kept = f"checkpoint step {newest} is kept" if newest else "no checkpoint was saved"
+        raise TrainingDiverged(
+            f"step {done}: {', '.join(f'{k}={metrics[k]}' for k in bad)} is not finite; nothing "
+            f"of this step was saved ({kept}). Lower optim.lr, or check the model's weights"
         )
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        t_end = time.perf_counter()
-        metrics.update(
-            episode=job.schedule.position(step)[0], time_sample=t_sample - t0,
-            time_reward=t_reward - t_sample, time_train=t_end - t_reward,
-            sample_tokens_per_s=int(gen.length_PN.sum()) / (t_sample - t0),
-            truncated=float((gen.finish_PN == sampler_lib.FINISH_LENGTH).mean()),
-        )  # fmt: skip
-        done = step + 1
-        logbook.log(done, metrics)
-        if job.has_gold and (done == total or _every(done, cfg.eval.every_steps)):
-            last_eval = run_eval(done)
-        if done == total or _every(done, cfg.run.checkpoint_every):
-            ckpt.save(done, job.state, {"steps_done": done, "seed": cfg.run.seed})
-        _advance(progress, metrics, last_eval, cfg.eval.k)
-    ckpt.close()
-    if progress is not None:
-        progress.close()
-    if cfg.run.export_hf:
-        weights.save_hf(
-            job.state.params, job.model_cfg, job_lib.export_dir(cfg), job.tokenizer,
-            overwrite=True,
-        )  # fmt: skip
-    logbook.close()
-    return _summarize(logbook, out_dir, job.task.name)
+
+
+def _save(ckpt, cadence, job: job_lib.Job, done: int, final: bool) -> None:
+    """Checkpoints step `done`; a failed periodic save warns and training goes on."""
+    try:
+        ckpt.save(done, job.state, {"steps_done": done, "seed": job.cfg.run.seed})
+        cadence.saved()
+        if final:
+            ckpt.wait()
+    except checkpoint_lib.CheckpointError as e:
+        if final:
+            raise
+        print(f"warning: {e}; training goes on, the next save retries", flush=True)
+
+
+def _stop_message(signum: int, done: int, ckpt) -> str:
+    name = signal.Signals(signum).name
+    return (
+        f"stopped by {name} after step {done}: checkpoint saved in {ckpt.directory}; "
+        "continue with --resume"
+    )
+
+
+def _export(job: job_lib.Job, cfg: config_lib.Config, ckpt) -> None:
+    path = job_lib.export_dir(cfg)
+    try:
+        weights.save_hf(job.state.params, job.model_cfg, path, job.tokenizer, overwrite=True)
+    except Exception as e:
+        raise OSError(
+            f"HF export to {path} failed ({checkpoint_lib._reason(e)}); the trained state is in "
+            f"checkpoint step {ckpt.latest_step()}: free space, then rerun with --resume to export"
+        ) from None
 
 
 def _stream(root: jax.Array, purpose: int, step: int) -> jax.Array:
@@ -219,7 +310,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[config_lib.Config, argparse.
         overrides.append(f"mesh.shape={args.mesh}")
     if args.resume:
         overrides.append("run.resume=true")
-    cfg = config_lib.load_config(args.config or config_lib.default_config_path(), overrides)
+    cfg = config_lib.load_config(
+        args.config or config_lib.default_config_path(), overrides, jax.device_count()
+    )
     return cfg, args
 
 
@@ -228,6 +321,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         cfg, _ = parse_args(argv)
         run(cfg)
+    except preemption.Stopped as e:
+        print(e, file=sys.stderr, flush=True)
+        sys.exit(e.code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (TrainingDiverged, checkpoint_lib.CheckpointError, rundir_lib.RunDirBusy) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except (config_lib.ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -245,7 +245,8 @@ def train_step(
 
     # 1. Vote over all N_vote responses, then choose the N_train to learn from.
     majority_P, ratio_P = grpo.majority_vote(batch.answer_id_PN)
-    index_PM = grpo.select_responses(key, P, N, M, sc.random_select)
+    drawn_PN = grpo.drawn(batch.answer_id_PN)
+    index_PM = grpo.select_responses(key, P, N, M, sc.random_select, drawn_PN)
     take = functools.partial(grpo.gather_responses, index_PM=index_PM)
     answer_PM = take(batch.answer_id_PN)
     response_PMR = take(batch.response_PNR)
@@ -353,32 +354,41 @@ def train_step(
     metrics = {k: v.mean() for k, v in mini_metrics.items()}
     metrics["ratio_first_minibatch"] = mini_metrics["ratio_mean"][0]
     metrics["lr"] = lr_fn(new_state.step - 1)
+    # Non-finite if any parameter is: the run checks it before saving (one reduction).
+    metrics["param_norm"] = optax.tree.norm(params)
     metrics.update(rollout_metrics(batch, majority_P, ratio_P, reward_PM, advantage_PM, keep_P))
     return new_state, metrics
 
 
 def rollout_metrics(batch: StepBatch, majority_P, ratio_P, reward_PM, advantage_PM, keep_P):
-    """Per-step TTRL measurements; gold-dependent ones average over prompts with a label."""
+    """Per-step TTRL measurements over the drawn responses; gold-dependent ones average over
+    prompts with a label."""
     answer_PN = batch.answer_id_PN
+    drawn_PN = grpo.drawn(answer_PN)
+    n_drawn_P = jnp.maximum(drawn_PN.sum(-1), 1)
     has_gold_P = batch.gold_id_P >= 0
     n_gold = jnp.maximum(has_gold_P.sum(), 1)
     correct_PN = (answer_PN == batch.gold_id_P[:, None]) & has_gold_P[:, None]
     vote_PN = grpo.vote_reward(answer_PN, majority_P) > 0
     length_PN = batch.response_mask_PNR.sum(-1)
     gold_mean = lambda x_P: jnp.where(has_gold_P, x_P, 0.0).sum() / n_gold
+    group_mean = lambda x_PN: jnp.where(drawn_PN, x_PN, 0).sum(-1) / n_drawn_P
     return {
         "majority_ratio": ratio_P.mean(),
-        "answered": (answer_PN >= 0).mean(),
+        "answered": (answer_PN >= 0).sum() / n_drawn_P.sum(),
         "label_accuracy": gold_mean((majority_P == batch.gold_id_P).astype(jnp.float32)),
         # Fraction of responses whose vote reward equals the reward gold labels would give.
-        "reward_accuracy": gold_mean((vote_PN == correct_PN).mean(-1)),
-        "rollout_accuracy": gold_mean(correct_PN.mean(-1)),
+        "reward_accuracy": gold_mean(group_mean(vote_PN == correct_PN)),
+        "rollout_accuracy": gold_mean(group_mean(correct_PN)),
         "pass_at_n_vote": gold_mean(correct_PN.any(-1).astype(jnp.float32)),
         "reward_mean": reward_PM.mean(),
         "advantage_abs_mean": jnp.abs(advantage_PM).mean(),
         "prompts_kept": keep_P.mean(),
-        "entropy": grpo.masked_token_mean(batch.entropy_PNR, batch.response_mask_PNR),
-        "response_length": length_PN.mean(),
+        "votes_drawn": drawn_PN.sum(-1).mean(dtype=jnp.float32),
+        "entropy": grpo.masked_token_mean(
+            batch.entropy_PNR, batch.response_mask_PNR & drawn_PN[..., None]
+        ),
+        "response_length": jnp.where(drawn_PN, length_PN, 0).sum() / n_drawn_P.sum(),
         "response_length_max": length_PN.max(),
     }
 
