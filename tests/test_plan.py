@@ -203,24 +203,29 @@ def test_programs_take_their_pieces_from_parts(cfg, monkeypatch):
     assert seen["stop_ids"] == parts_lib.stop_ids(TINY, (7,)) == (1, 7)
 
 
-def test_largest_fitting_bisects_between_the_ends():
-    calls = []
+def test_largest_fitting_reads_the_line_through_the_ends_and_confirms():
+    compiled = []
 
-    def fits_up_to(limit):
-        def fits(rows):
-            calls.append(rows)
-            return rows <= limit
+    def total(bump=0, refused=()):
+        def at(rows):
+            compiled.append(rows)
+            return None if rows in refused else 1000 + 100 * rows + (bump if rows == 8 else 0)
 
-        return fits
+        return at
 
-    assert plan.largest_fitting([32, 16, 8, 4, 2], fits_up_to(8)) == 8
-    assert calls == [32, 2, 8, 16]
-    calls.clear()
-    assert plan.largest_fitting([32, 16, 8, 4, 2], fits_up_to(100)) == 32 and calls == [32]
-    calls.clear()
-    assert plan.largest_fitting([32, 16, 8, 4, 2], fits_up_to(1)) is None and calls == [32, 2]
-    assert plan.largest_fitting([32, 16, 8, 4, 2], fits_up_to(3)) == 2
-    assert plan.largest_fitting([], fits_up_to(3)) is None
+    sizes = [32, 16, 8, 4, 2]
+    assert plan.largest_fitting(sizes, total(), 2000) == 8
+    assert compiled == [32, 2, 8]  # the ends, then the pick on the line, confirmed
+    compiled.clear()  # the pick does not fit once compiled: step down to the next one
+    assert plan.largest_fitting(sizes, total(bump=500), 2000) == 4 and compiled == [32, 2, 8, 4]
+    compiled.clear()
+    assert plan.largest_fitting(sizes, total(), 10**9) == 32 and compiled == [32]
+    compiled.clear()
+    assert plan.largest_fitting(sizes, total(), 1000) is None and compiled == [32, 2]
+    # A refusal without a figure: the line starts just over the usable bytes.
+    compiled.clear()
+    assert plan.largest_fitting(sizes, total(refused=(32,)), 2000) == 8
+    assert plan.largest_fitting([], total(), 2000) is None
     assert plan_programs.micro_batch_candidates(32, 4) == [32, 16, 8, 4]
 
 

@@ -198,30 +198,24 @@ def cached(key: tuple, build: Callable[[], Memory], log, what: str) -> Memory:
 
 def sample_phase(cfg: config_lib.Config, mcfg, mesh: Mesh, limit: int | None, log) -> Phase:
     """The rollout sampler compiled with the train state resident."""
-    D, M = mesh.shape["data"], mesh.shape["model"]
     built = programs.sample_program(cfg, mcfg, mesh)
-    memory = cached(
-        ("sample", cfg, mcfg, mesh, limit),
-        lambda: compiled_memory(built.jitted, built.args, limit),
-        log,
-        f"the sampler ({mcfg.num_layers} layers, mesh {D}x{M})",
-    )
     kv = programs.kv_cache_bytes(mcfg, programs.plan_shapes(cfg), mesh)
-    return Phase(memory, _with_program_parts(built.known, memory, kv_cache=kv))
+    return _phase("the sampler", built, (cfg, mcfg, mesh), limit, log, kv)
 
 
 def train_phase(cfg: config_lib.Config, mcfg, mesh: Mesh, limit: int | None, log) -> Phase:
     """The train step compiled with its state donated, for cfg's micro-batch."""
-    D, M = mesh.shape["data"], mesh.shape["model"]
     rows = cfg.optim.micro_batch_size or programs.plan_shapes(cfg).mini_batch_rows
+    what = f"the train step (micro-batch {rows} rows, model.remat={cfg.model.remat})"
     built = programs.train_program(cfg, mcfg, mesh)
+    return _phase(what, built, (cfg, mcfg, mesh), limit, log)
+
+
+def _phase(what: str, built, key: tuple, limit: int | None, log, kv_cache: int = 0) -> Phase:
     memory = cached(
-        ("train", cfg, mcfg, mesh, limit),
-        lambda: compiled_memory(built.jitted, built.args, limit),
-        log,
-        f"the train step (micro-batch {rows} rows, mesh {D}x{M})",
+        (what, *key, limit), lambda: compiled_memory(built.jitted, built.args, limit), log, what
     )
-    return Phase(memory, _with_program_parts(built.known, memory))
+    return Phase(memory, _with_program_parts(built.known, memory, kv_cache))
 
 
 def _with_program_parts(known: dict[str, int], memory: Memory, kv_cache: int = 0) -> dict:
@@ -281,24 +275,32 @@ def remat_choices(cfg: config_lib.Config) -> list[Any]:
     return ordered[ordered.index(configured) :] if configured in ordered else [configured]
 
 
-def largest_fitting(candidates: Sequence[int], fits: Callable[[int], bool]) -> int | None:
-    """The largest candidate (descending list) that fits, for `fits` monotone in the size: the
-    largest first (a config that fits as it is costs one compile), then the smallest (does any
-    fit?), then a bisection between them."""
+def largest_fitting(
+    candidates: Sequence[int], total: Callable[[int], int | None], usable: int
+) -> int | None:
+    """The largest candidate (descending list) whose compiled `total` fits in `usable`.
+
+    The largest first (a config that fits as it is costs one compile), then the smallest (does
+    any fit?); between them memory grows about linearly with the rows (activations), so the
+    pick is read off the line through the two and confirmed by compiling it, stepping down
+    while it does not fit. A refusal that gives no figure counts as the usable bytes plus one.
+    """
+    fits = lambda t: t is not None and t <= usable
     if not candidates:
         return None
-    if fits(candidates[0]):
-        return candidates[0]
-    if not fits(candidates[-1]):
+    hi = total(candidates[0])
+    if fits(hi) or len(candidates) == 1:
+        return candidates[0] if fits(hi) else None
+    lo = total(candidates[-1])
+    if not fits(lo):
         return None
-    lo, hi = 1, len(candidates) - 1  # candidates[lo - 1] does not fit, candidates[hi] does
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if fits(candidates[mid]):
-            hi = mid
-        else:
-            lo = mid + 1
-    return candidates[lo]
+    big, small = candidates[0], candidates[-1]
+    slope = ((usable + 1 if hi is None else hi) - lo) / (big - small)
+    inner = [r for r in candidates[1:-1] if lo + slope * (r - small) <= usable]
+    for rows in inner:
+        if fits(total(rows)):
+            return rows
+    return small
 
 
 def make_plan(
@@ -393,11 +395,11 @@ def make_plan(
     remat0, rows0 = cfg.model.remat, cfg.optim.micro_batch_size or shapes.mini_batch_rows
     remat, rows = remat0, rows0
     for option in remat_choices(cfg) if search else [remat0]:
-        best = largest_fitting(candidates, lambda r, o=option: fits(train_with(o, r)))
+        best = largest_fitting(
+            candidates if search else [rows0], lambda r, o=option: train_with(o, r).total, usable
+        )
         if best is not None:
             remat, rows = option, best
-            break
-        if not search:
             break
     train = train_with(remat, rows)
     if remat != remat0:

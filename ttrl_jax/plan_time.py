@@ -198,22 +198,14 @@ def _decode_program(cfg, mcfg, shapes, mesh, n_steps: int) -> tuple[Any, tuple]:
     P, N = shapes.prompts, shapes.n_vote
     B, S = P * N, max(shapes.response_len - 1, 1)
     K, H = mcfg.num_kv_heads, mcfg.head_dim
-    dtype = jnp.dtype(mcfg.dtype)
 
-    def steps(params, prompt_PT, mask_PT, key, sampling):
+    def steps(params, prompt_PT, mask_PT, key, sampling, k_gen, v_gen):
         _, prompt_kv = sampler_lib._prefill(mcfg, params, prompt_PT, mask_PT)
         dparams = sampler_lib._decode_params(mcfg, params, fuse=sampler_lib._model_axis_size() == 1)
-        k_gen = sampler_lib._constrain(
-            jnp.zeros((B, K, H, S), dtype), ("batch", "kv_heads", "head_dim", "cache_seq")
-        )
-        v_gen = sampler_lib._constrain(
-            jnp.zeros((B, K, S, H), dtype), ("batch", "kv_heads", "cache_seq", "head_dim")
-        )
-        k_gen, v_gen = (k_gen,) * mcfg.num_layers, (v_gen,) * mcfg.num_layers
         token_B = jnp.zeros((B,), jnp.int32)
         n_prompt_B = jnp.repeat(mask_PT.sum(-1, dtype=jnp.int32), N)
         temperature = jnp.where(sampling.temperature > 0, sampling.temperature, 1.0)
-        out = []
+        drawn = []
         for slot in range(n_steps):
             z_BV, k_gen, v_gen = sampler_lib._decode_step(
                 mcfg, dparams, token_B, n_prompt_B + slot, slot, k_gen, v_gen, prompt_kv,
@@ -222,13 +214,31 @@ def _decode_program(cfg, mcfg, shapes, mesh, n_steps: int) -> tuple[Any, tuple]:
             token_B, logp_B, entropy_B = sampler_lib._sample_scaled(
                 z_BV, jax.random.fold_in(key, slot), sampling
             )
-            out.append((token_B, logp_B, entropy_B))
-        return out, k_gen, v_gen
+            drawn.append((token_B, logp_B, entropy_B))
+        return drawn, k_gen, v_gen
 
+    # The response caches as arguments, laid out as the sampler lays them out.
+    dtype = jnp.dtype(mcfg.dtype)
+    caches = [
+        jax.ShapeDtypeStruct(shape, dtype)
+        for shape in ((B, K, H, S), (B, K, S, H))
+        for _ in range(mcfg.num_layers)
+    ]
+    names = [("batch", "kv_heads", "head_dim", "cache_seq")] * mcfg.num_layers + [
+        ("batch", "kv_heads", "cache_seq", "head_dim")
+    ] * mcfg.num_layers
+    placed = programs.abstract(
+        caches,
+        sharding_lib.logical_to_shardings(
+            caches, names, mesh, sharding_lib.SAMPLE_RULES, what="kv cache"
+        ),
+    )
     args = (
         programs.params_abstract(mcfg, mesh, sharding_lib.SAMPLE_RULES),
         *programs.prompts_abstract(shapes, mesh),
         programs.abstract_key(mesh),
         programs.replicated_like(jax.eval_shape(sampler_lib.SamplingParams.make), mesh),
+        tuple(placed[: mcfg.num_layers]),
+        tuple(placed[mcfg.num_layers :]),
     )
     return jax.jit(sharding_lib.with_rules(steps, mesh, sharding_lib.SAMPLE_RULES)), args
