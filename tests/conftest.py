@@ -7,6 +7,9 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# libtpu takes a machine-wide lock when loaded; the suite only compiles for abstract TPU devices,
+# so several processes (xdist workers, a run alongside) may hold it at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 
@@ -29,3 +32,18 @@ def tiny_hf_model(tmp_path_factory):
     params = model_lib.init_params(cfg, jax.random.key(0))
     weights.save_hf(params, cfg, folder, toy_tokenizer.build_tokenizer())
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def v5e_devices():
+    """Abstract devices of a v5e 2x2 slice for XLA:TPU compiles (needs libtpu, no TPU)."""
+    try:
+        from jax.experimental import topologies
+
+        topo = topologies.get_topology_desc(
+            platform="tpu", topology_name="v5e:2x2", chip_config_name="default",
+            chips_per_host_bounds=(2, 2, 1), num_slices=1,
+        )  # fmt: skip
+    except Exception as err:  # no libtpu: jax raises its own error types for this
+        pytest.skip(f"the TPU compiler is not available (pip install -e '.[tpu]'): {err}")
+    return list(topo.devices)

@@ -1,5 +1,6 @@
 """The compiled TTRL step against slow, obvious references."""
 
+import functools
 from collections import Counter
 
 import chex
@@ -210,18 +211,55 @@ def test_sharded_step_equals_unsharded(params):
     assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "data", "model")
 
 
-def test_remat_gives_the_same_gradients(params):
-    """model.remat trades compute for memory; the gradients must not change."""
+def _logp_loss(cfg):
     batch = make_batch()
     args = (batch.prompt_PT, batch.prompt_mask_PT, batch.response_PNR[:, 0],
             batch.response_mask_PNR[:, 0], jnp.float32(1.0))  # fmt: skip
+    return lambda p: train.response_logp(cfg, p, *args)["logp_BR"].sum()
 
-    def loss(p, cfg):
-        return train.response_logp(cfg, p, *args)["logp_BR"].sum()
 
-    plain = jax.grad(loss)(params, CFG)
-    remat = jax.grad(loss)(params, CFG.replace(remat=True))
-    chex.assert_trees_all_close(plain, remat, atol=1e-6)
+@pytest.mark.parametrize(
+    "remat,attention",
+    [(True, "plain")]
+    + [(name, "plain") for name in model_lib.REMAT_POLICIES]
+    # The chunked VJP's saved outputs must be the ones its backward pass reads.
+    + [("attention", "chunked"), ("dots_no_batch+attention", "chunked")],
+)
+def test_remat_gives_the_same_gradients(params, remat, attention, no_remat_grads):
+    """model.remat trades compute for memory; the gradients must not change."""
+    cfg = CFG.replace(attention=attention, attention_chunk=4, remat=remat)
+    grads = jax.jit(jax.grad(_logp_loss(cfg)))(params)
+    chex.assert_trees_all_close(grads, no_remat_grads(attention), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def no_remat_grads(params):
+    @functools.cache
+    def grads(attention):
+        cfg = CFG.replace(attention=attention, attention_chunk=4)
+        return jax.jit(jax.grad(_logp_loss(cfg)))(params)
+
+    return grads
+
+
+def test_remat_policies_keep_what_they_name(params):
+    """Bytes held for the backward pass (the residuals of jax.vjp), policy by policy."""
+
+    def residual_bytes(remat):
+        _, vjp_fn = jax.vjp(_logp_loss(CFG.replace(attention="plain", remat=remat)), params)
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(vjp_fn))
+
+    kept = {name: residual_bytes(name) for name in ("none", *model_lib.REMAT_POLICIES)}
+    assert residual_bytes(True) == kept["block"]
+    assert kept["block"] < kept["dots_no_batch"] < kept["dots"] < kept["none"]
+    # "attention" keeps exactly each layer's attention output [B, T+R, Q, H] in float32.
+    B, S = P, T + R
+    attention_outputs = CFG.num_layers * B * S * CFG.num_heads * CFG.head_dim * 4
+    assert kept["attention"] - kept["block"] == attention_outputs
+    assert kept["dots_no_batch+attention"] - kept["dots_no_batch"] == attention_outputs
+    assert CFG.replace(remat="none").remat is False and CFG.replace(remat=True).remat == "block"
+    with pytest.raises(ValueError, match=r"unknown remat 'dot'; choose false, true, 'none' or"):
+        CFG.replace(remat="dot")
 
 
 def ragged(batch, drawn_P, seed):

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import os
 import re
+import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from ttrl_jax import data as data_lib
 from ttrl_jax.answers import AnswerMode
 from ttrl_jax.grpo import Reward
+from ttrl_jax.model_config import Attention, Remat
 from ttrl_jax.verifier import DEFAULT_TIMEOUT_S
 
 TOY_MODEL = "toy"  # model.name_or_path for the tiny model shipped in ttrl_jax/toy/model
@@ -60,9 +62,14 @@ class ModelSection:
     revision: str | None = None  # hub revision (branch, tag or commit) when loading by id
     dtype: Dtype = "float32"  # compute dtype; "bfloat16" on TPU
     param_dtype: Dtype = "float32"  # master params and optimizer state
-    # Recompute each block's activations in the backward pass: trades ~1/3 more train-step
-    # compute for activation memory (see `python -m ttrl_jax.plan` for whether a run needs it).
-    remat: bool = False
+    # Recompute block activations in the backward pass, trading train-step compute for memory
+    # (see `python -m ttrl_jax.plan` for whether a run needs it): false, true (= "block": keep
+    # only each block's input) or what to keep: "attention", "dots_no_batch",
+    # "dots_no_batch+attention", "dots" (model_config.REMAT_POLICIES).
+    remat: bool | Remat = False
+    # Attention maths: "auto" (the Pallas kernel on TPU, else plain or chunked by length),
+    # "plain", "chunked" or "pallas" (see attention.py).
+    attention: Attention = "auto"
 
     def problems(self) -> list[str]:
         out = _Problems()
@@ -532,6 +539,8 @@ def _choices(full_key: str) -> tuple[str, ...]:
     parent, _, leaf = full_key.rpartition(".")
     cls = _section_class(parent)
     hint = typing.get_type_hints(cls).get(leaf) if cls is not None else None
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # e.g. bool | Literal[...]
+        hint = next((h for h in typing.get_args(hint) if typing.get_origin(h) is Literal), None)
     return typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
 
 

@@ -70,6 +70,7 @@ def build(cfg: config_lib.Config) -> Job:
     model_cfg, params = weights.load_hf(
         folder, mesh=mesh, rules=sharding_lib.TRAIN_RULES,
         param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype, remat=cfg.model.remat,
+        attention=cfg.model.attention,
     )  # fmt: skip
     config_lib.check_context_length(cfg, model_cfg.max_position_embeddings)
     tokenizer = weights.load_tokenizer(folder)

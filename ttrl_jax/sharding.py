@@ -183,6 +183,33 @@ def with_rules(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
     return wrapped
 
 
+def active_mesh() -> jax.sharding.AbstractMesh | None:
+    """The mesh made visible by `activate` (or `jax.set_mesh`), or None outside one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+def active_platform() -> str:
+    """The platform being compiled for: the active mesh's devices' (an AOT TPU topology counts),
+    else JAX's default backend."""
+    mesh = active_mesh()
+    device = getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+def active_spec(logical: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec | None:
+    """The per-device split of an activation under the active mesh and rules, for `shard_map`:
+    dimensions that do not divide their mesh axes are replicated. None outside a mesh."""
+    mesh = active_mesh()
+    if mesh is None:
+        return None
+    axes = list(nn.logical_to_mesh_axes(tuple(logical)))
+    axes += [None] * (len(shape) - len(axes))
+    return PartitionSpec(
+        *(a if dim % _axis_size(mesh, a) == 0 else None for dim, a in zip(shape, axes))
+    )
+
+
 def sharded_init(cfg: model_lib.ModelConfig, mesh: Mesh, rules: Rules, key: jax.Array) -> Any:
     """Random params created directly in their sharded layout (never whole on one device)."""
     shardings = param_shardings(cfg, mesh, rules)
