@@ -156,7 +156,8 @@ def compiled_memory(jitted, args: Sequence[Any], limit: int | None) -> Memory:
       args: its arguments as sharded ShapeDtypeStructs.
       limit: HBM bytes the TPU compiler may use (None: the chip's); XLA:CPU has no limit.
     """
-    lowered = jitted.lower(*args)
+    with jax.default_matmul_precision("default"):  # as a run compiles, whatever the caller's
+        lowered = jitted.lower(*args)
     tpu = next(iter(jax.tree.leaves(args)[0].sharding.device_set)).platform == "tpu"
     # The compiler plans within `limit` (it can only lower its own, never raise it) and refuses
     # a program that needs more.
@@ -189,7 +190,8 @@ def cached(key: tuple, build: Callable[[], Memory], log, what: str) -> Memory:
         log(f"compiling {what} ...")
         _MEMORY[key] = build()
         m = _MEMORY[key]
-        log(f"  {m.compile_s:.0f} s" + (f": refused ({m.refused})" if m.refused else ""))
+        verdict = f"refused ({m.refused})" if m.refused else f"{m.total / GIB:.2f} GiB per device"
+        log(f"  {m.compile_s:.0f} s: {verdict}")
     return _MEMORY[key]
 
 
@@ -265,14 +267,11 @@ def target(s: tpu_lib.Slice, devices: Sequence[Any] | None = None) -> Target:
 
 
 def remat_choices(cfg: config_lib.Config) -> list[Any]:
-    """model.remat values from the configured one towards recomputing the most."""
-    policies = getattr(model_lib, "REMAT_POLICIES", None)
-    # Least recomputed first: keep everything, then the policies from the one that saves most.
-    ordered = [False, *reversed(list(policies))] if policies else [False, True]
-    configured = cfg.model.remat
-    if configured not in ordered:
-        configured = "block" if configured is True and "block" in ordered else configured
-    return ordered[ordered.index(configured) :] if configured in ordered else [configured]
+    """model.remat values from the configured one towards recomputing the most: keep everything,
+    then the policies from the one that keeps most ("dots") to the one that keeps least."""
+    ordered = [False, *reversed(list(model_lib.REMAT_POLICIES))]
+    configured = {True: "block", "none": False}.get(cfg.model.remat, cfg.model.remat)
+    return ordered[ordered.index(configured) :]
 
 
 def largest_fitting(
@@ -427,7 +426,7 @@ def make_plan(
         changed=changed,
         sample=sample,
         train=train,
-        micro_batches={r: p.total for (o, r), p in sorted(tried.items()) if o == remat},
+        micro_batches={r: p.total for (o, r), p in tried.items() if o == remat},
         time=estimate,
     )
 

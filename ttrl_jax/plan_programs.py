@@ -135,6 +135,12 @@ def abstract(shapes: Any, shardings: Any) -> Any:
     )
 
 
+def _in_dtype(tree: Any, dtype: str) -> Any:
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=x.sharding), tree
+    )
+
+
 def replicated_like(tree: Any, mesh: Mesh) -> Any:
     rep = sharding_lib.replicated(mesh)
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), tree)
@@ -198,7 +204,8 @@ def train_inputs(
     params = jax.eval_shape(lambda: model_lib.init_params(mcfg, jax.random.key(0)))
     state_shapes = jax.eval_shape(lambda p: train_lib.init_state(p, tx), params)
     state = abstract(state_shapes, train_lib.state_shardings(mcfg, tx, mesh))
-    ref = state.params if cfg.optim.kl_coef > 0 else None
+    # The run keeps the reference in the compute dtype (job.build).
+    ref = _in_dtype(state.params, mcfg.dtype) if cfg.optim.kl_coef > 0 else None
     P, N, T, R = shapes.prompts, shapes.n_vote, shapes.prompt_len, shapes.response_len
 
     def rows(shape, dtype):
@@ -243,17 +250,19 @@ def sample_program(
     max_new_tokens: int | None = None,
 ) -> Program:
     """The rollout sampler with the train state resident: arguments it never reads, as in a run,
-    where the state waits on the devices while the sampler runs on params resharded to the
-    sample layout (a copy, unless the mesh has one data shard and the layouts coincide).
+    where the state waits on the devices while the sampler runs on a copy of the params in the
+    sample layout and the compute dtype.
 
     Args:
       max_new_tokens: overrides sample.max_new_tokens (the time estimate's prefill: 1).
     """
     shapes = plan_shapes(cfg)
     inputs = train_inputs(cfg, mcfg, shapes, mesh, parts_lib.optimizer(cfg.optim, 1000)[0])
-    sample_params = params_abstract(mcfg, mesh, sharding_lib.SAMPLE_RULES)
+    # The run samples from a copy in the compute dtype and the sample layout (job.sample_params),
+    # which is the state's own params when both already match.
+    sample_params = _in_dtype(params_abstract(mcfg, mesh, sharding_lib.SAMPLE_RULES), mcfg.dtype)
     same_layout = all(
-        a.sharding.is_equivalent_to(b.sharding, len(a.shape))
+        a.sharding.is_equivalent_to(b.sharding, len(a.shape)) and a.dtype == b.dtype
         for a, b in zip(jax.tree.leaves(inputs.state.params), jax.tree.leaves(sample_params))
     )
     stop_ids = parts_lib.stop_ids(mcfg, cfg.sample.stop_token_ids)

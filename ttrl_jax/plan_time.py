@@ -86,7 +86,8 @@ def cost(key: tuple, build, log, what: str) -> tuple[Cost, float]:
         log(f"compiling {what} for its cost ...")
         jitted, args = build()
         t0 = time.perf_counter()
-        analysis = jitted.lower(*args).compile().cost_analysis()
+        with jax.default_matmul_precision("default"):  # as a run compiles
+            analysis = jitted.lower(*args).compile().cost_analysis()
         if isinstance(analysis, list):  # older jax: one dict per program
             analysis = analysis[0]
         seconds = time.perf_counter() - t0

@@ -104,10 +104,8 @@ def compiler_missing() -> str | None:
     return None
 
 
-@functools.cache
 def compile_devices(s: Slice) -> list[Any]:
-    """Abstract devices of the slice, for compiling (never running) with XLA:TPU (the same
-    objects on every call, so meshes over them compare equal).
+    """Abstract devices of the slice, for compiling (never running) with XLA:TPU.
 
     Raises:
       RuntimeError: libtpu is missing or refuses the topology (the message says which).
@@ -115,13 +113,17 @@ def compile_devices(s: Slice) -> list[Any]:
     missing = compiler_missing()
     if missing:
         raise RuntimeError(f"cannot compile for {s.name}: {missing}")
+    return _topology_devices(s)
+
+
+@functools.cache
+def _topology_devices(s: Slice) -> list[Any]:
+    """The same device objects on every call, so that meshes over them compare equal."""
     # libtpu takes a machine-wide lock when it loads; compiling needs no TPU, so several
     # processes (a run, the tests) may hold it at once. The two TPU_* variables stand in for
     # the metadata server a TPU VM has, which libtpu otherwise warns about.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    os.environ.setdefault(
-        "TPU_ACCELERATOR_TYPE", f"{s.generation}-{s.chips * s.spec.cores_per_chip}"
-    )
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", s.name)
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     from jax.experimental import topologies
 
