@@ -44,7 +44,8 @@ class Shapes:
 
 
 def model_config(cfg: config_lib.Config) -> model_lib.ModelConfig:
-    """The ModelConfig of `cfg.model` from a preset or a local folder's config.json (no network).
+    """The ModelConfig of `cfg.model` from a preset, a local folder's config.json or a GGUF
+    file's metadata (no network).
 
     Raises:
       ValueError: the model is a hub id that is no known preset; plan then needs a local folder
@@ -58,6 +59,10 @@ def model_config(cfg: config_lib.Config) -> model_lib.ModelConfig:
     folder = Path(name).expanduser()
     if folder.is_dir():
         return model_lib.ModelConfig.from_hf(weights.read_hf_config(folder), **computes)
+    if folder.suffix == ".gguf":  # its metadata alone, no conversion
+        from ttrl_jax import gguf
+
+        return gguf.model_config(folder, **computes)
     known = sorted([*model_lib.PRESETS_HF, *SAME_SHAPES_AS])
     raise ValueError(
         f"model.name_or_path={cfg.model.name_or_path!r} is neither a local folder nor a known "
