@@ -391,7 +391,7 @@ def make_plan(
             tried[remat, rows] = train_phase(*configured(settings), device_mesh, limit, log)
         return tried[remat, rows]
 
-    remat0, rows0 = cfg.model.remat, cfg.optim.micro_batch_size or shapes.mini_batch_rows
+    remat0, rows0 = remat_choices(cfg)[0], cfg.optim.micro_batch_size or shapes.mini_batch_rows
     remat, rows = remat0, rows0
     for option in remat_choices(cfg) if search else [remat0]:
         best = largest_fitting(
