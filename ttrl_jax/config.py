@@ -301,6 +301,12 @@ def _problems(
             f"data.max_prompt_tokens ({d.max_prompt_tokens}); add a bucket >= "
             f"{d.max_prompt_tokens} or lower data.max_prompt_tokens",
         )
+    if 0 < s.prompt_chunk < d.batch_prompts:
+        out.need(
+            d.batch_prompts % s.prompt_chunk == 0,
+            f"sample.prompt_chunk={s.prompt_chunk} must divide "
+            f"data.batch_prompts={d.batch_prompts}",
+        )
     if o.mini_batch_prompts >= 1 and d.batch_prompts >= 1:
         out.need(
             d.batch_prompts % o.mini_batch_prompts == 0,
@@ -333,6 +339,8 @@ def _check_data_axis(out: list[str], cfg: Config, size: int) -> None:
     }
     if cfg.optim.micro_batch_size is not None:
         rows["optim.micro_batch_size"] = cfg.optim.micro_batch_size
+    if 0 < cfg.sample.prompt_chunk < cfg.data.batch_prompts:
+        rows["prompts per sampling pass (sample.prompt_chunk)"] = cfg.sample.prompt_chunk
     for what, n in rows.items():
         if n % size:
             out.append(

@@ -83,6 +83,9 @@ class SampleSection:
     # data.max_prompt_tokens.
     prompt_buckets: tuple[int, ...] = (128, 256, 512, 1024)
     stop_token_ids: tuple[int, ...] = ()  # extra ids that end a response, besides the EOS ids
+    # Prompts per sampling pass (0 = all at once): fewer rows' caches live at a time, the same
+    # responses. It must divide data.batch_prompts and split over the mesh's data axis.
+    prompt_chunk: int = 0
 
     def problems(self) -> list[str]:
         out = _Problems()
@@ -100,6 +103,10 @@ class SampleSection:
             f"sample.prompt_buckets={buckets} must be positive and strictly increasing",
         )
         out.need(all(i >= 0 for i in self.stop_token_ids), "sample.stop_token_ids must be >= 0")
+        out.need(
+            self.prompt_chunk >= 0,
+            f"sample.prompt_chunk={self.prompt_chunk} must be >= 0 (0 = all)",
+        )
         return out
 
 

@@ -81,7 +81,13 @@ def build(cfg: config_lib.Config) -> Job:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stop_ids = parts_lib.stop_ids(model_cfg, cfg.sample.stop_token_ids, tokenizer, folder)
     generator = rollout_lib.Generator(
-        model_cfg, tokenizer, stop_ids, pad_id, tuple(cfg.sample.prompt_buckets), mesh
+        model_cfg,
+        tokenizer,
+        stop_ids,
+        pad_id,
+        tuple(cfg.sample.prompt_buckets),
+        mesh,
+        prompt_chunk=cfg.sample.prompt_chunk,
     )
 
     # Data: the unlabeled prompts, in a seeded order per episode.

@@ -41,6 +41,7 @@ class Shapes:
     prompt_len: int  # T: the bucket that holds data.max_prompt_tokens
     response_len: int  # R = sample.max_new_tokens
     mini_batch_rows: int
+    pass_prompts: int  # prompts the sampler decodes at once (sample.prompt_chunk, or all)
 
 
 def model_config(cfg: config_lib.Config) -> model_lib.ModelConfig:
@@ -98,6 +99,7 @@ def plan_shapes(cfg: config_lib.Config) -> Shapes:
         prompt_len=prompt_length(cfg),
         response_len=cfg.sample.max_new_tokens,
         mini_batch_rows=cfg.optim.mini_batch_prompts * cfg.sample.n_train,
+        pass_prompts=min(cfg.sample.prompt_chunk or cfg.data.batch_prompts, cfg.data.batch_prompts),
     )
 
 
@@ -180,7 +182,8 @@ def n_params(mcfg: model_lib.ModelConfig) -> int:
 
 def kv_cache_bytes(mcfg: model_lib.ModelConfig, shapes: Shapes, mesh: Mesh) -> int:
     """Per-device bytes of the sampler's caches: the P prompts' keys and values (shared by their
-    N samples) and the P·N responses' own (R - 1 slots), in the compute dtype.
+    N samples) and the responses' own (R - 1 slots) of the prompts of one pass, in the compute
+    dtype.
 
     Rows split over the data axis; kv heads over the model axis, except that a device keeps
     the K / gcd(K, M) kv heads its query heads read when they do not divide it (the sample
@@ -188,7 +191,7 @@ def kv_cache_bytes(mcfg: model_lib.ModelConfig, shapes: Shapes, mesh: Mesh) -> i
     """
     L, K, H = mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim
     D, M = mesh.shape["data"], mesh.shape["model"]
-    P, T, B = shapes.prompts, shapes.prompt_len, shapes.prompts * shapes.n_vote
+    P, T, B = shapes.prompts, shapes.prompt_len, shapes.pass_prompts * shapes.n_vote
     slots = -(-P // D) * T + -(-B // D) * max(shapes.response_len - 1, 1)
     return 2 * L * slots * (K // math.gcd(K, M)) * H * jnp.dtype(mcfg.dtype).itemsize
 
@@ -272,7 +275,9 @@ def sample_program(
     )
     stop_ids = parts_lib.stop_ids(mcfg, cfg.sample.stop_token_ids)
     new_tokens = max_new_tokens or shapes.response_len
-    sampler = sampler_lib.compiled_sampler(mcfg, shapes.n_vote, new_tokens, stop_ids, 0, mesh)
+    sampler = sampler_lib.compiled_sampler(
+        mcfg, shapes.n_vote, new_tokens, stop_ids, 0, mesh, cfg.sample.prompt_chunk
+    )
 
     def phase(state, ref_params, params, prompt_PT, mask_PT, key, sampling):
         params = state.params if params is None else params

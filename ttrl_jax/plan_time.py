@@ -7,11 +7,13 @@ nothing at all (both checked on XLA:TPU). XLA:TPU's own `optimal_seconds` is a n
 placeholder for a program with a loop. So the plan compiles small loop-free (or one-trip)
 programs, the pieces a step repeats, and multiplies each by how often a step runs it:
 
-- sampling = prefill + (max_new_tokens - 1) decode steps, the loop's upper bound (it stops
-  earlier only once every row has stopped). The prefill is the sampler compiled for one new
-  token, with 0 and 1 layers; a decode step is the sampler's one-token forward and token draw,
-  compiled once and twice in a row with 0 and 1 layers (the difference is one step: the set-up
-  cancels).
+- sampling = prefill + passes x (max_new_tokens - 1) decode steps, the loop's upper bound (it
+  stops earlier only once every row has stopped). The prefill is the sampler compiled for one
+  new token, with 0 and 1 layers. A decode step is the sampler's one-token forward and token
+  draw (decode.py, token_draw.py) for one pass's rows, compiled once and twice in a row (the
+  difference is one step: the set-up cancels) with 0 and 1 layers, and with a response cache of
+  one slot and of all R - 1: a step reads the cache as far as it is filled, about half of it
+  on average.
 - training = updates x (one optimizer update) + rows per device x (one row's work: its old and
   reference log-probs and the loss's forward and backward), from the train step compiled for
   1 and 2 rows per device in one mini- and micro-batch, with 0 and 2 layers (a scan of 2 layers
@@ -35,6 +37,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from ttrl_jax import config as config_lib
+from ttrl_jax import decode, token_draw
 from ttrl_jax import model as model_lib
 from ttrl_jax import parts as parts_lib
 from ttrl_jax import plan_programs as programs
@@ -67,8 +70,9 @@ class Estimate:
     sample_s: float
     train_s: float
     prefill_s: float
-    decode_step_s: float
-    decode_steps: int
+    decode_step_s: float  # one step of one pass over the prompts
+    decode_steps: int  # per pass: max_new_tokens - 1, the most the loop runs
+    passes: int  # sampling passes (sample.prompt_chunk)
     update_s: float  # one optimizer update (and what else a mini-batch does once)
     row_s: float  # one trained row's log-probs, forward and backward
     updates: int
@@ -122,18 +126,29 @@ def estimate(
         )
         for n in (0, 1)
     }
+    # One decode step reads the response cache as far as it is filled: on average about half
+    # of it (in blocks of KV_BLOCK slots). Its layers' cost at a full and at a one-slot cache.
+    S = max(shapes.response_len - 1, 1)
     steps = {
-        (n, k): piece(
-            ("decode", mcfg.replace(num_layers=n), k),
-            lambda n=n, k=k: _decode_program(cfg, mcfg.replace(num_layers=n), shapes, mesh, k),
-            f"{k} decode step(s) ({n} layers)",
+        (n, k, slots): piece(
+            ("decode", mcfg.replace(num_layers=n), k, slots),
+            lambda n=n, k=k, slots=slots: _decode_program(
+                cfg, mcfg.replace(num_layers=n), shapes, mesh, k, slots
+            ),
+            f"{k} decode step(s) ({n} layers, {slots} cache slots)",
         )
-        for n in (0, 1)
+        for n, slots in ((0, 1), (1, 1), (1, S))
         for k in (1, 2)
     }
-    step = {n: steps[n, 2] - steps[n, 1] for n in (0, 1)}
+    step = {
+        key: steps[(*key[:1], 2, key[1])] - steps[(*key[:1], 1, key[1])]
+        for key in ((0, 1), (1, 1), (1, S))
+    }
+    filled = min(1.0, (S + sampler_lib.KV_BLOCK) / (2 * S))  # the mean share read per step
+    layer = step[1, 1] + (step[1, S] - step[1, 1]) * filled - step[0, 1]
+    passes = shapes.prompts // shapes.pass_prompts
     prefill_s = s_of(s, prefill[0] + (prefill[1] - prefill[0]) * L)
-    decode_step_s = s_of(s, step[0] + (step[1] - step[0]) * L)
+    decode_step_s = s_of(s, step[0, 1] + layer * L)
     decode_steps = max(shapes.response_len - 1, 0)
 
     # Training: one row per device more, and what a mini-batch does once, at 0 and 2 layers.
@@ -154,11 +169,12 @@ def estimate(
     updates = parts_lib.updates_per_step(cfg)
     rows_per_device = shapes.prompts * shapes.n_train // D
     return Estimate(
-        sample_s=prefill_s + decode_steps * decode_step_s,
+        sample_s=prefill_s + passes * decode_steps * decode_step_s,
         train_s=updates * update_s + rows_per_device * row_s,
         prefill_s=prefill_s,
         decode_step_s=decode_step_s,
         decode_steps=decode_steps,
+        passes=passes,
         update_s=update_s,
         row_s=row_s,
         updates=updates,
@@ -194,52 +210,48 @@ def _train_unit(cfg, mcfg, shapes, mesh, rows: int) -> tuple[Any, tuple]:
     return built.jitted, built.args
 
 
-def _decode_program(cfg, mcfg, shapes, mesh, n_steps: int) -> tuple[Any, tuple]:
-    """`n_steps` decode steps of the sampler in a row (no loop) over its full response cache."""
-    P, N = shapes.prompts, shapes.n_vote
-    B, S = P * N, max(shapes.response_len - 1, 1)
-    K, H = mcfg.num_kv_heads, mcfg.head_dim
+def _decode_program(cfg, mcfg, shapes, mesh, n_steps: int, slots: int) -> tuple[Any, tuple]:
+    """`n_steps` decode steps of one sampling pass in a row (no loop), over response caches of
+    `slots` slots read whole."""
+    P, N = shapes.pass_prompts, shapes.n_vote
+    B, K, H = P * N, mcfg.num_kv_heads, mcfg.head_dim
+    one_pass = dataclasses.replace(shapes, prompts=P)
 
     def steps(params, prompt_PT, mask_PT, key, sampling, k_gen, v_gen):
         _, prompt_kv = sampler_lib._prefill(mcfg, params, prompt_PT, mask_PT)
-        dparams = sampler_lib._decode_params(mcfg, params, fuse=sampler_lib._model_axis_size() == 1)
+        dparams = decode.decode_params(mcfg, params, fuse=decode.split_size("heads") == 1)
         token_B = jnp.zeros((B,), jnp.int32)
         n_prompt_B = jnp.repeat(mask_PT.sum(-1, dtype=jnp.int32), N)
         temperature = jnp.where(sampling.temperature > 0, sampling.temperature, 1.0)
+        key_B = jax.random.split(key, B)
         drawn = []
         for slot in range(n_steps):
-            z_BV, k_gen, v_gen = sampler_lib._decode_step(
-                mcfg, dparams, token_B, n_prompt_B + slot, slot, k_gen, v_gen, prompt_kv,
-                mask_PT, N, temperature,
+            z_BV, k_gen, v_gen = decode.decode_step(
+                mcfg, dparams, token_B, n_prompt_B + slot, min(slot, slots - 1), k_gen, v_gen,
+                prompt_kv, mask_PT, N, temperature, slots,
             )  # fmt: skip
-            token_B, logp_B, entropy_B = sampler_lib._sample_scaled(
-                z_BV, jax.random.fold_in(key, slot), sampling
-            )
+            token_B, logp_B, entropy_B = token_draw.sample_scaled(z_BV, key_B, sampling)
             drawn.append((token_B, logp_B, entropy_B))
         return drawn, k_gen, v_gen
 
     # The response caches as arguments, laid out as the sampler lays them out.
-    dtype = jnp.dtype(mcfg.dtype)
-    caches = [
-        jax.ShapeDtypeStruct(shape, dtype)
-        for shape in ((B, K, H, S), (B, K, S, H))
-        for _ in range(mcfg.num_layers)
-    ]
-    names = [("batch", "kv_heads", "head_dim", "cache_seq")] * mcfg.num_layers + [
+    dtype, L = jnp.dtype(mcfg.dtype), mcfg.num_layers
+    caches = [jax.ShapeDtypeStruct((B, K, H, slots), dtype)] * L + [
+        jax.ShapeDtypeStruct((B, K, slots, H), dtype)
+    ] * L
+    names = [("batch", "kv_heads", "head_dim", "cache_seq")] * L + [
         ("batch", "kv_heads", "cache_seq", "head_dim")
-    ] * mcfg.num_layers
+    ] * L
+    rules = sharding_lib.SAMPLE_RULES
     placed = programs.abstract(
-        caches,
-        sharding_lib.logical_to_shardings(
-            caches, names, mesh, sharding_lib.SAMPLE_RULES, what="kv cache"
-        ),
+        caches, sharding_lib.logical_to_shardings(caches, names, mesh, rules, what="kv cache")
     )
     args = (
-        programs.params_abstract(mcfg, mesh, sharding_lib.SAMPLE_RULES),
-        *programs.prompts_abstract(shapes, mesh),
+        programs.params_abstract(mcfg, mesh, rules),
+        *programs.prompts_abstract(one_pass, mesh),
         programs.abstract_key(mesh),
         programs.replicated_like(jax.eval_shape(sampler_lib.SamplingParams.make), mesh),
-        tuple(placed[: mcfg.num_layers]),
-        tuple(placed[mcfg.num_layers :]),
+        tuple(placed[:L]),
+        tuple(placed[L:]),
     )
-    return jax.jit(sharding_lib.with_rules(steps, mesh, sharding_lib.SAMPLE_RULES)), args
+    return jax.jit(sharding_lib.with_rules(steps, mesh, rules)), args

@@ -28,9 +28,12 @@ from ttrl_jax import model as model_lib
 MESH_AXES = ("data", "model")
 Rules = tuple[tuple[str, str | None], ...]
 
-TRAIN_RULES: Rules = (
+# Where each logical axis goes, by mode. The two tables differ in one row: training splits every
+# weight matrix along its model dimension over 'data' (FSDP) as well as over 'model' (tensor
+# parallel); sampling keeps weights whole over 'data', so a decode step reads them locally and
+# does no per-token all-gather.
+_SHARED_RULES: Rules = (
     ("batch", "data"),
-    ("embed", "data"),  # FSDP: every weight matrix is split along its model dimension
     ("vocab", "model"),
     ("heads", "model"),
     ("kv_heads", "model"),
@@ -41,20 +44,8 @@ TRAIN_RULES: Rules = (
     ("act_embed", None),
     ("cache_seq", None),
 )
-
-SAMPLE_RULES: Rules = (
-    ("batch", "data"),
-    ("embed", None),  # replicated over data: decode reads weights locally
-    ("vocab", "model"),
-    ("heads", "model"),
-    ("kv_heads", "model"),
-    ("mlp", "model"),
-    ("head_dim", None),
-    ("layers", None),
-    ("seq", None),
-    ("act_embed", None),
-    ("cache_seq", None),
-)
+TRAIN_RULES: Rules = (("embed", "data"), *_SHARED_RULES)
+SAMPLE_RULES: Rules = (("embed", None), *_SHARED_RULES)
 
 # Logical axes that fall back to replication when they do not divide the mesh axis: GQA models
 # often have fewer kv heads than tensor-parallel shards (Qwen2.5-1.5B: 2), and copying kv heads
