@@ -265,6 +265,7 @@ def test_tpu_plan_is_the_compilers(tpu_plan, cfg):
     t = p.time
     assert 0 < out["est_sample_s"] == t.sample_s and 0 < out["est_train_s"] == t.train_s
     assert t.decode_steps == R - 1 and t.updates == 2 and t.rows_per_device == P * 4
+    assert t.passes == 1
     assert t.sample_s == pytest.approx(t.prefill_s + (R - 1) * t.decode_step_s)
     assert min(t.prefill_s, t.decode_step_s, t.update_s, t.row_s) > 0
     text = plan_report.format_text(p)

@@ -6,6 +6,7 @@ python -m ttrl_jax.plan --config configs/qwen2.5-math-7b_aime24.yaml --tpu v5e-1
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -69,8 +70,9 @@ def _seconds(plan) -> str:
         return "estimated seconds: not computed (--no-time)"
     return (
         f"estimated seconds per step, per device (XLA cost analysis at peak rates, a lower "
-        f"bound): sampling {t.sample_s:.1f} s (prefill {t.prefill_s:.2f} s + {t.decode_steps} "
-        f"decode steps x {t.decode_step_s * 1e3:.1f} ms), training {t.train_s:.1f} s "
+        f"bound): sampling {t.sample_s:.1f} s (prefill {t.prefill_s:.2f} s + {t.passes} "
+        f"pass(es) x {t.decode_steps} decode steps x {t.decode_step_s * 1e3:.1f} ms), training "
+        f"{t.train_s:.1f} s "
         f"({t.updates} updates x {t.update_s:.2f} s + {t.rows_per_device} rows per device x "
         f"{t.row_s:.2f} s)"
     )
@@ -151,20 +153,7 @@ def to_json(plan) -> dict[str, Any]:
         "shortfall": shortfall(plan),
         "est_sample_s": None if t is None else t.sample_s,
         "est_train_s": None if t is None else t.train_s,
-        "est_detail": None
-        if t is None
-        else {
-            k: getattr(t, k)
-            for k in (
-                "prefill_s",
-                "decode_step_s",
-                "decode_steps",
-                "update_s",
-                "row_s",
-                "updates",
-                "rows_per_device",
-            )
-        },  # fmt: skip
+        "est_detail": None if t is None else dataclasses.asdict(t),
     }
 
 
