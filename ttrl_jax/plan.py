@@ -374,11 +374,13 @@ def make_plan(
     changed: dict[str, Any] = {}
     sample = sample_with({})
     if search and not fits(sample) and has_key(cfg, "sample.prompt_chunk"):
+        # Fewer prompts per pass, until one fits; when none does, the smallest need is reported.
         P = cfg.data.batch_prompts
         for chunk in (c for c in range(P - 1, 0, -1) if P % c == 0 and c % D == 0):
             trial = sample_with({"sample.prompt_chunk": chunk})
-            if fits(trial):
+            if (trial.total or usable + 1) < (sample.total or usable + 2):
                 sample, changed["sample.prompt_chunk"] = trial, chunk
+            if fits(trial):
                 break
 
     shapes = plan_shapes(cfg)
