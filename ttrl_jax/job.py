@@ -53,8 +53,11 @@ class Job:
         return min(self.cfg.data.batch_prompts, len(task.prompt_ids))
 
     def sample_params(self) -> Any:
-        """The current policy in the sampler's layout."""
-        return sharding_lib.reshard(self.state.params, self.sample_shardings)
+        """The current policy in the sampler's layout and compute dtype (the sampler computes in
+        it anyway, so a copy in the parameter dtype would only take more memory)."""
+        dtype = self.model_cfg.dtype
+        params = jax.tree.map(lambda x: x.astype(dtype), self.state.params)
+        return sharding_lib.reshard(params, self.sample_shardings)
 
 
 def build(cfg: config_lib.Config) -> Job:
@@ -104,7 +107,8 @@ def build(cfg: config_lib.Config) -> Job:
     parts = parts_lib.train_parts(cfg, total_steps)
     state_sh = train_lib.state_shardings(model_cfg, parts.tx, mesh)
     use_kl = parts.step_cfg.use_kl
-    ref_params = jax.tree.map(jnp.copy, params) if use_kl else None
+    # The reference is only ever read in the compute dtype: store it so (the same log-probs).
+    ref_params = jax.tree.map(lambda x: jnp.array(x, model_cfg.dtype), params) if use_kl else None
     state = jax.jit(lambda p: train_lib.init_state(p, parts.tx), out_shardings=state_sh)(params)
     train_sh = sharding_lib.param_shardings(model_cfg, mesh, sharding_lib.TRAIN_RULES)
     step_fn = train_lib.build_train_step(
