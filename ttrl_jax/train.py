@@ -169,6 +169,7 @@ def response_logp(
     target_CBc = target_CBc.swapaxes(0, 1)
 
     @jax.checkpoint
+    @jax.named_scope("unembed")
     def one_chunk(h_BcD, target_Bc):
         logits_BcV = module.apply(params, h_BcD, method=model_lib.Transformer.unembed)
         logp_BcV = jax.nn.log_softmax(logits_BcV / temperature, axis=-1)
@@ -257,6 +258,7 @@ def train_step(
     )
 
     # 2. Old (rollout-policy) and reference log-probs, one forward per micro-batch, no grad.
+    # (Named scopes label the pieces in profiles: `python -m ttrl_jax.bench train`.)
     def forward_rows(params, with_extras):
         def one(xs):
             p, pm, r, rm = xs
@@ -272,16 +274,18 @@ def train_step(
         out = jax.lax.map(one, xs)
         return {k: v.reshape((P, M) + v.shape[2:]) for k, v in out.items()}
 
-    if sc.recompute_old_logp:
-        old = forward_rows(state.params, with_extras=True)
-        logp_old_PMR = old["logp_BR"]
-    else:
-        old = forward_rows(state.params, with_extras=True) if sc.reward in (
-            "self_certainty", "evol_novelty") else {}  # fmt: skip
-        logp_old_PMR = take(batch.logp_PNR)
+    with jax.named_scope("old_logp"):
+        if sc.recompute_old_logp:
+            old = forward_rows(state.params, with_extras=True)
+            logp_old_PMR = old["logp_BR"]
+        else:
+            old = forward_rows(state.params, with_extras=True) if sc.reward in (
+                "self_certainty", "evol_novelty") else {}  # fmt: skip
+            logp_old_PMR = take(batch.logp_PNR)
     logp_old_PMR = jax.lax.stop_gradient(logp_old_PMR)
     if sc.use_kl:
-        logp_ref_PMR = jax.lax.stop_gradient(forward_rows(ref_params, False)["logp_BR"])
+        with jax.named_scope("ref_logp"):
+            logp_ref_PMR = jax.lax.stop_gradient(forward_rows(ref_params, False)["logp_BR"])
     else:
         logp_ref_PMR = jnp.zeros_like(logp_old_PMR)
 
@@ -332,7 +336,9 @@ def train_step(
         micros = tuple(x.reshape((n_micro, rows_micro) + x.shape[1:]) for x in mini)
 
         def accumulate(acc, micro):
-            return jax.tree.map(jnp.add, acc, grad_fn(params, micro, num_tokens)), None
+            out = grad_fn(params, micro, num_tokens)
+            with jax.named_scope("accumulate"):
+                return jax.tree.map(jnp.add, acc, out), None
 
         first = jax.tree.map(lambda x: x[0], micros)
         zero = jax.tree.map(
@@ -340,9 +346,10 @@ def train_step(
             jax.eval_shape(grad_fn, params, first, num_tokens),
         )
         ((loss, aux), grads), _ = jax.lax.scan(accumulate, zero, micros)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        with jax.named_scope("optimizer"):
+            grad_norm = optax.tree.norm(grads)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
         return (params, opt_state), {"loss": loss, "grad_norm": grad_norm, **aux}
 
     (params, opt_state), mini_metrics = jax.lax.scan(
