@@ -18,6 +18,7 @@ import optax
 from ttrl_jax import grpo
 from ttrl_jax import model as model_lib
 from ttrl_jax import sharding as sharding_lib
+from ttrl_jax.logprobs import response_logp, sequence_inputs  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,79 +118,6 @@ def make_optimizer(
 
 def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-
-# ----------------------------------------------------------------------------- log-probs
-
-
-def sequence_inputs(prompt_BT, prompt_mask_BT, response_BR, response_mask_BR):
-    """Prompt and response joined into one sequence: tokens, mask, positions."""
-    tokens_BS = jnp.concatenate([prompt_BT, response_BR], axis=1)
-    mask_BS = jnp.concatenate([prompt_mask_BT, response_mask_BR], axis=1)
-    return tokens_BS, mask_BS, model_lib.left_pad_positions(mask_BS)
-
-
-def response_logp(
-    cfg: model_lib.ModelConfig,
-    params: Any,
-    prompt_BT: jax.Array,
-    prompt_mask_BT: jax.Array,
-    response_BR: jax.Array,
-    response_mask_BR: jax.Array,
-    temperature: jax.Array,
-    *,
-    with_entropy: bool = False,
-    with_self_certainty: bool = False,
-    with_features: bool = False,
-    logit_chunk: int = 512,
-) -> dict[str, jax.Array]:
-    """Log-probs (of logits / temperature) of the response tokens, plus optional extras.
-
-    The vocabulary projection runs over chunks of positions under `jax.checkpoint`, so the
-    full B×R×V logits never exist at once, in the forward or the backward pass.
-
-    Returns:
-      dict with "logp_BR", and "entropy_BR", "self_certainty_BR" (raw logits, temperature 1),
-      "feature_BD" (mean final hidden state over the response) when asked for.
-    """
-    tokens_BS, mask_BS, positions_BS = sequence_inputs(
-        prompt_BT, prompt_mask_BT, response_BR, response_mask_BR
-    )
-    module = model_lib.Transformer(cfg)
-    h_BSD, _ = module.apply(params, tokens_BS, positions_BS, mask_BS, return_hidden=True)
-    T, R = prompt_BT.shape[1], response_BR.shape[1]
-    # Position t predicts token t + 1: responses are predicted from positions T-1 .. T+R-2.
-    h_BRD = h_BSD[:, T - 1 : T + R - 1]
-    chunk = min(logit_chunk, R)
-    n_chunks = -(-R // chunk)
-    pad = n_chunks * chunk - R
-    h_CBcD = jnp.pad(h_BRD, ((0, 0), (0, pad), (0, 0)))
-    h_CBcD = h_CBcD.reshape(h_BRD.shape[0], n_chunks, chunk, -1).swapaxes(0, 1)
-    target_CBc = jnp.pad(response_BR, ((0, 0), (0, pad))).reshape(-1, n_chunks, chunk)
-    target_CBc = target_CBc.swapaxes(0, 1)
-
-    @jax.checkpoint
-    @jax.named_scope("unembed")
-    def one_chunk(h_BcD, target_Bc):
-        logits_BcV = module.apply(params, h_BcD, method=model_lib.Transformer.unembed)
-        logp_BcV = jax.nn.log_softmax(logits_BcV / temperature, axis=-1)
-        out = {"logp": jnp.take_along_axis(logp_BcV, target_Bc[..., None], axis=-1)[..., 0]}
-        if with_entropy:
-            out["entropy"] = -(jnp.exp(logp_BcV) * logp_BcV).sum(-1)
-        if with_self_certainty:
-            out["self_certainty"] = grpo.token_self_certainty(logits_BcV)
-        return out
-
-    outs = jax.lax.map(lambda xs: one_chunk(*xs), (h_CBcD, target_CBc))
-    result = {
-        k + "_BR": v.swapaxes(0, 1).reshape(h_BRD.shape[0], -1)[:, :R] for k, v in outs.items()
-    }
-    if with_features:
-        w_BR1 = response_mask_BR[..., None].astype(jnp.float32)
-        result["feature_BD"] = (h_BRD.astype(jnp.float32) * w_BR1).sum(1) / jnp.maximum(
-            w_BR1.sum(1), 1.0
-        )
-    return result
 
 
 # ----------------------------------------------------------------------------- the step

@@ -72,6 +72,7 @@ class Breakdown:
     seconds: dict[str, float]
     wall: float
     source: str  # how it was measured
+    top: list[tuple[float, str, str]] = dataclasses.field(default_factory=list)  # (s, op, what)
 
     @property
     def total(self) -> float:
@@ -162,6 +163,7 @@ def xla_breakdown(fn: Callable[[], Any], compiled_text: str) -> Breakdown:
         (path,) = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
         data = ProfileData.from_file(path)
     seconds: dict[str, float] = collections.Counter()
+    per_op: dict[str, float] = collections.Counter()
     cache: dict[str, str] = {}
     for plane in data.planes:
         for line in plane.lines:
@@ -176,7 +178,12 @@ def xla_breakdown(fn: Callable[[], Any], compiled_text: str) -> Breakdown:
                 if name not in cache:
                     cache[name] = xla_category(op, ops, computations)
                 seconds[cache[name]] += event.duration_ns * 1e-9
-    return Breakdown(dict(seconds), wall, "XLA:CPU per-op trace (jax.profiler)")
+                per_op[name] += event.duration_ns * 1e-9
+    top = [
+        (t, name, f"{ops[name].opcode} [{cache[name]}] {ops[name].op_name}")
+        for name, t in per_op.most_common()
+    ]
+    return Breakdown(dict(seconds), wall, "XLA:CPU per-op trace (jax.profiler)", top)
 
 
 # ----------------------------------------------------------------------------- torch
@@ -205,6 +212,7 @@ def torch_breakdown(fn: Callable[[], Any]) -> Breakdown:
         if e.sequence_nr >= 0 and not e.name.startswith("autograd::") and not _is_backward(e):
             forward_of.setdefault(e.sequence_nr, e)
     seconds: dict[str, float] = collections.Counter()
+    per_op: dict[str, float] = collections.Counter()
     for e in events:
         chain = _ancestors(e)
         root = chain[-1]
@@ -217,8 +225,11 @@ def torch_breakdown(fn: Callable[[], Any]) -> Breakdown:
         kind = (
             "matmul" if e.name in _TORCH_MATMUL else "move" if e.name in _TORCH_MOVES else "other"
         )
-        seconds[category(scopes, backward, kind, attention)] += e.self_cpu_time_total * 1e-6
-    return Breakdown(dict(seconds), wall, "torch.profiler self times")
+        what = category(scopes, backward, kind, attention)
+        seconds[what] += e.self_cpu_time_total * 1e-6
+        per_op[f"{e.name} [{what}]"] += e.self_cpu_time_total * 1e-6
+    top = [(t, name, "") for name, t in per_op.most_common()]
+    return Breakdown(dict(seconds), wall, "torch.profiler self times", top)
 
 
 def _is_backward(event) -> bool:
@@ -235,8 +246,11 @@ def _ancestors(event) -> list:
 # ----------------------------------------------------------------------------- report
 
 
-def format_breakdowns(ours: Breakdown, theirs: Breakdown, names=("ttrl_jax", "theirs")) -> str:
-    """The two breakdowns side by side, with ours/theirs per category."""
+def format_breakdowns(
+    ours: Breakdown, theirs: Breakdown, names=("ttrl_jax", "theirs"), top: int = 0
+) -> str:
+    """The two breakdowns side by side, with ours/theirs per category, then each side's `top`
+    costliest ops."""
     width = max(len(c) for c in CATEGORIES) + 2
     lines = [
         f"    {'where the time goes (one profiled call each)':<{width}}"
@@ -258,6 +272,10 @@ def format_breakdowns(ours: Breakdown, theirs: Breakdown, names=("ttrl_jax", "th
         f"{theirs.wall:>10.3f} s",
         f"    ({names[0]}: {ours.source}; {names[1]}: {theirs.source})",
     ]
+    for name, b in zip(names, (ours, theirs)):
+        if b.top[:top]:
+            lines.append(f"    {name}'s {top} costliest ops:")
+            lines += [f"      {t:8.3f} s  {op}  {what}"[:220] for t, op, what in b.top[:top]]
     return "\n".join(lines)
 
 
@@ -271,6 +289,7 @@ class Race:
     seconds: dict[str, float]  # "ttrl_jax", "transformers"
     breakdowns: tuple[Breakdown, Breakdown] | None
     load: str
+    top: int = 0  # costliest ops listed per side
 
     @property
     def ratio(self) -> float:
@@ -292,7 +311,8 @@ class Race:
         """The time breakdown (when profiled) and the load during the timed runs."""
         lines = []
         if self.breakdowns is not None:
-            lines.append(format_breakdowns(*self.breakdowns, ("ttrl_jax", "transformers")))
+            names = ("ttrl_jax", "transformers")
+            lines.append(format_breakdowns(*self.breakdowns, names, self.top))
         return lines + [f"{indent}load: {self.load}"]
 
 
@@ -307,7 +327,7 @@ def race(ours: Callable[[], Any], theirs: Callable[[], Any], ours_hlo: str, args
     breakdowns = None
     if args.profile:
         breakdowns = (xla_breakdown(ours, ours_hlo), torch_breakdown(theirs))
-    return Race(best, breakdowns, probe.describe())
+    return Race(best, breakdowns, probe.describe(), args.top_ops)
 
 
 def add_race_args(p, *, repeats: int, warmup: int) -> None:
@@ -321,4 +341,7 @@ def add_race_args(p, *, repeats: int, warmup: int) -> None:
         dest="profile",
         action="store_false",
         help="skip the profiled run of each side (the time breakdown)",
+    )
+    p.add_argument(
+        "--top-ops", type=int, default=0, metavar="N", help="also list each side's N costliest ops"
     )
