@@ -268,12 +268,12 @@ def train_step(
             with jax.named_scope("accumulate"):
                 return jax.tree.map(jnp.add, acc, out), None
 
-        first = jax.tree.map(lambda x: x[0], micros)
-        zero = jax.tree.map(
-            lambda s: jnp.zeros(s.shape, s.dtype),
-            jax.eval_shape(grad_fn, params, first, num_tokens),
-        )
-        ((loss, aux), grads), _ = jax.lax.scan(accumulate, zero, micros)
+        # The first micro-batch starts the sums (0 + g = g exactly): no pass over a zero tree.
+        total = grad_fn(params, jax.tree.map(lambda x: x[0], micros), num_tokens)
+        if n_micro > 1:
+            rest = jax.tree.map(lambda x: x[1:], micros)
+            total, _ = jax.lax.scan(accumulate, total, rest)
+        (loss, aux), grads = total
         with jax.named_scope("optimizer"):
             grad_norm = optax.tree.norm(grads)
             updates, opt_state = tx.update(grads, opt_state, params)
