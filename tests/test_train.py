@@ -1,5 +1,6 @@
 """The compiled TTRL step against slow, obvious references."""
 
+import functools
 from collections import Counter
 
 import chex
@@ -108,6 +109,33 @@ def test_response_logp_matches_full_forward(params):
     chex.assert_shape(out["self_certainty_BR"], (P, R))
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_response_logp_gradient_matches_full_forward(tie):
+    """The log-prob path's own VJP (chunks of 3 positions, the last one padded) against
+    autodiff through the full forward's log_softmax."""
+    cfg = CFG.replace(tie_embeddings=tie)
+    params = model_lib.init_params(cfg, jax.random.key(1))
+    batch = make_batch(2)
+    p, pm = batch.prompt_PT, batch.prompt_mask_PT
+    r, rm = batch.response_PNR[:, 1], batch.response_mask_PNR[:, 1]
+    w_PR = jnp.asarray(np.random.default_rng(0).normal(size=r.shape), jnp.float32)
+
+    def ours(params):
+        logp = train.response_logp(cfg, params, p, pm, r, rm, jnp.float32(0.7), logit_chunk=3)
+        return (logp["logp_BR"] * w_PR).sum()
+
+    def reference(params):
+        tokens, mask, pos = train.sequence_inputs(p, pm, r, rm)
+        logits = model_lib.forward(cfg, params, tokens, pos, mask)[0][:, T - 1 : T + R - 1]
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits / 0.7), r[..., None], -1)[..., 0]
+        return (logp * w_PR).sum()
+
+    value, grads = jax.jit(jax.value_and_grad(ours))(params)
+    ref_value, ref_grads = jax.jit(jax.value_and_grad(reference))(params)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    chex.assert_trees_all_close(grads, ref_grads, atol=1e-6)
+
+
 def test_update_equals_naive_sgd_step(params):
     """One mini-batch of two micro-batches, SGD: new params = params - lr * grad(naive loss)."""
     batch = make_batch(1)
@@ -210,18 +238,55 @@ def test_sharded_step_equals_unsharded(params):
     assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "data", "model")
 
 
-def test_remat_gives_the_same_gradients(params):
-    """model.remat trades compute for memory; the gradients must not change."""
+def _logp_loss(cfg):
     batch = make_batch()
     args = (batch.prompt_PT, batch.prompt_mask_PT, batch.response_PNR[:, 0],
             batch.response_mask_PNR[:, 0], jnp.float32(1.0))  # fmt: skip
+    return lambda p: train.response_logp(cfg, p, *args)["logp_BR"].sum()
 
-    def loss(p, cfg):
-        return train.response_logp(cfg, p, *args)["logp_BR"].sum()
 
-    plain = jax.grad(loss)(params, CFG)
-    remat = jax.grad(loss)(params, CFG.replace(remat=True))
-    chex.assert_trees_all_close(plain, remat, atol=1e-6)
+@pytest.mark.parametrize(
+    "remat,attention",
+    [(True, "plain")]
+    + [(name, "plain") for name in model_lib.REMAT_POLICIES]
+    # The chunked VJP's saved outputs must be the ones its backward pass reads.
+    + [("attention", "chunked"), ("dots_no_batch+attention", "chunked")],
+)
+def test_remat_gives_the_same_gradients(params, remat, attention, no_remat_grads):
+    """model.remat trades compute for memory; the gradients must not change."""
+    cfg = CFG.replace(attention=attention, attention_chunk=4, remat=remat)
+    grads = jax.jit(jax.grad(_logp_loss(cfg)))(params)
+    chex.assert_trees_all_close(grads, no_remat_grads(attention), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def no_remat_grads(params):
+    @functools.cache
+    def grads(attention):
+        cfg = CFG.replace(attention=attention, attention_chunk=4)
+        return jax.jit(jax.grad(_logp_loss(cfg)))(params)
+
+    return grads
+
+
+def test_remat_policies_keep_what_they_name(params):
+    """Bytes held for the backward pass (the residuals of jax.vjp), policy by policy."""
+
+    def residual_bytes(remat):
+        _, vjp_fn = jax.vjp(_logp_loss(CFG.replace(attention="plain", remat=remat)), params)
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(vjp_fn))
+
+    kept = {name: residual_bytes(name) for name in ("none", *model_lib.REMAT_POLICIES)}
+    assert residual_bytes(True) == kept["block"]
+    assert kept["block"] < kept["dots_no_batch"] < kept["dots"] < kept["none"]
+    # "attention" keeps exactly each layer's attention output [B, T+R, Q, H] in float32.
+    B, S = P, T + R
+    attention_outputs = CFG.num_layers * B * S * CFG.num_heads * CFG.head_dim * 4
+    assert kept["attention"] - kept["block"] == attention_outputs
+    assert kept["dots_no_batch+attention"] - kept["dots_no_batch"] == attention_outputs
+    assert CFG.replace(remat="none").remat is False and CFG.replace(remat=True).remat == "block"
+    with pytest.raises(ValueError, match=r"unknown remat 'dot'; choose false, true, 'none' or"):
+        CFG.replace(remat="dot")
 
 
 def ragged(batch, drawn_P, seed):

@@ -1,4 +1,4 @@
-"""Benchmarks → items: the built-in benchmarks from the hub, local files, the toy split.
+"""Benchmarks → items: benchmarks from the hub, local files, the built-in synthetic ones.
 
 An item is a dict `{"id": str, "prompt": str, "answer": str | None, "source": str}`: the
 question text, the gold answer (used only for metrics, never for training) and a unique id.
@@ -14,6 +14,7 @@ Built-in benchmarks come from the Hugging Face hub; each has a fixed field mappi
   incorrect answers as options A-D in a per-record shuffled order / the correct letter /
   Record ID (198; gated: accept the terms on the hub, then set HF_TOKEN)
 - toy: ttrl_jax.toy.task.test_split: prompt / answer / id (synthetic, no download)
+- apples: ttrl_jax.word_problems.apples, 81 one-digit word sums for small instruct models
 
 AMC answers stay as upstream writes them ("142.0"); the answer checker compares values. Local
 files use the upstream TTRL format (`prompt`, `answer`, `id` or `unique_id`), see
@@ -89,7 +90,8 @@ HUB_BENCHMARKS: dict[str, HubBenchmark] = {
     ),
 }
 TOY = "toy"
-BENCHMARK_NAMES = (*HUB_BENCHMARKS, TOY)
+BUILT_IN = {TOY: "ttrl_jax.toy.task.test_split", "apples": "ttrl_jax.word_problems.apples"}
+BENCHMARK_NAMES = (*HUB_BENCHMARKS, *BUILT_IN)
 # The toy split the packaged model was pretrained to leave out (ttrl_jax.toy.task.test_split).
 TOY_TEST_SEED = 0
 TOY_TEST_SIZE = 64
@@ -139,6 +141,8 @@ def load_benchmark(name_or_path: str, split: str = "test") -> list[Item]:
             )
         if name_or_path == TOY:
             return _load_toy()
+        if name_or_path in BUILT_IN:
+            return _load_word_problems(name_or_path)
         return _load_hub(name_or_path, HUB_BENCHMARKS[name_or_path])
     path = Path(name_or_path)
     if path.is_dir():
@@ -335,8 +339,14 @@ def hub_rows_to_items(name: str, rows: Sequence[Mapping[str, Any]]) -> list[Item
     return items
 
 
+def _load_word_problems(name: str) -> list[Item]:
+    from ttrl_jax import word_problems
+
+    return _records_to_items(getattr(word_problems, name)(), source=name, origin=BUILT_IN[name])
+
+
 def _load_toy() -> list[Item]:
     from ttrl_jax.toy import task
 
     records = task.test_split(seed=TOY_TEST_SEED, n=TOY_TEST_SIZE)
-    return _records_to_items(records, source=TOY, origin="ttrl_jax.toy.task.test_split")
+    return _records_to_items(records, source=TOY, origin=BUILT_IN[TOY])

@@ -70,6 +70,7 @@ def build(cfg: config_lib.Config) -> Job:
     model_cfg, params = weights.load_hf(
         folder, mesh=mesh, rules=sharding_lib.TRAIN_RULES,
         param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype, remat=cfg.model.remat,
+        attention=cfg.model.attention,
     )  # fmt: skip
     config_lib.check_context_length(cfg, model_cfg.max_position_embeddings)
     tokenizer = weights.load_tokenizer(folder)
@@ -77,7 +78,13 @@ def build(cfg: config_lib.Config) -> Job:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stop_ids = parts_lib.stop_ids(model_cfg, cfg.sample.stop_token_ids, tokenizer, folder)
     generator = rollout_lib.Generator(
-        model_cfg, tokenizer, stop_ids, pad_id, tuple(cfg.sample.prompt_buckets), mesh
+        model_cfg,
+        tokenizer,
+        stop_ids,
+        pad_id,
+        tuple(cfg.sample.prompt_buckets),
+        mesh,
+        prompt_chunk=cfg.sample.prompt_chunk,
     )
 
     # Data: the unlabeled prompts, in a seeded order per episode.

@@ -115,6 +115,7 @@ class Shapes:
     response_len: int  # G = sample.max_new_tokens
     mini_batch_rows: int
     micro_batch_rows: int  # as configured (the whole mini-batch when unset)
+    prompt_chunk: int = 0  # prompts per sampling pass (0 = all)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +178,8 @@ def hbm_bytes(tpu: str) -> int:
 
 
 def model_config(cfg: config_lib.Config) -> model_lib.ModelConfig:
-    """The ModelConfig of `cfg.model` from a preset or a local folder's config.json (no network).
+    """The ModelConfig of `cfg.model` from a preset, a local folder's config.json or a GGUF
+    file's metadata (no network).
 
     Raises:
       ValueError: the model is a hub id that is no known preset; plan then needs a local folder
@@ -191,6 +193,10 @@ def model_config(cfg: config_lib.Config) -> model_lib.ModelConfig:
     folder = Path(name).expanduser()
     if folder.is_dir():
         return model_lib.ModelConfig.from_hf(weights.read_hf_config(folder), **dtypes)
+    if folder.suffix == ".gguf":  # its metadata alone, no conversion
+        from ttrl_jax import gguf
+
+        return gguf.model_config(folder, **dtypes)
     known = sorted([*model_lib.PRESETS_HF, *SAME_SHAPES_AS])
     raise ValueError(
         f"model.name_or_path={cfg.model.name_or_path!r} is neither a local folder nor a known "
@@ -270,7 +276,8 @@ def params_abstract(mcfg: model_lib.ModelConfig, mesh: Mesh, rules: sharding_lib
 
 def kv_cache_bytes(mcfg: model_lib.ModelConfig, shapes: Shapes, mesh: Mesh) -> int:
     """Per-device bytes of the sampler's caches: the P prompts' keys and values (shared by their
-    N samples) and the P·N responses' own, in the compute dtype.
+    N samples) and the P·N responses' own, in the compute dtype; of one pass's prompts when
+    the sampler runs in passes (sample.prompt_chunk).
 
     Every dimension is split as the sample rules map it, except kv heads that do not divide the
     model axis: the rules replicate them, but the partitioner keeps on each device only the kv
@@ -278,7 +285,7 @@ def kv_cache_bytes(mcfg: model_lib.ModelConfig, shapes: Shapes, mesh: Mesh) -> i
     loop buffers: Qwen2.5-1.5B's 2 kv heads on a model axis of 4 hold 1 per device).
     """
     L, K, H = mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim
-    P, T = shapes.prompts, shapes.prompt_len
+    P, T = min(shapes.prompt_chunk or shapes.prompts, shapes.prompts), shapes.prompt_len
     B, S = P * shapes.n_vote, max(shapes.response_len - 1, 1)  # the last token is never fed
 
     def split(name: str) -> int:
@@ -302,7 +309,9 @@ def compile_sampler(
     rows = sharding_lib.batch_sharding(mesh, 2, sharding_lib.SAMPLE_RULES)
     P, T = shapes.prompts, shapes.prompt_len
     stop_ids = parts_lib.stop_ids(mcfg, cfg.sample.stop_token_ids)
-    fn = sampler_lib.compiled_sampler(mcfg, shapes.n_vote, shapes.response_len, stop_ids, 0, mesh)
+    fn = sampler_lib.compiled_sampler(
+        mcfg, shapes.n_vote, shapes.response_len, stop_ids, 0, mesh, shapes.prompt_chunk
+    )
     return _compile(
         fn,
         params,
@@ -397,6 +406,7 @@ def plan_shapes(cfg: config_lib.Config) -> Shapes:
         response_len=cfg.sample.max_new_tokens,
         mini_batch_rows=mini_rows,
         micro_batch_rows=cfg.optim.micro_batch_size or mini_rows,
+        prompt_chunk=cfg.sample.prompt_chunk,
     )
 
 

@@ -108,6 +108,7 @@ class Generator:
     pad_id: int
     buckets: tuple[int, ...]
     mesh: Mesh | None = None
+    prompt_chunk: int = 0  # prompts per sampling pass (0 = all)
 
     def __call__(
         self,
@@ -132,7 +133,7 @@ class Generator:
         rollout = sampler_lib.sample(
             params, self.cfg, tokens, mask, key, sampling,
             n_samples=n_samples, max_new_tokens=max_new_tokens, stop_ids=self.stop_ids,
-            pad_id=self.pad_id, mesh=self.mesh,
+            pad_id=self.pad_id, mesh=self.mesh, prompt_chunk=self.prompt_chunk,
         )  # fmt: skip
         rollout = sharding_lib.local_rows(rollout)
         return Generation(

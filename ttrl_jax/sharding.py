@@ -28,9 +28,12 @@ from ttrl_jax import model as model_lib
 MESH_AXES = ("data", "model")
 Rules = tuple[tuple[str, str | None], ...]
 
-TRAIN_RULES: Rules = (
+# Where each logical axis goes, by mode. The two tables differ in one row: training splits every
+# weight matrix along its model dimension over 'data' (FSDP) as well as over 'model' (tensor
+# parallel); sampling keeps weights whole over 'data', so a decode step reads them locally and
+# does no per-token all-gather.
+_SHARED_RULES: Rules = (
     ("batch", "data"),
-    ("embed", "data"),  # FSDP: every weight matrix is split along its model dimension
     ("vocab", "model"),
     ("heads", "model"),
     ("kv_heads", "model"),
@@ -41,20 +44,8 @@ TRAIN_RULES: Rules = (
     ("act_embed", None),
     ("cache_seq", None),
 )
-
-SAMPLE_RULES: Rules = (
-    ("batch", "data"),
-    ("embed", None),  # replicated over data: decode reads weights locally
-    ("vocab", "model"),
-    ("heads", "model"),
-    ("kv_heads", "model"),
-    ("mlp", "model"),
-    ("head_dim", None),
-    ("layers", None),
-    ("seq", None),
-    ("act_embed", None),
-    ("cache_seq", None),
-)
+TRAIN_RULES: Rules = (("embed", "data"), *_SHARED_RULES)
+SAMPLE_RULES: Rules = (("embed", None), *_SHARED_RULES)
 
 # Logical axes that fall back to replication when they do not divide the mesh axis: GQA models
 # often have fewer kv heads than tensor-parallel shards (Qwen2.5-1.5B: 2), and copying kv heads
@@ -181,6 +172,33 @@ def with_rules(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
             return fn(*args, **kwargs)
 
     return wrapped
+
+
+def active_mesh() -> jax.sharding.AbstractMesh | None:
+    """The mesh made visible by `activate` (or `jax.set_mesh`), or None outside one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+def active_platform() -> str:
+    """The platform being compiled for: the active mesh's devices' (an AOT TPU topology counts),
+    else JAX's default backend."""
+    mesh = active_mesh()
+    device = getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+def active_spec(logical: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec | None:
+    """The per-device split of an activation under the active mesh and rules, for `shard_map`:
+    dimensions that do not divide their mesh axes are replicated. None outside a mesh."""
+    mesh = active_mesh()
+    if mesh is None:
+        return None
+    axes = list(nn.logical_to_mesh_axes(tuple(logical)))
+    axes += [None] * (len(shape) - len(axes))
+    return PartitionSpec(
+        *(a if dim % _axis_size(mesh, a) == 0 else None for dim, a in zip(shape, axes))
+    )
 
 
 def sharded_init(cfg: model_lib.ModelConfig, mesh: Mesh, rules: Rules, key: jax.Array) -> Any:

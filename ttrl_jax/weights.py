@@ -2,8 +2,8 @@
 
 Loading reads one tensor at a time, stacks the L per-layer tensors of a parameter on the host and
 places the stack straight onto its target sharding, so host memory peaks at about one stacked
-parameter (a 7B model never sits whole on the host). Saving gathers one parameter at a time and
-writes safetensors shards that transformers and vLLM load.
+parameter (a 7B model never sits whole on the host). Saving (`save_hf`, from hf_export.py)
+gathers one parameter at a time and writes safetensors shards that transformers and vLLM load.
 """
 
 from __future__ import annotations
@@ -13,118 +13,39 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import time
-import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
-import ml_dtypes
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from ttrl_jax import model as model_lib
 from ttrl_jax import sharding as sharding_lib
+from ttrl_jax.hf_export import save_hf  # noqa: F401 - public here: weights.save_hf
+from ttrl_jax.hf_layout import (  # noqa: F401 - public here: weights.tensor_specs, ...
+    CONFIG,
+    EMBED_NAME,
+    GENERATION_CONFIG,
+    HARMLESS_SUFFIXES,
+    HUB_PATTERNS,
+    LM_HEAD_NAME,
+    PICKLE_SUFFIXES,
+    SAFETENSORS,
+    SAFETENSORS_INDEX,
+    SAVE_DTYPES,
+    TOKENIZER_FILES,
+    TensorSpec,
+    check_tokenizer,
+    get_path,
+    set_path,
+    tensor_specs,
+)
 
 log = logging.getLogger(__name__)
-
-CONFIG = "config.json"
-GENERATION_CONFIG = "generation_config.json"
-SAFETENSORS = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-HUB_PATTERNS = (
-    CONFIG,
-    GENERATION_CONFIG,
-    "model*.safetensors",
-    SAFETENSORS_INDEX,
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# Buffers some older exports saved beside the weights; recomputed from the config.
-HARMLESS_SUFFIXES = ("rotary_emb.inv_freq",)
-SAVE_DTYPES = ("float32", "bfloat16", "float16")
-EMBED_NAME = "model.embed_tokens.weight"
-LM_HEAD_NAME = "lm_head.weight"
-
-
-# ----------------------------------------------------------------------------- name mapping
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """How one of our params maps to HF tensors (one per layer when `hf_name` has '{i}')."""
-
-    path: tuple[str, ...]  # key path under params['params']
-    hf_name: str
-    hf_shape: tuple[int, ...]  # torch layout, one layer
-    shape: tuple[int, ...]  # our layout, one layer
-    transpose: bool  # torch Linear weights are [out, in]; ours are [in, ...out]
-
-    @property
-    def layered(self) -> bool:
-        return "{i}" in self.hf_name
-
-    def hf_names(self, num_layers: int) -> list[str]:
-        if not self.layered:
-            return [self.hf_name]
-        return [self.hf_name.format(i=i) for i in range(num_layers)]
-
-    def to_ours(self, x: np.ndarray) -> np.ndarray:
-        return (x.T if self.transpose else x).reshape(self.shape)
-
-    def to_hf(self, y: np.ndarray) -> np.ndarray:
-        if self.transpose:
-            return np.ascontiguousarray(y.reshape(self.hf_shape[::-1]).T)
-        return np.ascontiguousarray(y.reshape(self.hf_shape))
-
-
-def tensor_specs(cfg: model_lib.ModelConfig) -> list[TensorSpec]:
-    """The param ⇄ HF tensor table for `cfg`, in the order tensors are saved."""
-    D, Q, K, H = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    F, V = cfg.mlp_dim, cfg.vocab_size
-    layer, attn = "model.layers.{i}.", "model.layers.{i}.self_attn."
-    Spec = TensorSpec
-    specs = [Spec(("embed",), EMBED_NAME, (V, D), (V, D), False)]
-    for n, heads in (("q", Q), ("k", K), ("v", K)):
-        path = ("layers", "attn", n)
-        specs.append(Spec(path, f"{attn}{n}_proj.weight", (heads * H, D), (D, heads, H), True))
-        if cfg.qkv_bias:
-            bias_path = ("layers", "attn", f"{n}_bias")
-            specs.append(Spec(bias_path, f"{attn}{n}_proj.bias", (heads * H,), (heads, H), False))
-    specs.append(Spec(("layers", "attn", "o"), f"{attn}o_proj.weight", (D, Q * H), (Q, H, D), True))
-    if cfg.qk_norm:
-        for n in ("q_norm", "k_norm"):
-            specs.append(
-                Spec(("layers", "attn", n, "scale"), f"{attn}{n}.weight", (H,), (H,), False)
-            )
-    specs += [
-        Spec(("layers", "attn_norm", "scale"), f"{layer}input_layernorm.weight", (D,), (D,), False),
-        Spec(
-            ("layers", "mlp_norm", "scale"),
-            f"{layer}post_attention_layernorm.weight",
-            (D,),
-            (D,),
-            False,
-        ),
-        Spec(("layers", "mlp", "gate"), f"{layer}mlp.gate_proj.weight", (F, D), (D, F), True),
-        Spec(("layers", "mlp", "up"), f"{layer}mlp.up_proj.weight", (F, D), (D, F), True),
-        Spec(("layers", "mlp", "down"), f"{layer}mlp.down_proj.weight", (D, F), (F, D), True),
-        Spec(("final_norm", "scale"), "model.norm.weight", (D,), (D,), False),
-    ]
-    if not cfg.tie_embeddings:
-        specs.append(Spec(("lm_head",), LM_HEAD_NAME, (V, D), (D, V), True))
-    return specs
-
 
 # ----------------------------------------------------------------------------- locating files
 
@@ -146,10 +67,15 @@ def resolve_folder(
     revision: str | None = None,
     patterns: Sequence[str] = HUB_PATTERNS,
 ) -> Path:
-    """A local folder as is, or a hub id downloaded (only the files matching `patterns`)."""
+    """A local folder as is, a .gguf file converted once (gguf.cached_folder), or a hub id
+    downloaded (only the files matching `patterns`)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if path.suffix == ".gguf":
+        from ttrl_jax import gguf
+
+        return gguf.cached_folder(path)
     if path.exists():
         raise NotADirectoryError(
             f"{path} is a file; pass the folder that holds config.json and the *.safetensors files"
@@ -275,8 +201,9 @@ def load_hf(
     """Loads an HF Llama 3.x / Qwen2 / Qwen3 checkpoint (safetensors) into ttrl_jax params.
 
     Args:
-      name_or_path: a local folder (config.json + model.safetensors or a sharded index), or a
-        hub id such as 'Qwen/Qwen2.5-Math-1.5B' (downloaded, or taken from the hub cache).
+      name_or_path: a local folder (config.json + model.safetensors or a sharded index), a
+        .gguf file (converted once into a cache folder, see ttrl_jax.gguf), or a hub id such as
+        'Qwen/Qwen2.5-Math-1.5B' (downloaded, or taken from the hub cache).
       mesh: place each param directly onto its NamedSharding on this mesh; None = unsharded
         arrays on the default device.
       rules: the rules table for `mesh` (default sharding.TRAIN_RULES).
@@ -309,8 +236,8 @@ def load_hf(
         params: dict[str, Any] = {}
         for spec in specs:
             host = _read_stacked(spec, cfg, reader)
-            sharding = _get(shardings, spec.path) if shardings is not None else None
-            _set(params, spec.path, _place(host, sharding))
+            sharding = get_path(shardings, spec.path) if shardings is not None else None
+            set_path(params, spec.path, _place(host, sharding))
             del host
     log.info("loaded %s (%s) in %.1f s", folder, cfg.model_type, time.perf_counter() - t0)
     return cfg, {"params": params}
@@ -402,18 +329,6 @@ def _place(host: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Arra
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def _get(tree: dict, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
 # ----------------------------------------------------------------------------- tokenizer
 
 
@@ -421,7 +336,7 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, revision: str | None = No
     """The model folder's (or hub id's) tokenizer, via transformers.AutoTokenizer.
 
     Args:
-      name_or_path: a local folder with tokenizer files, or a hub id.
+      name_or_path: a local folder with tokenizer files, a .gguf file, or a hub id.
       revision: hub branch, tag or commit.
 
     Returns:
@@ -436,181 +351,3 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, revision: str | None = No
             f"{_listing(folder)}); copy the tokenizer of the base model into it"
         )
     return AutoTokenizer.from_pretrained(folder)
-
-
-def check_tokenizer(tokenizer: Any, cfg: model_lib.ModelConfig) -> None:
-    """Raises if the tokenizer can emit ids outside the model's embedding table."""
-    n = len(tokenizer)
-    if n > cfg.vocab_size:
-        raise ValueError(
-            f"tokenizer has {n} tokens but the model's vocab_size is {cfg.vocab_size}: ids "
-            f">= {cfg.vocab_size} would index past the embedding table. Use the tokenizer that "
-            "was shipped with this model (a larger model vocab, as Qwen pads it, is fine)"
-        )
-
-
-# ----------------------------------------------------------------------------- saving
-
-
-def save_hf(
-    params: dict,
-    cfg: model_lib.ModelConfig,
-    out_dir: str | os.PathLike,
-    tokenizer: Any = None,
-    *,
-    dtype: str = "float32",
-    max_shard_bytes: int = 4 * 2**30,
-    overwrite: bool = False,
-) -> Path:
-    """Writes an HF model folder that transformers (and vLLM) load as the same model.
-
-    Every process must call this (gathering sharded params is collective); process 0 writes.
-    The folder is built beside `out_dir` and renamed into place, so readers never see a partial
-    export.
-
-    Args:
-      params: {'params': {...}} as made by `model.init_params` or `load_hf`.
-      cfg: the model config.
-      out_dir: destination folder.
-      tokenizer: a transformers tokenizer to save alongside (checked against the vocab size).
-      dtype: dtype of the saved tensors: 'float32', 'bfloat16' or 'float16'.
-      max_shard_bytes: above this total size, write model-0000k-of-0000n.safetensors files and
-        model.safetensors.index.json.
-      overwrite: replace an existing non-empty `out_dir`.
-
-    Returns:
-      The path of the written folder.
-    """
-    if dtype not in SAVE_DTYPES:
-        raise ValueError(f"save dtype {dtype!r} is not one of {SAVE_DTYPES}")
-    if tokenizer is not None:
-        check_tokenizer(tokenizer, cfg)
-    out_dir = Path(out_dir).expanduser().absolute()
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace")
-    specs = tensor_specs(cfg)
-    leaves = [_leaf(params, spec, cfg) for spec in specs]
-    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
-    shard_of, n_shards, total = _plan_shards(specs, cfg, np_dtype.itemsize, max_shard_bytes)
-    is_writer = jax.process_index() == 0
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    if is_writer:
-        tmp.mkdir(parents=True)
-    try:
-        weight_map = _write_shards(specs, leaves, cfg, np_dtype, shard_of, n_shards, tmp, is_writer)
-        if is_writer:
-            _write_metadata(tmp, cfg, dtype, tokenizer, weight_map, total, n_shards)
-            _swap_into_place(tmp, out_dir)
-    finally:
-        if is_writer and tmp.exists():
-            shutil.rmtree(tmp)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"save_hf {out_dir}")
-    return out_dir
-
-
-def _leaf(params: dict, spec: TensorSpec, cfg: model_lib.ModelConfig) -> Any:
-    try:
-        leaf = _get(params["params"], spec.path)
-    except KeyError:
-        raise ValueError(
-            f"params lack {'/'.join(spec.path)}, which the config needs; are params and cfg "
-            "from the same model (e.g. tie_embeddings, qkv_bias, qk_norm)?"
-        ) from None
-    want = ((cfg.num_layers,) if spec.layered else ()) + spec.shape
-    if tuple(leaf.shape) != want:
-        raise ValueError(
-            f"param {'/'.join(spec.path)} has shape {tuple(leaf.shape)}, the config implies {want}"
-        )
-    return leaf
-
-
-def _plan_shards(
-    specs: list[TensorSpec], cfg: model_lib.ModelConfig, itemsize: int, max_shard_bytes: int
-) -> tuple[dict[str, int], int, int]:
-    """Greedy packing of tensors (in save order) into shards of at most `max_shard_bytes`."""
-    shard_of: dict[str, int] = {}
-    shard, used, total = 0, 0, 0
-    for spec in specs:
-        nbytes = int(np.prod(spec.hf_shape)) * itemsize
-        for name in spec.hf_names(cfg.num_layers):
-            if used and used + nbytes > max_shard_bytes:
-                shard, used = shard + 1, 0
-            shard_of[name] = shard
-            used += nbytes
-            total += nbytes
-    return shard_of, shard + 1, total
-
-
-def _shard_file(shard: int, n_shards: int) -> str:
-    return SAFETENSORS if n_shards == 1 else f"model-{shard + 1:05d}-of-{n_shards:05d}.safetensors"
-
-
-def _write_shards(specs, leaves, cfg, np_dtype, shard_of, n_shards, tmp, is_writer):
-    """Gathers one param at a time and writes each shard once its tensors are complete."""
-    weight_map: dict[str, str] = {}
-    pending: dict[str, np.ndarray] = {}
-    current = 0
-
-    def flush():
-        if is_writer and pending:
-            save_file(pending, tmp / _shard_file(current, n_shards), metadata={"format": "pt"})
-        pending.clear()
-
-    for spec, leaf in zip(specs, leaves):
-        host = _gather(leaf).astype(np_dtype)
-        stacked = host if spec.layered else host[None]
-        for name, layer in zip(spec.hf_names(cfg.num_layers), stacked):
-            if shard_of[name] != current:
-                flush()
-                current = shard_of[name]
-            pending[name] = spec.to_hf(layer)
-            weight_map[name] = _shard_file(current, n_shards)
-        del host, stacked
-    flush()
-    return weight_map
-
-
-def _gather(x: jax.Array) -> np.ndarray:
-    if jax.process_count() == 1:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def _write_metadata(tmp, cfg, dtype, tokenizer, weight_map, total, n_shards):
-    hf = cfg.to_hf()
-    # transformers 5 reads 'dtype'; older transformers and vLLM read 'torch_dtype'.
-    hf["torch_dtype"] = hf["dtype"] = dtype
-    _write_json(tmp / CONFIG, hf)
-    if n_shards > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        _write_json(tmp / SAFETENSORS_INDEX, index)
-    generation = {
-        k: v
-        for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", hf.get("eos_token_id")))
-        if v is not None
-    }
-    if generation:
-        _write_json(tmp / GENERATION_CONFIG, generation)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old)

@@ -93,7 +93,7 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
 def _sample_one_size(args, cfg, params, torch_model, sp, settings, size: SampleSize) -> dict:
     import torch
 
-    from ttrl_jax import sampler
+    from ttrl_jax import sampler, token_draw
 
     P, N, T, R = size.prompts, size.samples, size.prompt_len, size.new_tokens
     prompt_PT = np.random.default_rng(0).integers(1, cfg.vocab_size, (P, T)).astype(np.int32)
@@ -129,7 +129,7 @@ def _sample_one_size(args, cfg, params, torch_model, sp, settings, size: SampleS
 
     # The sampling head alone (one step's B×V logits): our inverse-CDF draw vs Gumbel-max.
     z_BV = jax.random.normal(jax.random.key(0), (P * N, cfg.vocab_size)) * 3
-    inverse_cdf = jax.jit(sampler._sample_scaled)
+    inverse_cdf = jax.jit(token_draw.sample_scaled)
     gumbel = jax.jit(lambda z, key: jax.random.categorical(key, z, axis=-1))
     head = machine.time_best_interleaved(
         {
