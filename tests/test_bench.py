@@ -1,22 +1,23 @@
-"""Benchmark sub-commands at trivially small sizes: they run, print their ratio, and compare
-like with like.
+"""The benchmark package at trivially small sizes: its pieces, its profiles' categories, and the
+train command end to end (it runs, prints its ratio and breakdown, and compares like with like).
 
-`forward` and `sample` have no vocabulary flag (they always build Qwen2.5's 151936-token
-embedding, then export it and load it into transformers), so they have no trivially small run
-and are not smoke-tested here.
+`forward` and `sample` export and load their model into transformers like `train` does; they
+are run by hand at real shapes (their figures are the benchmark), not here.
 """
 
 import argparse
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ttrl_jax import bench, grpo
 from ttrl_jax import model as model_lib
+from ttrl_jax.bench import forward, machine, models, profile, torch_peer
+from ttrl_jax.bench import train as bench_train
 
-TINY = model_lib.ModelConfig.from_hf(
-    {**bench.QWEN25_05B_HF, "num_hidden_layers": 1, "vocab_size": 64}
-)
+TINY = model_lib.preset("HuggingFaceTB/SmolLM2-135M", num_layers=1, vocab_size=64)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -29,7 +30,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def test_rollout_pads_like_a_real_batch_and_every_group_has_signal():
     P, N, T, R = 3, 5, 6, 7
-    batch = bench.make_rollout(TINY, P, N, T, R, seed=1)
+    batch = bench_train.make_rollout(TINY, P, N, T, R, seed=1)
     prompt_mask = np.asarray(batch.prompt_mask_PT)
     response_mask = np.asarray(batch.response_mask_PNR)
     # Left-padded prompts (padding first), right-padded responses (padding last).
@@ -40,34 +41,103 @@ def test_rollout_pads_like_a_real_batch_and_every_group_has_signal():
     assert (np.abs(np.asarray(advantage_PN)).max(axis=1) > 0.5).all()
 
 
-@pytest.mark.parametrize("with_ref", [True, False])
-def test_train_flops_against_the_forward_count(with_ref):
+@pytest.mark.parametrize("with_ref,with_old", [(True, True), (False, True), (True, False)])
+def test_train_flops_against_the_forward_count(with_ref, with_old):
     rows, T, R = 6, 10, 4
-    f = bench.forward_flops(TINY, rows, T + R)
+    f = forward.forward_flops(TINY, rows, T + R)
     # A forward that unembeds only the response positions.
-    forward = f["dense"] + f["attention"] + 2 * TINY.embed_dim * TINY.vocab_size * rows * R
-    flops = bench.train_flops(TINY, rows, T, R, with_ref=with_ref)
-    assert flops["policy forward + backward"] == 3 * forward
-    assert flops["old log-prob forward"] == forward
+    forward_ = f["dense"] + f["attention"] + 2 * TINY.embed_dim * TINY.vocab_size * rows * R
+    flops = bench_train.train_flops(TINY, rows, T, R, with_ref=with_ref, with_old=with_old)
+    assert flops["policy forward + backward"] == 3 * forward_
+    assert ("old log-prob forward" in flops) == with_old
     assert ("reference forward" in flops) == with_ref
-    assert flops["total"] == (5 if with_ref else 4) * forward
+    assert flops["total"] == (3 + with_old + with_ref) * forward_
+
+
+def test_sizes_and_models_reject_bad_input_with_the_fix():
+    assert bench_train.TrainSize.parse("8x8x64x64") == bench_train.TrainSize(8, 8, 64, 64)
+    with pytest.raises(ValueError, match="PxMxTxR"):
+        bench_train.TrainSize.parse("8x8x64")
+    with pytest.raises(ValueError, match="M >= 2"):
+        bench_train.TrainSize.parse("8x1x64x64")
+    assert models.preset_name("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M"
+    with pytest.raises(ValueError, match="neither a preset"):
+        models.load(parse(["train", "--model", "no/such-model"]), "float32")
+
+
+def test_the_peer_refuses_settings_it_does_not_implement():
+    size = bench_train.TrainSize(2, 2, 4, 4)
+    with pytest.raises(ValueError, match="ttrl.reward"):
+        torch_peer.PeerOptions.from_config(
+            bench_train.run_config(size, ["ttrl.reward=soft_frequency"])
+        )
+
+
+def test_memory_bandwidth_probe_reads_the_whole_array():
+    assert machine.measure_memory_bandwidth(nbytes=2**20, repeats=1) > 0
+
+
+def test_xla_breakdown_puts_each_op_where_it_comes_from():
+    def loss(w_DD, e_VD, x_BD):
+        h_BD = jnp.tanh(x_BD @ w_DD)
+        with jax.named_scope("unembed"):
+            logits_BV = h_BD @ e_VD.T
+        return jax.nn.logsumexp(logits_BV, axis=-1).sum()
+
+    def step(w_DD, e_VD, x_BD):
+        g = jax.grad(loss)(w_DD, e_VD, x_BD)
+        with jax.named_scope("optimizer"):
+            return w_DD - 0.1 * g
+
+    args = [jnp.ones((256, 256)), jnp.ones((512, 256)), jnp.ones((64, 256))]
+    compiled = jax.jit(step).lower(*args).compile()
+    out = profile.xla_breakdown(lambda: compiled(*args).block_until_ready(), compiled.as_text())
+    for category in (
+        "forward: dense matmuls",
+        "backward: dense matmuls",
+        profile.UNEMBED,
+        profile.OPTIMIZER,
+    ):
+        assert out.seconds.get(category, 0) > 0, (category, out.seconds)
+    assert out.total > 0 and out.wall > 0
+
+
+def test_torch_breakdown_follows_backward_ops_to_their_forward_labels():
+    import torch
+
+    w = torch.ones(256, 256, requires_grad=True)
+    e = torch.ones(512, 256, requires_grad=True)
+    x = torch.ones(64, 256)
+
+    def step():
+        h = torch.tanh(x @ w)
+        with torch.profiler.record_function("unembed"):
+            loss = torch.logsumexp(h @ e.T, dim=-1).sum()
+        loss.backward()
+
+    out = profile.torch_breakdown(step)
+    assert out.seconds.get("forward: dense matmuls", 0) > 0
+    assert out.seconds.get("backward: dense matmuls", 0) > 0
+    # The unembedding's backward matmul is counted with it, not with the decoder's.
+    assert out.seconds.get(profile.UNEMBED, 0) > out.seconds["backward: dense matmuls"] / 4
 
 
 @pytest.mark.slow
 def test_train_bench_tiny(capsys, monkeypatch):
     # The machine figures have their own cost (seconds of 2048² matmuls); not what is tested here.
-    monkeypatch.setattr(bench, "measure_matmul_peak", lambda **_: 1e9)
-    monkeypatch.setattr(bench, "measure_memory_bandwidth", lambda **_: 1e9)
+    monkeypatch.setattr(machine, "measure_matmul_peak", lambda **_: 1e9)
+    monkeypatch.setattr(machine, "measure_memory_bandwidth", lambda **_: 1e9)
     args = parse(
-        ["train", "--layers", "1", "--vocab", "64", "--prompts", "2", "--samples", "2",
-         "--prompt-len", "4", "--response-len", "4", "--repeats", "1"]
+        ["train", "--model", "smollm2-135m", "--layers", "1", "--vocab", "64",
+         "--sizes", "2x2x4x4", "--repeats", "1"]
     )  # fmt: skip
-    results = args.run(args)
+    (result,) = args.run(args).values()
     out = capsys.readouterr().out
     assert "tokens/s ratio ttrl_jax / transformers: " in out
-    assert results["ratio"] > 0
+    assert "where the time goes" in out and profile.OPTIMIZER in out
+    assert result["ratio"] > 0 and result["peak_fraction"] > 0
     # Both sides compute the same log-probs, loss and gradient, and the whole first step agrees.
-    assert results["logp_diff"] < 1e-4
-    assert results["loss_diff"] < 1e-5
-    assert results["grad_norm_rel_diff"] < 1e-4
-    assert results["step_loss_diff"] < 1e-5
+    assert result["logp_diff"] < 1e-4
+    assert result["loss_diff"] < 1e-5
+    assert result["grad_norm_rel_diff"] < 1e-4
+    assert result["step_loss_diff"] < 1e-5

@@ -150,6 +150,8 @@ def test_cached_decoding_matches_full_forward(hf_case):
 @pytest.mark.parametrize(
     "name,count",
     [
+        ("HuggingFaceTB/SmolLM2-135M", 134_515_008),
+        ("Qwen/Qwen2.5-0.5B", 494_032_768),
         ("Qwen/Qwen2.5-Math-1.5B", 1_543_714_304),
         ("Qwen/Qwen2.5-Math-7B", 7_615_616_512),
         ("meta-llama/Llama-3.1-8B", 8_030_261_248),

@@ -222,6 +222,18 @@ class ModelConfig:
 
 # Published config.json values of the full-size models (only the fields the loader reads).
 PRESETS_HF: dict[str, dict[str, Any]] = {
+    "HuggingFaceTB/SmolLM2-135M": dict(
+        model_type="llama", vocab_size=49152, num_hidden_layers=30, hidden_size=576,
+        num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
+        rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        max_position_embeddings=8192, bos_token_id=0, eos_token_id=0,
+    ),
+    "Qwen/Qwen2.5-0.5B": dict(
+        model_type="qwen2", vocab_size=151936, num_hidden_layers=24, hidden_size=896,
+        num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        max_position_embeddings=32768, bos_token_id=151643, eos_token_id=151643,
+    ),
     "Qwen/Qwen2.5-Math-1.5B": dict(
         model_type="qwen2", vocab_size=151936, num_hidden_layers=28, hidden_size=1536,
         num_attention_heads=12, num_key_value_heads=2, intermediate_size=8960,

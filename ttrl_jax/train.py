@@ -18,6 +18,7 @@ import optax
 from ttrl_jax import grpo
 from ttrl_jax import model as model_lib
 from ttrl_jax import sharding as sharding_lib
+from ttrl_jax.logprobs import response_logp, sequence_inputs  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,78 +120,6 @@ def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-# ----------------------------------------------------------------------------- log-probs
-
-
-def sequence_inputs(prompt_BT, prompt_mask_BT, response_BR, response_mask_BR):
-    """Prompt and response joined into one sequence: tokens, mask, positions."""
-    tokens_BS = jnp.concatenate([prompt_BT, response_BR], axis=1)
-    mask_BS = jnp.concatenate([prompt_mask_BT, response_mask_BR], axis=1)
-    return tokens_BS, mask_BS, model_lib.left_pad_positions(mask_BS)
-
-
-def response_logp(
-    cfg: model_lib.ModelConfig,
-    params: Any,
-    prompt_BT: jax.Array,
-    prompt_mask_BT: jax.Array,
-    response_BR: jax.Array,
-    response_mask_BR: jax.Array,
-    temperature: jax.Array,
-    *,
-    with_entropy: bool = False,
-    with_self_certainty: bool = False,
-    with_features: bool = False,
-    logit_chunk: int = 512,
-) -> dict[str, jax.Array]:
-    """Log-probs (of logits / temperature) of the response tokens, plus optional extras.
-
-    The vocabulary projection runs over chunks of positions under `jax.checkpoint`, so the
-    full B×R×V logits never exist at once, in the forward or the backward pass.
-
-    Returns:
-      dict with "logp_BR", and "entropy_BR", "self_certainty_BR" (raw logits, temperature 1),
-      "feature_BD" (mean final hidden state over the response) when asked for.
-    """
-    tokens_BS, mask_BS, positions_BS = sequence_inputs(
-        prompt_BT, prompt_mask_BT, response_BR, response_mask_BR
-    )
-    module = model_lib.Transformer(cfg)
-    h_BSD, _ = module.apply(params, tokens_BS, positions_BS, mask_BS, return_hidden=True)
-    T, R = prompt_BT.shape[1], response_BR.shape[1]
-    # Position t predicts token t + 1: responses are predicted from positions T-1 .. T+R-2.
-    h_BRD = h_BSD[:, T - 1 : T + R - 1]
-    chunk = min(logit_chunk, R)
-    n_chunks = -(-R // chunk)
-    pad = n_chunks * chunk - R
-    h_CBcD = jnp.pad(h_BRD, ((0, 0), (0, pad), (0, 0)))
-    h_CBcD = h_CBcD.reshape(h_BRD.shape[0], n_chunks, chunk, -1).swapaxes(0, 1)
-    target_CBc = jnp.pad(response_BR, ((0, 0), (0, pad))).reshape(-1, n_chunks, chunk)
-    target_CBc = target_CBc.swapaxes(0, 1)
-
-    @jax.checkpoint
-    def one_chunk(h_BcD, target_Bc):
-        logits_BcV = module.apply(params, h_BcD, method=model_lib.Transformer.unembed)
-        logp_BcV = jax.nn.log_softmax(logits_BcV / temperature, axis=-1)
-        out = {"logp": jnp.take_along_axis(logp_BcV, target_Bc[..., None], axis=-1)[..., 0]}
-        if with_entropy:
-            out["entropy"] = -(jnp.exp(logp_BcV) * logp_BcV).sum(-1)
-        if with_self_certainty:
-            out["self_certainty"] = grpo.token_self_certainty(logits_BcV)
-        return out
-
-    outs = jax.lax.map(lambda xs: one_chunk(*xs), (h_CBcD, target_CBc))
-    result = {
-        k + "_BR": v.swapaxes(0, 1).reshape(h_BRD.shape[0], -1)[:, :R] for k, v in outs.items()
-    }
-    if with_features:
-        w_BR1 = response_mask_BR[..., None].astype(jnp.float32)
-        result["feature_BD"] = (h_BRD.astype(jnp.float32) * w_BR1).sum(1) / jnp.maximum(
-            w_BR1.sum(1), 1.0
-        )
-    return result
-
-
 # ----------------------------------------------------------------------------- the step
 
 
@@ -257,6 +186,7 @@ def train_step(
     )
 
     # 2. Old (rollout-policy) and reference log-probs, one forward per micro-batch, no grad.
+    # (Named scopes label the pieces in profiles: `python -m ttrl_jax.bench train`.)
     def forward_rows(params, with_extras):
         def one(xs):
             p, pm, r, rm = xs
@@ -272,16 +202,18 @@ def train_step(
         out = jax.lax.map(one, xs)
         return {k: v.reshape((P, M) + v.shape[2:]) for k, v in out.items()}
 
-    if sc.recompute_old_logp:
-        old = forward_rows(state.params, with_extras=True)
-        logp_old_PMR = old["logp_BR"]
-    else:
-        old = forward_rows(state.params, with_extras=True) if sc.reward in (
-            "self_certainty", "evol_novelty") else {}  # fmt: skip
-        logp_old_PMR = take(batch.logp_PNR)
+    with jax.named_scope("old_logp"):
+        if sc.recompute_old_logp:
+            old = forward_rows(state.params, with_extras=True)
+            logp_old_PMR = old["logp_BR"]
+        else:
+            old = forward_rows(state.params, with_extras=True) if sc.reward in (
+                "self_certainty", "evol_novelty") else {}  # fmt: skip
+            logp_old_PMR = take(batch.logp_PNR)
     logp_old_PMR = jax.lax.stop_gradient(logp_old_PMR)
     if sc.use_kl:
-        logp_ref_PMR = jax.lax.stop_gradient(forward_rows(ref_params, False)["logp_BR"])
+        with jax.named_scope("ref_logp"):
+            logp_ref_PMR = jax.lax.stop_gradient(forward_rows(ref_params, False)["logp_BR"])
     else:
         logp_ref_PMR = jnp.zeros_like(logp_old_PMR)
 
@@ -332,17 +264,20 @@ def train_step(
         micros = tuple(x.reshape((n_micro, rows_micro) + x.shape[1:]) for x in mini)
 
         def accumulate(acc, micro):
-            return jax.tree.map(jnp.add, acc, grad_fn(params, micro, num_tokens)), None
+            out = grad_fn(params, micro, num_tokens)
+            with jax.named_scope("accumulate"):
+                return jax.tree.map(jnp.add, acc, out), None
 
-        first = jax.tree.map(lambda x: x[0], micros)
-        zero = jax.tree.map(
-            lambda s: jnp.zeros(s.shape, s.dtype),
-            jax.eval_shape(grad_fn, params, first, num_tokens),
-        )
-        ((loss, aux), grads), _ = jax.lax.scan(accumulate, zero, micros)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        # The first micro-batch starts the sums (0 + g = g exactly): no pass over a zero tree.
+        total = grad_fn(params, jax.tree.map(lambda x: x[0], micros), num_tokens)
+        if n_micro > 1:
+            rest = jax.tree.map(lambda x: x[1:], micros)
+            total, _ = jax.lax.scan(accumulate, total, rest)
+        (loss, aux), grads = total
+        with jax.named_scope("optimizer"):
+            grad_norm = optax.tree.norm(grads)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
         return (params, opt_state), {"loss": loss, "grad_norm": grad_norm, **aux}
 
     (params, opt_state), mini_metrics = jax.lax.scan(

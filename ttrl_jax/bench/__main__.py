@@ -1,0 +1,3 @@
+from ttrl_jax.bench import main
+
+main()
