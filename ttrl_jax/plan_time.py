@@ -218,7 +218,7 @@ def _decode_program(cfg, mcfg, shapes, mesh, n_steps: int, slots: int) -> tuple[
     one_pass = dataclasses.replace(shapes, prompts=P)
 
     def steps(params, prompt_PT, mask_PT, key, sampling, k_gen, v_gen):
-        _, prompt_kv = sampler_lib._prefill(mcfg, params, prompt_PT, mask_PT)
+        _, prompt_kv = sampler_lib.prefill_prompts(mcfg, params, prompt_PT, mask_PT)
         dparams = decode.decode_params(mcfg, params, fuse=decode.split_size("heads") == 1)
         token_B = jnp.zeros((B,), jnp.int32)
         n_prompt_B = jnp.repeat(mask_PT.sum(-1, dtype=jnp.int32), N)
