@@ -236,13 +236,7 @@ def compiled_groups(
 
 @functools.lru_cache(maxsize=64)
 def _build_groups(mesh, **static):
-    fn = functools.partial(_groups_impl, **static)
-    if mesh is None:
-        return jax.jit(fn)
-    per_token = sharding.batch_sharding(mesh, 3, sharding.SAMPLE_RULES)
-    per_row = sharding.batch_sharding(mesh, 2, sharding.SAMPLE_RULES)
-    out = sampler_lib.Rollout(*(per_token,) * 4, per_row, per_row, sharding.replicated(mesh))
-    return jax.jit(sharding.with_rules(fn, mesh, sharding.SAMPLE_RULES), out_shardings=out)
+    return sampler_lib.jit_rollout(functools.partial(_groups_impl, **static), mesh)
 
 
 def _groups_impl(

@@ -195,7 +195,12 @@ def compiled_sampler(
 
 @functools.lru_cache(maxsize=64)
 def _build(mesh, **static):
-    fn = functools.partial(_sample_impl, **static)
+    return jit_rollout(functools.partial(_sample_impl, **static), mesh)
+
+
+def jit_rollout(fn, mesh: Mesh | None):
+    """`fn` returning a Rollout, jitted; with a mesh, under the sample rules and with the
+    Rollout's rows sharded over the data axis (its step count replicated)."""
     if mesh is None:
         return jax.jit(fn)
     per_token = sharding.batch_sharding(mesh, 3, sharding.SAMPLE_RULES)

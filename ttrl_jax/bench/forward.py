@@ -92,15 +92,10 @@ def run_forward(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_forward_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "forward",
-        help="prefill tokens/s vs transformers (PyTorch)",
-        description=run_forward.__doc__,
-    )
-    models.add_model_args(p)
+    help = "prefill tokens/s vs transformers (PyTorch)"
+    p = models.add_command(sub, "forward", help, run_forward)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--torch-attention", choices=("sdpa", "eager"), default="sdpa")
     profile.add_race_args(p, repeats=3, warmup=0)
-    p.set_defaults(run=run_forward)

@@ -29,6 +29,19 @@ def preset_name(name: str) -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
+def add_command(
+    sub: argparse._SubParsersAction, name: str, help: str, run, sizes: tuple[list[str], str] = ()
+) -> argparse.ArgumentParser:
+    """A sub-command running `run(args)`, described by its docstring, with the model arguments
+    and, given (defaults, help), a --sizes list."""
+    p = sub.add_parser(name, help=help, description=run.__doc__)
+    add_model_args(p)
+    if sizes:
+        p.add_argument("--sizes", nargs="+", default=sizes[0], help=sizes[1])
+    p.set_defaults(run=run)
+    return p
+
+
 def add_model_args(p: argparse.ArgumentParser, *, default_layers: int = 0) -> None:
     """--model, --layers and --vocab, as every sub-command takes them."""
     known = ", ".join(sorted(model_lib.PRESETS_HF))

@@ -188,21 +188,12 @@ def _print_sample_size(cfg, size: SampleSize, res: dict, machine_, args):
 
 
 def add_sample_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "sample",
-        help="grouped-rollout tokens/s vs transformers generate",
-        description=run_sample.__doc__,
-    )
-    models.add_model_args(p)
-    p.add_argument(
-        "--sizes",
-        nargs="+",
-        default=["1x1x128x128", "8x16x128x256"],
-        help="PxNxTxR: prompts x samples per prompt x prompt tokens x new tokens",
+    sizes = ["1x1x128x128", "8x16x128x256"], "PxNxTxR: prompts x samples x prompt x new tokens"
+    p = models.add_command(
+        sub, "sample", "grouped-rollout tokens/s vs transformers generate", run_sample, sizes
     )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     profile.add_race_args(p, repeats=2, warmup=1)
-    p.set_defaults(run=run_sample)

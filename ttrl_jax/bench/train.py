@@ -319,18 +319,9 @@ def _report(cfg, size: TrainSize, run_cfg, res, machine_, args) -> None:
 
 
 def add_train_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="GRPO train-step tokens/s vs upstream's step in PyTorch on transformers",
-        description=run_train.__doc__,
-    )
-    models.add_model_args(p)
-    p.add_argument(
-        "--sizes",
-        nargs="+",
-        default=["8x8x64x64", "8x8x128x256"],
-        help="PxMxTxR: prompts x trained responses per prompt x prompt tokens x response tokens",
-    )
+    sizes = ["8x8x64x64", "8x8x128x256"], "PxMxTxR: prompts x trained x prompt x response tokens"
+    help = "GRPO train-step tokens/s vs upstream's step in PyTorch on transformers"
+    p = models.add_command(sub, "train", help, run_train, sizes)
     p.add_argument(
         "--set",
         nargs="*",
@@ -342,4 +333,3 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--torch-adamw", choices=tuple(torch_peer.TORCH_ADAMW), default="fused")
     profile.add_race_args(p, repeats=2, warmup=0)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=run_train)
