@@ -63,7 +63,7 @@ class Job:
 def build(cfg: config_lib.Config) -> Job:
     """Loads the model and data of `cfg` onto its mesh and compiles nothing yet."""
     mesh = sharding_lib.make_mesh(cfg.mesh.shape)
-    config_lib.validate_config(cfg, data_axis_size=mesh.shape["data"])
+    config_lib.validate_config(cfg, data_axis_size=sharding_lib.data_size(mesh))
     sharding_lib.process_rows(mesh, cfg.data.batch_prompts)  # a multi-host layout error, early
 
     # Model and tokenizer, params straight into the train layout.

@@ -190,7 +190,7 @@ def kv_cache_bytes(mcfg: model_lib.ModelConfig, shapes: Shapes, mesh: Mesh) -> i
     rules replicate them, and the partitioner drops the ones a device never reads).
     """
     L, K, H = mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim
-    D, M = mesh.shape["data"], mesh.shape["model"]
+    D, M = sharding_lib.data_size(mesh), sharding_lib.model_size(mesh)
     P, T, B = shapes.prompts, shapes.prompt_len, shapes.pass_prompts * shapes.n_vote
     slots = -(-P // D) * T + -(-B // D) * max(shapes.response_len - 1, 1)
     return 2 * L * slots * (K // math.gcd(K, M)) * H * jnp.dtype(mcfg.dtype).itemsize

@@ -152,7 +152,7 @@ def estimate(
     decode_steps = max(shapes.response_len - 1, 0)
 
     # Training: one row per device more, and what a mini-batch does once, at 0 and 2 layers.
-    D = mesh.shape["data"]
+    D = sharding_lib.data_size(mesh)
     units = {
         (n, k): piece(
             ("train", mcfg.replace(num_layers=n), k),

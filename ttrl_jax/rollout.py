@@ -202,7 +202,7 @@ class Generator:
         prefilled = rounds_lib.prefill(params, self.cfg, tokens, mask, mesh=self.mesh)
         scorer = PrefixScorer(list(golds[mine]), mode, timeout_s, last_number_fallback)
         out = _Slots(mine.stop - mine.start, N, R, self.pad_id)
-        shards = 1 if self.mesh is None else self.mesh.shape["data"]
+        shards = sharding_lib.data_size(self.mesh)
         plan = vote_budget_lib.first_round(P, budget.n_min)
         row_steps = 0
         time_score, sizes = 0.0, []

@@ -180,7 +180,7 @@ def sample_groups(
     """
     P = prefilled.prompt_mask_PT.shape[0]
     G, n = sample_index_GN.shape
-    shards = 1 if mesh is None else mesh.shape["data"]
+    shards = sharding.data_size(mesh)
     if tuple(group_prompt_G.shape) != (G,):
         raise ValueError(f"group_prompt_G has shape {tuple(group_prompt_G.shape)}; want ({G},)")
     if live_GN is not None and tuple(live_GN.shape) != (G, n):

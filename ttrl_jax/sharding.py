@@ -82,6 +82,16 @@ def make_mesh(spec: str | tuple[int, int] = "auto", devices: Sequence[Any] | Non
     )
 
 
+def data_size(mesh: Mesh | None) -> int:
+    """Devices along the data axis (1 without a mesh): how many ways rows are split."""
+    return 1 if mesh is None else mesh.shape[MESH_AXES[0]]
+
+
+def model_size(mesh: Mesh | None) -> int:
+    """Devices along the model axis (1 without a mesh): how many ways weights are split."""
+    return 1 if mesh is None else mesh.shape[MESH_AXES[1]]
+
+
 def mesh_axes_for(logical: Sequence[str | None], rules: Rules) -> PartitionSpec:
     """Logical axis names -> a PartitionSpec of mesh axes."""
     return nn.logical_to_mesh_axes(tuple(logical), rules)
