@@ -3,6 +3,7 @@ the GGUF conversion (tensors, config, tokenizer, chat template), float32 logits 
 forward and of prefill + cached decode, and greedy generation token for token."""
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -182,3 +183,32 @@ def test_greedy_generation_matches_transformers_generate(ours, hf_gguf_model):
         assert ours_p == ref, (tokenizer.decode(ours_p), tokenizer.decode(ref))
     # The stop token was compared too: at least one response ends with <|im_end|> in 64 tokens.
     assert (np.asarray(out.finish_PN) == sampler.FINISH_STOP).any()
+
+
+# ----------------------------------------------------------------------------- the shipped config
+
+
+def test_shipped_config_runs_a_ttrl_step_with_answers(smollm2_gguf, tmp_path):
+    """configs/smollm2-135m_apples.yaml on the real model, at a few prompts and samples: its
+    prompt template, chat template, stop token and last-number answers give the vote answers
+    to count, and the step trains."""
+    from ttrl_jax import config as config_lib
+    from ttrl_jax import run as run_lib
+
+    cfg = config_lib.load_config(
+        Path(__file__).parents[1] / "configs" / "smollm2-135m_apples.yaml",
+        [
+            f"model.name_or_path={smollm2_gguf}", f"run.out_dir={tmp_path}",
+            "data.batch_prompts=2", "sample.n_vote=4", "sample.n_train=2",
+            "optim.mini_batch_prompts=2", "run.max_steps=1", "eval.k=2", "eval.greedy=false",
+            "eval.before_training=false", "run.tensorboard=false",
+        ],
+    )  # fmt: skip
+    summary = run_lib.run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = next(r for r in rows if r.get("train"))
+    assert train["answered"] >= 0.75  # free text answers through the last-number fallback
+    assert train["response_length_max"] <= cfg.sample.max_new_tokens
+    assert np.isfinite(train["loss"]) and train["grad_norm"] > 0
+    final = next(r for r in rows if r.get("eval"))
+    assert final["eval/answered"] >= 0.75 and summary
