@@ -7,7 +7,11 @@ laid out for one new token per row:
     matmul whose rows are the J = N·G queries of the group;
   - weights are cast to the compute dtype and split into per-layer buffers once per call. A
     scanned layer stack slices (on CPU: copies) every layer's weights on every step, and with
-    float32 master weights and bfloat16 compute it would read 4 bytes per weight per step;
+    float32 master weights and bfloat16 compute it would read 4 bytes per weight per step.
+    Under tensor parallelism with weights already in the compute dtype (the TPU layout), the
+    per-layer buffers would be a second copy of the weights for the whole loop (3 GiB per
+    device for a 7B model over 4 chips), so each step reads its layer out of the stacked
+    weights instead;
   - response keys are stored [B, K, H, S] and values [B, K, S, H] (S response slots), so both
     attention matmuls take a row-major right operand;
   - a response cache longer than one block (`kv_block` slots) is read block by block, only the
@@ -51,6 +55,20 @@ def decode_params(cfg, params, fuse: bool) -> dict[str, Any]:
         x = x.astype(dtype) if index is None else x[index].astype(dtype)
         return constrain(x, tuple(names) if index is None else tuple(names)[1:])
 
+    out = dict(
+        embed_VD=prep(p["embed"], logical["embed"]),
+        final_norm_D=prep(p["final_norm"]["scale"], logical["final_norm"]["scale"]),
+    )
+    # Tied: the embedding is used as is ([V, D], contracted over D). A transposed [D, V] copy
+    # measured no faster, even batched, and transposing 150k x D costs about a second on CPU.
+    if not cfg.tie_embeddings:
+        out["lm_head_DV"] = prep(p["lm_head"], logical["lm_head"])
+    if not fuse and all(x.dtype == dtype for x in jax.tree.leaves(p["layers"])):
+        out["stacked_layers"] = jax.tree.map(
+            lambda x, n: constrain(x, tuple(n)), p["layers"], logical["layers"],
+            is_leaf=lambda x: isinstance(x, PartitionSpec),
+        )  # fmt: skip
+        return out
     layers = []
     for i in range(cfg.num_layers):
         layer = jax.tree.map(
@@ -72,16 +90,21 @@ def decode_params(cfg, params, fuse: bool) -> dict[str, Any]:
                 mlp=dict(gate_up=jnp.stack([mlp["gate"], mlp["up"]], axis=1), down=mlp["down"]),
             )
         layers.append(layer)
-    out = dict(
-        embed_VD=prep(p["embed"], logical["embed"]),
-        final_norm_D=prep(p["final_norm"]["scale"], logical["final_norm"]["scale"]),
-        layers=tuple(layers),
-    )
-    # Tied: the embedding is used as is ([V, D], contracted over D). A transposed [D, V] copy
-    # measured no faster, even batched, and transposing 150k x D costs about a second on CPU.
-    if not cfg.tie_embeddings:
-        out["lm_head_DV"] = prep(p["lm_head"], logical["lm_head"])
+    out["layers"] = tuple(layers)
     return out
+
+
+def layer_params(dp: dict[str, Any], i: int, slot) -> Any:
+    """Layer i's decode weights: its own buffers, or its slice of the stacked weights, indexed
+    through the traced `slot` so that the slice stays in the loop body (a slice hoisted out of
+    the decode loop would be a copy for the whole loop)."""
+    if "layers" in dp:
+        return dp["layers"][i]
+    L = jax.tree.leaves(dp["stacked_layers"])[0].shape[0]
+    index = jnp.minimum(i, jnp.maximum(slot, 0) + L)  # = i; slot >= 0 only known at run time
+    return jax.tree.map(
+        lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False), dp["stacked_layers"]
+    )
 
 
 def decode_step(
@@ -97,7 +120,8 @@ def decode_step(
         position_B[:, None], cfg.head_dim, cfg.rope_theta, cfg.rope_scaling
     )
     new_k, new_v = [], []
-    for i, lp in enumerate(dp["layers"]):
+    for i in range(cfg.num_layers):
+        lp = layer_params(dp, i, slot)
         h_B1D = _rms_norm(cfg, lp["attn_norm"]["scale"], x_B1D, "embed")
         a_B1D, k_i, v_i = _attention(
             cfg, lp["attn"], h_B1D, cos_B1H, sin_B1H, slot, k_gen[i], v_gen[i],
