@@ -214,7 +214,7 @@ def test_invalid_yaml_syntax(tmp_path):
         (["sample.n_vote_step=0"], "sample.n_vote_step=0"),
         (["ttrl.vote_rule=sprt"], "ttrl.vote_rule='sprt'"),
         (["ttrl.vote_error=0"], "ttrl.vote_error=0"),
-        (["ttrl.vote_rule=lead", "mesh.shape=16x1"], "adaptive vote's rounds (data.batch_prompts)"),
+        (["mesh.shape=16x1"], "prompts of a step (data.batch_prompts)"),
     ],
 )
 def test_invalid_values_name_the_key(overrides, key):

@@ -3,6 +3,9 @@ the GGUF conversion (tensors, config, tokenizer, chat template), float32 logits 
 forward and of prefill + cached decode, and greedy generation token for token."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -189,26 +192,26 @@ def test_greedy_generation_matches_transformers_generate(ours, hf_gguf_model):
 
 
 def test_shipped_config_runs_a_ttrl_step_with_answers(smollm2_gguf, tmp_path):
-    """configs/smollm2-135m_apples.yaml on the real model, at a few prompts and samples: its
-    prompt template, chat template, stop token and last-number answers give the vote answers
-    to count, and the step trains."""
-    from ttrl_jax import config as config_lib
-    from ttrl_jax import run as run_lib
-
-    cfg = config_lib.load_config(
-        Path(__file__).parents[1] / "configs" / "smollm2-135m_apples.yaml",
-        [
-            f"model.name_or_path={smollm2_gguf}", f"run.out_dir={tmp_path}",
-            "data.batch_prompts=2", "sample.n_vote=4", "sample.n_train=2",
-            "optim.mini_batch_prompts=2", "run.max_steps=1", "eval.k=2", "eval.greedy=false",
-            "eval.before_training=false", "run.tensorboard=false",
-        ],
+    """configs/smollm2-135m_apples.yaml through the command line on one CPU device, as a user
+    runs it, at a few prompts and samples: its prompt template, chat template, stop token and
+    last-number answers give the vote answers to count, and the step runs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    config = Path(__file__).parents[1] / "configs" / "smollm2-135m_apples.yaml"
+    args = [
+        f"model.name_or_path={smollm2_gguf}", f"run.out_dir={tmp_path}", "data.batch_prompts=2",
+        "sample.n_vote=4", "sample.n_train=2", "optim.mini_batch_prompts=2", "run.max_steps=1",
+        "eval.k=2", "eval.greedy=false", "eval.before_training=false", "run.tensorboard=false",
+    ]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "ttrl_jax.run", "--config", str(config), *args],
+        env=env, capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
-    summary = run_lib.run(cfg)
+    assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = next(r for r in rows if r.get("train"))
     assert train["answered"] >= 0.75  # free text answers through the last-number fallback
-    assert train["response_length_max"] <= cfg.sample.max_new_tokens
-    assert np.isfinite(train["loss"]) and train["grad_norm"] > 0
+    assert train["response_length_max"] <= 32  # the config's sample.max_new_tokens
+    assert np.isfinite(train["loss"]) and np.isfinite(train["grad_norm"])  # 2 groups may agree
     final = next(r for r in rows if r.get("eval"))
-    assert final["eval/answered"] >= 0.75 and summary
+    assert final["eval/answered"] >= 0.75

@@ -341,9 +341,9 @@ def _check_data_axis(out: list[str], cfg: Config, size: int) -> None:
         rows["optim.micro_batch_size"] = cfg.optim.micro_batch_size
     if 0 < cfg.sample.prompt_chunk < cfg.data.batch_prompts:
         rows["prompts per sampling pass (sample.prompt_chunk)"] = cfg.sample.prompt_chunk
-    if cfg.ttrl.vote_rule != "fixed":
-        # A round's groups draw for prompts of their own data shard (rounds.py).
-        rows["prompts of an adaptive vote's rounds (data.batch_prompts)"] = cfg.data.batch_prompts
+    # Each data shard samples its own prompts (the sampler's and the rounds' prompt inputs are
+    # split over the data axis).
+    rows["prompts of a step (data.batch_prompts)"] = cfg.data.batch_prompts
     for what, n in rows.items():
         if n % size:
             out.append(
