@@ -288,6 +288,17 @@ def test_tpu_refusal_is_reported_with_the_compilers_figure(cfg, tpu_plan):
 
 
 @needs_tpu
+def test_when_nothing_fits_the_train_setting_that_needs_least_is_reported(cfg):
+    usable = 2 * 2**20  # 2 MiB: no remat policy or micro-batch makes the tiny step fit
+    tight = plan.make_plan(cfg, "v5e-4", headroom=1 - usable / 2**34, estimate_time=False)
+    assert not tight.fits and tight.micro_batch is None
+    needs = {k: v for k, v in tight.micro_batches.items() if v is not None}
+    assert len(needs) >= 2 and tight.train.total == min(needs.values())
+    assert tight.settings["optim.micro_batch_size"] == min(needs, key=needs.get)
+    assert f"{tight.train.total / 2**30:.2f} GiB" in plan_report.to_json(tight)["shortfall"]
+
+
+@needs_tpu
 def test_seconds_estimate_premises_hold_on_xla_tpu():
     """plan_time's method rests on these: a loop's body is counted once whatever its trip count,
     and the decode while_loop adds nothing, so a longer response does not cost more."""

@@ -402,6 +402,10 @@ def make_plan(
         if best is not None:
             remat, rows = option, best
             break
+    else:
+        if search:  # nothing fits: report the setting that needs least, and by how much
+            need = lambda item: float("inf") if item[1].total is None else item[1].total
+            remat, rows = min(tried.items(), key=need)[0]
     train = train_with(remat, rows)
     if remat != remat0:
         changed["model.remat"] = remat
