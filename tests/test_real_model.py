@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 from safetensors.numpy import load_file
+from test_model import _hf_logits  # HF logits at the left-padded position ids
 
 from ttrl_jax import model, parts, prompts, sampler, weights
 
@@ -69,18 +70,6 @@ def _chat_ids(tokenizer, questions):
 
 def _left_pad(ids, pad_id):
     return prompts.bucket_and_pad(ids, (max(len(x) for x in ids),), pad_id)
-
-
-def _hf_logits(hf_model, tokens_BT, mask_BT):
-    mask = torch.tensor(mask_BT, dtype=torch.long)
-    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    with torch.no_grad():
-        out = hf_model(
-            input_ids=torch.tensor(tokens_BT, dtype=torch.long),
-            attention_mask=mask,
-            position_ids=position_ids,
-        )
-    return out.logits.numpy()
 
 
 def _relative_diff(ours_BTV, ref_BTV, mask_BT):
