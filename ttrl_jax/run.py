@@ -79,7 +79,7 @@ def run(cfg: config_lib.Config) -> dict[str, Any]:
             resume = _check_start(cfg, ckpt)
             job = job_lib.build(cfg)
             rundir_lib.save_config(cfg)
-            steps_done = _restore(job, ckpt, out_dir) if resume else 0
+            steps_done, eval_pending = _restore(job, ckpt, out_dir) if resume else (0, False)
             total, root = job.total_steps, jax.random.key(cfg.run.seed)
             logbook = logbook_lib.Logbook(
                 out_dir, keep_upto=steps_done or None, tensorboard=cfg.run.tensorboard,
@@ -98,6 +98,8 @@ def run(cfg: config_lib.Config) -> dict[str, Any]:
             last_eval: dict[str, float] = {}
             if job.has_gold and cfg.eval.before_training and steps_done == 0:
                 last_eval = run_eval(0)
+            if eval_pending:  # a signal stopped the run before the eval due at its last step
+                last_eval = run_eval(steps_done)
             cadence = checkpoint_lib.Cadence(
                 cfg.run.checkpoint_every, cfg.run.checkpoint_minutes, total
             )
@@ -108,14 +110,13 @@ def run(cfg: config_lib.Config) -> dict[str, Any]:
                 logbook.log(done, metrics)
                 _check_finite(metrics, done, ckpt)
                 signum = stop.requested()
-                if (
-                    job.has_gold
-                    and not signum
-                    and (done == total or _every(done, cfg.eval.every_steps))
-                ):
+                eval_due = job.has_gold and (done == total or _every(done, cfg.eval.every_steps))
+                if eval_due and not signum:
                     last_eval = run_eval(done)
                 if signum or cadence.due(done):
-                    _save(ckpt, cadence, job, done, final=done == total or bool(signum))
+                    # A signal saves before the eval due at this step; the resumed run runs it.
+                    pending = eval_due and bool(signum)
+                    _save(ckpt, cadence, job, done, done == total or bool(signum), pending)
                 _advance(progress, metrics, last_eval, cfg.eval.k)
                 if signum:
                     raise preemption.Stopped(signum, _stop_message(signum, done, ckpt))
@@ -226,15 +227,16 @@ def _check_start(cfg: config_lib.Config, ckpt: checkpoint_lib.Checkpointer) -> b
     return bool(cfg.run.resume and steps)
 
 
-def _restore(job: job_lib.Job, ckpt: checkpoint_lib.Checkpointer, out_dir: str) -> int:
-    """Loads the newest intact checkpoint into the job; the steps it had done (0 if none)."""
+def _restore(job: job_lib.Job, ckpt: checkpoint_lib.Checkpointer, out_dir: str) -> tuple[int, bool]:
+    """Loads the newest intact checkpoint into the job; the steps it had done (0 if none), and
+    whether the eval due at its last step is still to run."""
     found = ckpt.restore_latest(checkpoint_lib.abstract_like(job.state))
     if found is None:
         print(f"no intact checkpoint in {out_dir}: starting at step 0", flush=True)
-        return 0
-    job.state, _, steps_done = found
+        return 0, False
+    job.state, record, steps_done = found
     print(f"resumed from {out_dir} at step {steps_done}", flush=True)
-    return steps_done
+    return steps_done, bool(record.get("eval_pending", False))
 
 
 def _check_finite(metrics: dict[str, float], done: int, ckpt) -> None:
@@ -248,10 +250,11 @@ def _check_finite(metrics: dict[str, float], done: int, ckpt) -> None:
         )
 
 
-def _save(ckpt, cadence, job: job_lib.Job, done: int, final: bool) -> None:
+def _save(ckpt, cadence, job: job_lib.Job, done: int, final: bool, eval_pending: bool) -> None:
     """Checkpoints step `done`; a failed periodic save warns and training goes on."""
     try:
-        ckpt.save(done, job.state, {"steps_done": done, "seed": job.cfg.run.seed})
+        record = {"steps_done": done, "seed": job.cfg.run.seed, "eval_pending": eval_pending}
+        ckpt.save(done, job.state, record)
         cadence.saved()
         if final:
             ckpt.wait()
