@@ -25,33 +25,45 @@ def same_weights(a, b):
     return ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
 
 
-# Runs ttrl_jax.run with a SIGTERM that arrives while a chosen step trains, so the test knows
-# which step the signal stops (a signal from outside lands on whatever step the machine reached).
-SIGTERM_IN_STEP = """
+# Runs ttrl_jax.run with a SIGTERM that arrives while a chosen step trains or evaluates, so the
+# test knows where the signal lands (one from outside lands wherever the machine has got to).
+SIGTERM_IN = """
 import os, signal, sys
 from ttrl_jax import run
-step_fn = run.ttrl_step
+phase, at = os.environ["SIGTERM_IN"].split(":")
+train_step, eval_tasks, evals = run.ttrl_step, run.evaluate_lib.evaluate_tasks, []
 def ttrl_step(job, root, step):
-    if step + 1 == int(os.environ["SIGTERM_IN_STEP"]):
+    if phase == "train" and step + 1 == int(at):
         os.kill(os.getpid(), signal.SIGTERM)
-    return step_fn(job, root, step)
-run.ttrl_step = ttrl_step
+    return train_step(job, root, step)
+def evaluate_tasks(*args):
+    evals.append(1)  # the evals of steps 0, 2, 4, 5
+    if phase == "eval" and len(evals) == int(at):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return eval_tasks(*args)
+run.ttrl_step, run.evaluate_lib.evaluate_tasks = ttrl_step, evaluate_tasks
 run.main(sys.argv[1:])
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop_step", [2, 3], ids=["at-an-eval-step", "between-evals"])
-def test_sigterm_saves_and_resume_is_exact(stop_step, full_run, tiny_hf_model, data_file, tmp_path):  # noqa: F811
+@pytest.mark.parametrize(
+    "sigterm_in, stop_step",
+    [("train:2", 2), ("train:3", 3), ("eval:2", 2)],
+    ids=["at-an-eval-step", "between-evals", "during-an-eval"],
+)
+def test_sigterm_saves_and_resume_is_exact(
+    sigterm_in, stop_step, full_run, tiny_hf_model, data_file, tmp_path  # noqa: F811
+):  # fmt: skip
     full_out, _ = full_run
     out = tmp_path / "run"
     # No step cadence and no time cadence: only the signal can make a checkpoint.
     args = run_args(tiny_hf_model, data_file, out, "run.checkpoint_every=0")
     args.append("run.checkpoint_minutes=0")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    env["SIGTERM_IN_STEP"] = str(stop_step)
+    env["SIGTERM_IN"] = sigterm_in
     proc = subprocess.run(
-        [sys.executable, "-c", SIGTERM_IN_STEP, *args],
+        [sys.executable, "-c", SIGTERM_IN, *args],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     log = proc.stdout + proc.stderr
@@ -62,7 +74,8 @@ def test_sigterm_saves_and_resume_is_exact(stop_step, full_run, tiny_hf_model, d
     assert saved == [stop_step]
     assert not (out / "hf").exists()
 
-    # At step 2 the eval due was left for the resumed run (a signal asks for a prompt stop).
+    # A signal in step 2's training leaves its eval to the resumed run; one during the eval
+    # (of step 2, the second) stops the run after it.
     resumed = subprocess_run([*args, "run.resume=true"])
     log, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, log

@@ -111,11 +111,14 @@ def run(cfg: config_lib.Config) -> dict[str, Any]:
                 _check_finite(metrics, done, ckpt)
                 signum = stop.requested()
                 eval_due = job.has_gold and (done == total or _every(done, cfg.eval.every_steps))
-                if eval_due and not signum:
+                # A signal saves before the eval due at this step (the resumed run runs it); one
+                # that comes during the eval stops the run after it, not after another step.
+                evaluated = eval_due and not signum
+                if evaluated:
                     last_eval = run_eval(done)
+                    signum = stop.requested()
                 if signum or cadence.due(done):
-                    # A signal saves before the eval due at this step; the resumed run runs it.
-                    pending = eval_due and bool(signum)
+                    pending = eval_due and not evaluated
                     _save(ckpt, cadence, job, done, done == total or bool(signum), pending)
                 _advance(progress, metrics, last_eval, cfg.eval.k)
                 if signum:
