@@ -133,7 +133,7 @@ class Transformer(nn.Module):
         if mask_BT is None:
             mask_BT = jnp.ones((B, T), bool)
         x_BTD = jnp.take(self.embed, tokens_BT, axis=0).astype(cfg.dtype)
-        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "seq", "act_embed"))
+        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "residual_seq", "act_embed"))
         cos_BTH, sin_BTH = rope_tables(positions_BT, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
         if cache is None:
@@ -184,7 +184,9 @@ class Block(nn.Module):
         x_BTD = x_BTD + a_BTD
         h_BTD = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, "embed", name="mlp_norm")(x_BTD)
         x_BTD = x_BTD + MLP(cfg, name="mlp")(h_BTD)
-        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "seq", "act_embed"))
+        # The residual stream between blocks is what a rematerialised backward pass keeps for
+        # every layer; training splits its tokens over 'model' (see sharding.TRAIN_RULES).
+        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "residual_seq", "act_embed"))
         return x_BTD, kv
 
 

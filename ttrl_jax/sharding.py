@@ -44,8 +44,13 @@ _SHARED_RULES: Rules = (
     ("act_embed", None),
     ("cache_seq", None),
 )
-TRAIN_RULES: Rules = (("embed", "data"), *_SHARED_RULES)
-SAMPLE_RULES: Rules = (("embed", None), *_SHARED_RULES)
+# Training also splits the residual stream's tokens between blocks over 'model' (sequence
+# parallelism as in Megatron-LM): each layer's saved input, all that a rematerialised backward
+# pass keeps, takes 1/model of the memory; the tensor-parallel all-reduce after the attention
+# and MLP outputs becomes a reduce-scatter, and an all-gather precedes the next block's
+# projections (the same bytes moved).
+TRAIN_RULES: Rules = (("embed", "data"), ("residual_seq", "model"), *_SHARED_RULES)
+SAMPLE_RULES: Rules = (("embed", None), ("residual_seq", None), *_SHARED_RULES)
 
 # Logical axes that fall back to replication when they do not divide the mesh axis: GQA models
 # often have fewer kv heads than tensor-parallel shards (Qwen2.5-1.5B: 2), and copying kv heads
