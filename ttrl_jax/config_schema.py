@@ -43,6 +43,10 @@ class _Problems(list):
         if not ok:
             self.append(message)
 
+    def at_least(self, key: str, value: float, low: float, note: str = "") -> None:
+        """`key` (e.g. "data.episodes") must be at least `low`; `note` says what the bound means."""
+        self.need(value >= low, f"{key}={value} must be at least {low}{note}")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
@@ -96,7 +100,7 @@ class SampleSection:
 
     def problems(self) -> list[str]:
         out = _Problems()
-        out.need(self.n_vote >= 1, f"sample.n_vote={self.n_vote} must be at least 1")
+        out.at_least("sample.n_vote", self.n_vote, 1)
         out.need(
             1 <= self.n_train <= self.n_vote,
             f"sample.n_train={self.n_train} must be between 1 and sample.n_vote={self.n_vote}",
@@ -113,7 +117,7 @@ class SampleSection:
             f"sample.n_vote_step={self.n_vote_step} must be at least 1 (or null)",
         )
         out += _sampling_problems("sample", self)
-        out.need(self.top_k >= 0, f"sample.top_k={self.top_k} must be >= 0 (0 = off)")
+        out.at_least("sample.top_k", self.top_k, 0, " (0 = off)")
         out.need(0 <= self.min_p < 1, f"sample.min_p={self.min_p} must be in [0, 1)")
         buckets = list(self.prompt_buckets)
         out.need(
@@ -121,19 +125,16 @@ class SampleSection:
             f"sample.prompt_buckets={buckets} must be positive and strictly increasing",
         )
         out.need(all(i >= 0 for i in self.stop_token_ids), "sample.stop_token_ids must be >= 0")
-        out.need(
-            self.prompt_chunk >= 0,
-            f"sample.prompt_chunk={self.prompt_chunk} must be >= 0 (0 = all)",
-        )
+        out.at_least("sample.prompt_chunk", self.prompt_chunk, 0, " (0 = all)")
         return out
 
 
 def _sampling_problems(section: str, sec: SampleSection | EvalSection) -> list[str]:
     """Checks shared by the rollout and the evaluation sampling settings."""
     out = _Problems()
-    out.need(sec.temperature >= 0, f"{section}.temperature={sec.temperature} must be >= 0")
+    out.at_least(f"{section}.temperature", sec.temperature, 0)
     out.need(0 < sec.top_p <= 1, f"{section}.top_p={sec.top_p} must be in (0, 1]")
-    out.need(sec.max_new_tokens >= 1, f"{section}.max_new_tokens must be at least 1")
+    out.at_least(f"{section}.max_new_tokens", sec.max_new_tokens, 1)
     return out
 
 
@@ -168,7 +169,7 @@ class TTRLSection:
             0 <= self.min_majority_ratio <= 1,
             f"ttrl.min_majority_ratio={self.min_majority_ratio} must be in [0, 1]",
         )
-        out.need(self.ettrl_alpha >= 0, f"ttrl.ettrl_alpha={self.ettrl_alpha} must be >= 0")
+        out.at_least("ttrl.ettrl_alpha", self.ettrl_alpha, 0)
         out.need(
             self.answer_timeout_s > 0,
             f"ttrl.answer_timeout_s={self.answer_timeout_s} must be > 0",
@@ -210,7 +211,7 @@ class OptimSection:
         )
         out.need(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1)")
         out.need(self.eps > 0, f"optim.eps={self.eps} must be > 0")
-        out.need(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+        out.at_least("optim.weight_decay", self.weight_decay, 0)
         out.need(
             self.grad_clip is None or self.grad_clip > 0,
             "optim.grad_clip must be > 0 or null (off)",
@@ -221,9 +222,9 @@ class OptimSection:
             self.dual_clip is None or self.dual_clip > 1,
             f"optim.dual_clip={self.dual_clip} must be > 1 or null (off)",
         )
-        out.need(self.kl_coef >= 0, f"optim.kl_coef={self.kl_coef} must be >= 0")
-        out.need(self.entropy_coef >= 0, f"optim.entropy_coef={self.entropy_coef} must be >= 0")
-        out.need(self.mini_batch_prompts >= 1, "optim.mini_batch_prompts must be at least 1")
+        out.at_least("optim.kl_coef", self.kl_coef, 0)
+        out.at_least("optim.entropy_coef", self.entropy_coef, 0)
+        out.at_least("optim.mini_batch_prompts", self.mini_batch_prompts, 1)
         return out
 
 
@@ -289,11 +290,9 @@ class DataSection:
             self.prompt_template.count("{question}") == 1,
             f"data.prompt_template={self.prompt_template!r} must hold '{{question}}' exactly once",
         )
-        out.need(self.max_prompt_tokens >= 1, "data.max_prompt_tokens must be at least 1")
-        out.need(
-            self.batch_prompts >= 1, f"data.batch_prompts={self.batch_prompts} must be at least 1"
-        )
-        out.need(self.episodes >= 1, f"data.episodes={self.episodes} must be at least 1")
+        out.at_least("data.max_prompt_tokens", self.max_prompt_tokens, 1)
+        out.at_least("data.batch_prompts", self.batch_prompts, 1)
+        out.at_least("data.episodes", self.episodes, 1)
         return out
 
 
@@ -313,10 +312,8 @@ class EvalSection:
     def problems(self) -> list[str]:
         out = _Problems()
         out += _sampling_problems("eval", self)
-        out.need(
-            self.every_steps >= 0, f"eval.every_steps={self.every_steps} must be >= 0 (0 = off)"
-        )
-        out.need(self.k >= 1, f"eval.k={self.k} must be at least 1")
+        out.at_least("eval.every_steps", self.every_steps, 0, " (0 = off)")
+        out.at_least("eval.k", self.k, 1)
         return out
 
 
@@ -344,15 +341,13 @@ class RunSection:
     def problems(self) -> list[str]:
         out = _Problems()
         out.need(bool(self.out_dir), "run.out_dir is empty")
-        out.need(self.seed >= 0, f"run.seed={self.seed} must be >= 0")
+        out.at_least("run.seed", self.seed, 0)
         out.need(
             self.max_steps is None or self.max_steps >= 1, "run.max_steps must be >= 1 or null"
         )
-        out.need(
-            self.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0 = only at the end)"
-        )
-        out.need(self.checkpoint_minutes >= 0, "run.checkpoint_minutes must be >= 0 (0 = off)")
-        out.need(self.keep_checkpoints >= 1, "run.keep_checkpoints must be at least 1")
+        out.at_least("run.checkpoint_every", self.checkpoint_every, 0, " (0 = only at the end)")
+        out.at_least("run.checkpoint_minutes", self.checkpoint_minutes, 0, " (0 = off)")
+        out.at_least("run.keep_checkpoints", self.keep_checkpoints, 1)
         return out
 
 

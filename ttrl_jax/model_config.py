@@ -7,6 +7,8 @@ computes (attention maths, what the backward pass recomputes), which are static 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
+import json
 import typing
 from typing import Any, Literal
 
@@ -220,48 +222,11 @@ class ModelConfig:
         return cls(**kw)
 
 
-# Published config.json values of the full-size models (only the fields the loader reads).
-PRESETS_HF: dict[str, dict[str, Any]] = {
-    "HuggingFaceTB/SmolLM2-135M": dict(
-        model_type="llama", vocab_size=49152, num_hidden_layers=30, hidden_size=576,
-        num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
-        rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        max_position_embeddings=8192, bos_token_id=0, eos_token_id=0,
-    ),
-    "Qwen/Qwen2.5-0.5B": dict(
-        model_type="qwen2", vocab_size=151936, num_hidden_layers=24, hidden_size=896,
-        num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
-        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-        max_position_embeddings=32768, bos_token_id=151643, eos_token_id=151643,
-    ),
-    "Qwen/Qwen2.5-Math-1.5B": dict(
-        model_type="qwen2", vocab_size=151936, num_hidden_layers=28, hidden_size=1536,
-        num_attention_heads=12, num_key_value_heads=2, intermediate_size=8960,
-        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-        max_position_embeddings=4096, bos_token_id=151643, eos_token_id=151643,
-    ),
-    "Qwen/Qwen2.5-Math-7B": dict(
-        model_type="qwen2", vocab_size=152064, num_hidden_layers=28, hidden_size=3584,
-        num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944,
-        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        max_position_embeddings=4096, bos_token_id=151643, eos_token_id=151643,
-    ),
-    "meta-llama/Llama-3.1-8B": dict(
-        model_type="llama", vocab_size=128256, num_hidden_layers=32, hidden_size=4096,
-        num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
-        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        max_position_embeddings=131072, bos_token_id=128000, eos_token_id=128001,
-        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                          high_freq_factor=4.0, original_max_position_embeddings=8192),
-    ),
-    "Qwen/Qwen3-8B": dict(
-        model_type="qwen3", vocab_size=151936, num_hidden_layers=36, hidden_size=4096,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=12288,
-        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        max_position_embeddings=40960, attention_bias=False, bos_token_id=151643,
-        eos_token_id=151645,
-    ),
-}  # fmt: skip
+# Published config.json values of the full-size models (only the fields the loader reads), by
+# hub id: data, kept beside this module.
+PRESETS_HF: dict[str, dict[str, Any]] = json.loads(
+    importlib.resources.files(__package__).joinpath("presets_hf.json").read_text()
+)
 
 
 def preset(name: str, **overrides) -> ModelConfig:
