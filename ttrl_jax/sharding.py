@@ -2,8 +2,9 @@
 
 Mesh axis names appear only in this file; everything else speaks of logical axes (batch, embed,
 heads, ...). Two tables, one per mode: training shards params FSDP-style over `data` and
-tensor-parallel over `model`; sampling keeps params replicated over `data` (tensor-parallel
-only) so a decode step does no per-token all-gather of weights.
+tensor-parallel over `model`, and the residual stream's tokens over `model` between blocks
+(sequence parallelism); sampling keeps params replicated over `data` (tensor-parallel only) so
+a decode step does no per-token all-gather of weights.
 
 Multi-host rows: every process owns whole prompt groups, the rows of the batch that the mesh's
 'data' axis places on its own devices (`process_rows`); `global_rows` builds global arrays from
