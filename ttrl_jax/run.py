@@ -118,8 +118,8 @@ def run(cfg: config_lib.Config) -> dict[str, Any]:
                     last_eval = run_eval(done)
                     signum = stop.requested()
                 if signum or cadence.due(done):
-                    pending = eval_due and not evaluated
-                    _save(ckpt, cadence, job, done, done == total or bool(signum), pending)
+                    final = done == total or bool(signum)
+                    _save(ckpt, cadence, job, done, final, eval_pending=eval_due and not evaluated)
                 _advance(progress, metrics, last_eval, cfg.eval.k)
                 if signum:
                     raise preemption.Stopped(signum, _stop_message(signum, done, ckpt))
