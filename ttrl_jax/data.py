@@ -14,7 +14,8 @@ Built-in benchmarks come from the Hugging Face hub; each has a fixed field mappi
   incorrect answers as options A-D in a per-record shuffled order / the correct letter /
   Record ID (198; gated: accept the terms on the hub, then set HF_TOKEN)
 - toy: ttrl_jax.toy.task.test_split: prompt / answer / id (synthetic, no download)
-- apples: ttrl_jax.word_problems.apples, 81 one-digit word sums for small instruct models
+- apples, addsub, sum2: ttrl_jax.word_problems, word problems and arithmetic for small
+  instruct models (81 one-digit word sums; 64 add-or-take-away problems; 64 two-digit sums)
 
 AMC answers stay as upstream writes them ("142.0"); the answer checker compares values. Local
 files use the upstream TTRL format (`prompt`, `answer`, `id` or `unique_id`), see
@@ -90,7 +91,10 @@ HUB_BENCHMARKS: dict[str, HubBenchmark] = {
     ),
 }
 TOY = "toy"
-BUILT_IN = {TOY: "ttrl_jax.toy.task.test_split", "apples": "ttrl_jax.word_problems.apples"}
+BUILT_IN = {
+    TOY: "ttrl_jax.toy.task.test_split",
+    **{name: f"ttrl_jax.word_problems.{name}" for name in ("apples", "addsub", "sum2")},
+}
 BENCHMARK_NAMES = (*HUB_BENCHMARKS, *BUILT_IN)
 # The toy split the packaged model was pretrained to leave out (ttrl_jax.toy.task.test_split).
 TOY_TEST_SEED = 0

@@ -14,6 +14,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from ttrl_jax import grpo
+from ttrl_jax import signals as signals_lib
+
+# Every vote's answers, per prompt (Logbook.answers).
+ANSWERS_FILE = "answers.jsonl"
+
 # Panels of the curves figure: (title, metric keys plotted in it).
 PANELS = (
     ("pass@1 (avg@k) and maj@k", ("eval/avg@", "eval/maj@", "eval/greedy")),
@@ -38,19 +44,21 @@ class Logbook:
     ):
         self.active = jax.process_index() == 0
         self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.answers_path = os.path.join(out_dir, ANSWERS_FILE)
         self.tb = self.wandb = None
         if not self.active:
             return
         os.makedirs(out_dir, exist_ok=True)
-        if keep_upto is not None:
-            # A resumed run drops what was logged after its checkpoint: it is about to be redone.
-            kept = [r for r in read_records(self.path) if r["step"] <= keep_upto]
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(tmp, self.path)
-        elif os.path.exists(self.path):
-            os.remove(self.path)
+        for path in (self.path, self.answers_path):
+            if keep_upto is not None:
+                # A resumed run drops what was logged after its checkpoint: it is redone.
+                kept = [r for r in read_records(path) if r["step"] <= keep_upto]
+                tmp = path + ".tmp"
+                with open(tmp, "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in kept)
+                os.replace(tmp, path)
+            elif os.path.exists(path):
+                os.remove(path)
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -81,6 +89,19 @@ class Logbook:
             self.tb.flush()
         if self.wandb is not None:
             self.wandb.log(numbers, step=step)
+
+    def answers(self, step: int, kind: str, votes: signals_lib.Votes) -> None:
+        """Every prompt's answers of one vote, to answers.jsonl: the canonical answer of each
+        cluster ("labels") and each response's cluster ("ids": -1 no answer; slots not drawn by
+        an adaptive vote left out)."""
+        if not self.active:
+            return
+        prompts = [
+            {"index": int(i), "labels": labels, "ids": [int(a) for a in ids if a != grpo.NOT_DRAWN]}
+            for i, labels, ids in zip(votes.prompt_index_P, votes.labels_P, votes.answer_id_PN)
+        ]
+        with open(self.answers_path, "a") as f:
+            f.write(json.dumps({"step": int(step), "kind": kind, "prompts": prompts}) + "\n")
 
     def close(self) -> None:
         if self.tb is not None:

@@ -159,3 +159,18 @@ def answer_ids(
         ids, gold_id_P[p] = cluster_answers(answers, gold, mode=mode, timeout_s=timeout_s)
         answer_id_PN[p] = ids
     return answer_id_PN, gold_id_P
+
+
+def cluster_labels(
+    answers: Sequence[str | None], ids: Sequence[int], mode: str = "math"
+) -> list[str]:
+    """A name for each cluster of one prompt: the canonical form of its first answer, by id.
+
+    Names compare answers across votes (a prompt's pseudo-label at two visits); two names that
+    differ may still be equivalent forms math-verify would merge, which only canonicalisation
+    catches here.
+    """
+    first: dict[int, int] = {}
+    for n, a in enumerate(ids):
+        first.setdefault(int(a), n)
+    return [canonical_answer(answers[first[a]], mode) for a in range(max(first, default=-1) + 1)]

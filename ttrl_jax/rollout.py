@@ -16,6 +16,7 @@ the evaluation are the same on every process.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +31,7 @@ from ttrl_jax import prompts as prompts_lib
 from ttrl_jax import rounds as rounds_lib
 from ttrl_jax import sampler as sampler_lib
 from ttrl_jax import sharding as sharding_lib
+from ttrl_jax import signals as signals_lib
 from ttrl_jax import train as train_lib
 from ttrl_jax import vote_budget as vote_budget_lib
 
@@ -376,3 +378,43 @@ def answer_ids(
         )  # fmt: skip
     gather = sharding_lib.gather_rows
     return gather(answer_id_PN)[:real], gather(gold_id_P)[:real]
+
+
+def votes(
+    gen: Generation,
+    answer_id_PN: np.ndarray,
+    prompt_index: Sequence[int],
+    *,
+    mode: str = "math",
+    last_number_fallback: bool = False,
+) -> signals_lib.Votes:
+    """The vote of the call's first len(prompt_index) prompts, as the label-free signals read it.
+
+    Args:
+      gen: this process's generation.
+      answer_id_PN: every prompt's ids (from `answer_ids` or a round vote), at least
+        len(prompt_index) rows.
+      prompt_index: the prompts' indices in their task.
+      mode, last_number_fallback: the answer extraction settings the ids were made with.
+    """
+    real, held = len(prompt_index), gen.prompts
+    all_ids_PN = np.full((len(gen.texts_PN) * jax.process_count(), answer_id_PN.shape[1]), -1)
+    all_ids_PN[: len(answer_id_PN)] = answer_id_PN
+    labels = []
+    for ids, texts in zip(all_ids_PN[held], gen.texts_PN):  # this process's prompts, padding too
+        answers = [
+            rewards.extract_answer(t, mode, last_number_fallback) if t else None for t in texts
+        ]
+        labels.append(json.dumps(rewards.cluster_labels(answers, ids, mode)))
+    rollout = gen.rollout
+    mask_PNR = np.asarray(rollout.mask_PNR)
+    entropy_PN = (np.asarray(rollout.entropy_PNR) * mask_PNR).sum(-1) / np.maximum(
+        mask_PNR.sum(-1), 1
+    )
+    return signals_lib.Votes(
+        prompt_index_P=np.asarray(prompt_index),
+        answer_id_PN=np.asarray(answer_id_PN)[:real],
+        labels_P=[json.loads(s) for s in sharding_lib.gather_strings(labels)[:real]],
+        length_PN=np.asarray(gen.length_PN)[:real],
+        entropy_PN=sharding_lib.gather_rows(entropy_PN)[:real],
+    )

@@ -38,6 +38,7 @@ from ttrl_jax import rollout as rollout_lib
 from ttrl_jax import rundir as rundir_lib
 from ttrl_jax import sampler as sampler_lib
 from ttrl_jax import sharding as sharding_lib
+from ttrl_jax import signals as signals_lib
 from ttrl_jax import vote_budget as vote_budget_lib
 
 # Streams of the root key: each purpose folds its own constant, then the step.
@@ -79,7 +80,9 @@ def run(cfg: config_lib.Config) -> dict[str, Any]:
             resume = _check_start(cfg, ckpt)
             job = job_lib.build(cfg)
             rundir_lib.save_config(cfg)
-            steps_done, eval_pending = _restore(job, ckpt, out_dir) if resume else (0, False)
+            steps_done, record = _restore(job, ckpt, out_dir) if resume else (0, {})
+            eval_pending = bool(record.get("eval_pending", False))
+            tracker = signals_lib.Tracker(record.get("tracker"))
             total, root = job.total_steps, jax.random.key(cfg.run.seed)
             logbook = logbook_lib.Logbook(
                 out_dir, keep_upto=steps_done or None, tensorboard=cfg.run.tensorboard,
@@ -88,15 +91,18 @@ def run(cfg: config_lib.Config) -> dict[str, Any]:
             )  # fmt: skip
 
             def run_eval(done: int) -> dict[str, float]:
-                result = evaluate_lib.evaluate_tasks(
+                result, votes = evaluate_lib.evaluate_tasks(
                     job.generator, job.sample_params(), job.eval_tasks,
                     jax.random.fold_in(root, _EVAL), cfg.eval, cfg.ttrl, cfg.data.batch_prompts,
                 )  # fmt: skip
+                found = tracker.observe(votes, "eval", is_base=done == 0)
+                result.update({f"eval/{k}": v for k, v in found.items()})
                 logbook.log(done, result, kind="eval")
+                logbook.answers(done, "eval", votes)
                 return result
 
             last_eval: dict[str, float] = {}
-            if job.has_gold and cfg.eval.before_training and steps_done == 0:
+            if cfg.eval.before_training and steps_done == 0:
                 last_eval = run_eval(0)
             if eval_pending:  # a signal stopped the run before the eval due at its last step
                 last_eval = run_eval(steps_done)
@@ -105,12 +111,14 @@ def run(cfg: config_lib.Config) -> dict[str, Any]:
             )
             progress = _progress(total, steps_done)
             for step in range(steps_done, total):
-                metrics = ttrl_step(job, root, step)
+                metrics, votes = ttrl_step(job, root, step)
                 done = step + 1
+                metrics.update(tracker.observe(votes, "train"))
                 logbook.log(done, metrics)
+                logbook.answers(done, "train", votes)
                 _check_finite(metrics, done, ckpt)
                 signum = stop.requested()
-                eval_due = job.has_gold and (done == total or _every(done, cfg.eval.every_steps))
+                eval_due = done == total or _every(done, cfg.eval.every_steps)
                 # A signal saves before the eval due at this step (the resumed run runs it); one
                 # that comes during the eval stops the run after it, not after another step.
                 evaluated = eval_due and not signum
@@ -119,7 +127,8 @@ def run(cfg: config_lib.Config) -> dict[str, Any]:
                     signum = stop.requested()
                 if signum or cadence.due(done):
                     final = done == total or bool(signum)
-                    _save(ckpt, cadence, job, done, final, eval_pending=eval_due and not evaluated)
+                    pending = eval_due and not evaluated
+                    _save(ckpt, cadence, job, done, final, pending, tracker.state())
                 _advance(progress, metrics, last_eval, cfg.eval.k)
                 if signum:
                     raise preemption.Stopped(signum, _stop_message(signum, done, ckpt))
@@ -135,8 +144,10 @@ def run(cfg: config_lib.Config) -> dict[str, Any]:
         return _summarize(logbook, out_dir, job.task.name)
 
 
-def ttrl_step(job: job_lib.Job, root: jax.Array, step: int) -> dict[str, float]:
-    """One TTRL step on the job's state: sample, score, update; returns its metrics."""
+def ttrl_step(
+    job: job_lib.Job, root: jax.Array, step: int
+) -> tuple[dict[str, float], signals_lib.Votes]:
+    """One TTRL step on the job's state: sample, score, update; returns its metrics and vote."""
     cfg, s, t = job.cfg, job.cfg.sample, job.cfg.ttrl
     budget = parts_lib.vote_budget(cfg)
     idx = job.schedule.batch_indices(step)
@@ -189,7 +200,10 @@ def ttrl_step(job: job_lib.Job, root: jax.Array, step: int) -> dict[str, float]:
     )  # fmt: skip
     if audit:
         metrics["time_audit"] = t_audit - t_reward
-    return metrics
+    votes = rollout_lib.votes(
+        gen, answer_id_PN, idx, mode=t.answer_mode, last_number_fallback=t.last_number_fallback
+    )
+    return metrics, votes
 
 
 def _audit(job, gen, answer_id_PN, gold_id_P, params, prompts, golds, key, answers) -> dict:
@@ -230,16 +244,16 @@ def _check_start(cfg: config_lib.Config, ckpt: checkpoint_lib.Checkpointer) -> b
     return bool(cfg.run.resume and steps)
 
 
-def _restore(job: job_lib.Job, ckpt: checkpoint_lib.Checkpointer, out_dir: str) -> tuple[int, bool]:
+def _restore(job: job_lib.Job, ckpt: checkpoint_lib.Checkpointer, out_dir: str) -> tuple[int, dict]:
     """Loads the newest intact checkpoint into the job; the steps it had done (0 if none), and
-    whether the eval due at its last step is still to run."""
+    its record (whether the eval due at its last step is still to run, the signals' memory)."""
     found = ckpt.restore_latest(checkpoint_lib.abstract_like(job.state))
     if found is None:
         print(f"no intact checkpoint in {out_dir}: starting at step 0", flush=True)
-        return 0, False
+        return 0, {}
     job.state, record, steps_done = found
     print(f"resumed from {out_dir} at step {steps_done}", flush=True)
-    return steps_done, bool(record.get("eval_pending", False))
+    return steps_done, record
 
 
 def _check_finite(metrics: dict[str, float], done: int, ckpt) -> None:
@@ -253,10 +267,15 @@ def _check_finite(metrics: dict[str, float], done: int, ckpt) -> None:
         )
 
 
-def _save(ckpt, cadence, job: job_lib.Job, done: int, final: bool, eval_pending: bool) -> None:
+def _save(
+    ckpt, cadence, job: job_lib.Job, done: int, final: bool, eval_pending: bool, tracker: dict
+) -> None:
     """Checkpoints step `done`; a failed periodic save warns and training goes on."""
     try:
-        record = {"steps_done": done, "seed": job.cfg.run.seed, "eval_pending": eval_pending}
+        record = {
+            "steps_done": done, "seed": job.cfg.run.seed, "eval_pending": eval_pending,
+            "tracker": tracker,
+        }  # fmt: skip
         ckpt.save(done, job.state, record)
         cadence.saved()
         if final:

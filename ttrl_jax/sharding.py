@@ -327,3 +327,16 @@ def gather_rows(x_local: np.ndarray) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(np.asarray(x_local), tiled=True))
+
+
+def gather_strings(strings_local: Sequence[str]) -> list[str]:
+    """Every process's strings, concatenated in process order (collective): as rows of UTF-8
+    bytes padded to the longest, since the all-gather moves arrays."""
+    if jax.process_count() == 1:
+        return list(strings_local)
+    encoded = [s.encode() for s in strings_local]
+    width = int(gather_rows(np.array([max(map(len, encoded), default=0)])).max())
+    rows = np.zeros((len(encoded), max(width, 1)), np.uint8)
+    for i, b in enumerate(encoded):
+        rows[i, : len(b)] = np.frombuffer(b, np.uint8)
+    return [bytes(r).rstrip(b"\0").decode() for r in gather_rows(rows)]
