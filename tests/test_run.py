@@ -12,6 +12,7 @@ from safetensors.numpy import load_file
 
 from ttrl_jax import rollout as rollout_lib
 from ttrl_jax import run as run_lib
+from ttrl_jax import train as train_lib
 from ttrl_jax.toy import task
 
 TIMING_KEYS = ("time_sample", "time_reward", "time_train", "sample_tokens_per_s")
@@ -181,3 +182,55 @@ def test_adaptive_vote_run(data_file, tmp_path):
         assert r["sample_tokens"] <= r["audit/sample_tokens_full"]
         assert 0 <= r["audit/label_agreement"] <= 1 and r["vote_rounds"] >= 1
         assert r["votes_saved"] == pytest.approx(1 - sum(r["votes_per_prompt"]) / 16)
+
+
+def label_free(rows):
+    """The records without their gold metrics (and without the baseline's, which has some)."""
+    gold = lambda k: k in train_lib.GOLD_METRICS or any(s in k for s in ("avg@", "maj@", "pass@"))
+    return [
+        {k: v for k, v in r.items() if not gold(k) and k not in ("eval/greedy", "audit/")}
+        for r in rows
+        if not r.get("baseline")
+    ]
+
+
+@pytest.mark.slow
+def test_label_free_decisions_do_not_read_gold(tmp_path):
+    # The packaged toy model on 8 prompts, twice: with gold answers and with none. The judge
+    # (keep=best, the plateau stop rule, the collapse guard) must decide the same, from the same
+    # label-free signals, and the kept policy must be the same.
+    items = task.test_split(seed=3, n=8)
+    with_gold, without = tmp_path / "gold.json", tmp_path / "nogold.json"
+    with_gold.write_text(json.dumps(items))
+    without.write_text(json.dumps([{k: v for k, v in it.items() if k != "answer"} for it in items]))
+    outs = []
+    for data in (with_gold, without):
+        out = tmp_path / data.stem
+        proc = subprocess_run([
+            "model.name_or_path=toy", f"data.path={data}", f"run.out_dir={out}",
+            "sample.n_vote=4", "sample.n_train=2", "sample.max_new_tokens=40",
+            "sample.prompt_buckets=[128]", "data.batch_prompts=4", "data.episodes=4",
+            "optim.mini_batch_prompts=2", "optim.lr=5e-4", "eval.k=4", "eval.max_new_tokens=40",
+            "eval.every_steps=1", "run.keep=best", "run.stop_rule=plateau",
+            "run.stop_patience=2", "run.collapse_guard=lr", "run.collapse_entropy=0.9",
+            "run.checkpoint_every=0", "run.export_hf=true", "run.tensorboard=false",
+        ])  # fmt: skip
+        log, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, log
+        outs.append(out)
+    gold_rows, free_rows = records(outs[0]), records(outs[1])
+    assert label_free(gold_rows) == label_free(free_rows)
+    assert any("eval/avg@4" in r for r in gold_rows)
+    assert not any(
+        k.startswith("eval/avg@") or k in train_lib.GOLD_METRICS for r in free_rows for k in r
+    )
+    result = next(r for r in free_rows if r.get("result"))
+    assert isinstance(result["kept_step"], int)
+    assert same_hf_weights(outs[0], outs[1])
+    summary = (outs[1] / "summary.md").read_text()
+    assert "Kept:" in summary and "Token-matched baseline" in summary
+
+
+def same_hf_weights(a, b):
+    ours, theirs = load_file(a / "hf/model.safetensors"), load_file(b / "hf/model.safetensors")
+    return ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)

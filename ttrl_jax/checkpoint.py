@@ -15,12 +15,14 @@ the next `poll` and its partial folder removed, instead of surfacing at the foll
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import threading
 import time
 import zlib
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import jax
@@ -36,10 +38,32 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written; the message names the step and the cause."""
 
 
-class Checkpointer:
-    """Keeps the last `keep` checkpoints of a run under `directory`."""
+@dataclasses.dataclass
+class _NewestAndKept:
+    """Orbax preservation policy: the newest `n` steps, and the steps `kept()` names (the step a
+    run keeps as its result, which may be older)."""
 
-    def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
+    n: int
+    kept: Callable[[], Collection[int]]
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+        del context
+        steps = [c.step for c in checkpoints]
+        newest, kept = set(sorted(steps)[-self.n :]), set(self.kept())
+        return [s in newest or s in kept for s in steps]
+
+
+class Checkpointer:
+    """Keeps the last `keep` checkpoints of a run under `directory`, and the steps `kept()`
+    returns (the step chosen as the run's result: run.keep=best)."""
+
+    def __init__(
+        self,
+        directory: str,
+        keep: int = 2,
+        async_save: bool = True,
+        kept: Callable[[], Collection[int]] = tuple,
+    ):
         self.directory = os.path.abspath(directory)
         self.sums_dir = self.directory + ".crc"
         self._pending: int | None = None  # the step being written in the background
@@ -47,7 +71,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep,
+                preservation_policy=_NewestAndKept(keep, kept),
                 create=True,
                 enable_async_checkpointing=async_save,
                 cleanup_tmp_directories=True,  # partial folders of a run that died mid-save
@@ -146,6 +170,22 @@ class Checkpointer:
             self.manager.delete(step)
             self._drop_sums(step)
         return None
+
+    def restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """Checkpoint `step` (checksums verified) onto the shardings of `abstract_state`.
+
+        Raises:
+          CheckpointError: the step is missing, damaged or unreadable.
+        """
+        if step not in self.all_steps():
+            raise CheckpointError(f"checkpoint step {step} is not in {self.directory}")
+        problem = self.verify(step)
+        if problem not in (None, _NO_RECORD):
+            raise CheckpointError(f"checkpoint step {step} {problem}")
+        try:
+            return self._restore(step, abstract_state)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint step {step} cannot be read ({_reason(e)})") from None
 
     def verify(self, step: int) -> str | None:
         """None if every file of checkpoint `step` matches its recorded CRC, else what is wrong."""

@@ -320,6 +320,14 @@ def _problems(
             f"optim.micro_batch_size={o.micro_batch_size} must divide the rows of a mini-batch "
             f"(optim.mini_batch_prompts x sample.n_train = {mini_rows})",
         )
+    r = cfg.run
+    if r.keep == "best" or r.stop_rule != "off" or r.collapse_guard != "off":
+        out.need(
+            cfg.eval.before_training,
+            f"run.keep={r.keep} / run.stop_rule={r.stop_rule} / run.collapse_guard="
+            f"{r.collapse_guard} judge each evaluation against the base model's, so they need "
+            "eval.before_training=true",
+        )
     if data_axis_size is None:
         data_axis_size = cfg.mesh.data_size()
     if d.batch_prompts >= 1 and data_axis_size is not None and data_axis_size > 0:

@@ -15,6 +15,7 @@ from typing import Literal
 from ttrl_jax import data as data_lib
 from ttrl_jax.answers import AnswerMode
 from ttrl_jax.grpo import Reward
+from ttrl_jax.judge import GuardAction, KeepRule, StopRule
 from ttrl_jax.model_config import Attention, Remat
 from ttrl_jax.verifier import DEFAULT_TIMEOUT_S
 from ttrl_jax.vote_budget import VoteRule
@@ -337,6 +338,26 @@ class RunSection:
     wandb: bool = False
     wandb_project: str = "ttrl_jax"
     export_hf: bool = False  # write an HF folder (config.json + safetensors) at the end
+    # Which policy the run ends with (the kept checkpoint, the HF export): "last", or "best":
+    # the evaluated step, the base model's evaluation included, with the highest label-free
+    # score (judge.py; no gold label is read).
+    keep: KeepRule = "last"
+    # "off", or "plateau": end the run once the label-free score has not improved for
+    # stop_patience evaluations (judge.py); a run that never beats the base model's score ends
+    # early and, with keep=best, keeps the base model.
+    stop_rule: StopRule = "off"
+    stop_patience: int = 2
+    # A later evaluation must beat the best score by more than this to count as better, for
+    # the stop rule and for keep=best (within it, the earlier step is kept).
+    min_score_gain: float = 0.0
+    # When an evaluation's answers collapse (mean per-prompt answer entropy below
+    # collapse_entropy x the base model's): "off"; "lr" halves the learning rate; "rollback"
+    # also returns to the kept checkpoint (needs keep=best). See judge.CollapseGuard.
+    collapse_guard: GuardAction = "off"
+    collapse_entropy: float = 0.1
+    # After training, the base model's majority vote with as many sampled tokens as the run
+    # spent (training and evaluation): maj@N in summary.md next to TTRL's (baseline.py).
+    baseline: bool = True
 
     def problems(self) -> list[str]:
         out = _Problems()
@@ -348,6 +369,19 @@ class RunSection:
         out.at_least("run.checkpoint_every", self.checkpoint_every, 0, " (0 = only at the end)")
         out.at_least("run.checkpoint_minutes", self.checkpoint_minutes, 0, " (0 = off)")
         out.at_least("run.keep_checkpoints", self.keep_checkpoints, 1)
+        out.at_least("run.stop_patience", self.stop_patience, 1)
+        out.need(
+            0 < self.collapse_entropy < 1,
+            f"run.collapse_entropy={self.collapse_entropy} must be in (0, 1)",
+        )
+        out.need(
+            self.collapse_guard != "rollback" or self.keep == "best",
+            "run.collapse_guard=rollback returns to the kept checkpoint: it needs run.keep=best",
+        )
+        out.need(
+            0 <= self.min_score_gain < 1,
+            f"run.min_score_gain={self.min_score_gain} must be in [0, 1)",
+        )
         return out
 
 

@@ -43,6 +43,7 @@ class Job:
     state: train_lib.TrainState
     ref_params: Any  # the initial policy for the KL term; None without KL
     sample_shardings: Any  # params in the sampler's layout
+    model_dir: str  # the checkpoint folder the run started from
 
     @property
     def has_gold(self) -> bool:
@@ -51,6 +52,17 @@ class Job:
 
     def eval_batch_prompts(self, task: prompts_lib.Task) -> int:
         return min(self.cfg.data.batch_prompts, len(task.prompt_ids))
+
+    def base_params(self) -> Any:
+        """The base model (the run's starting point) in the sampler's layout: the KL reference
+        when the run holds one, else read again from its folder."""
+        if self.ref_params is not None:
+            return sharding_lib.reshard(self.ref_params, self.sample_shardings)
+        _, params = weights.load_hf(
+            self.model_dir, mesh=self.mesh, rules=sharding_lib.SAMPLE_RULES,
+            dtype=self.model_cfg.dtype, param_dtype=self.model_cfg.dtype,
+        )  # fmt: skip
+        return params
 
     def sample_params(self) -> Any:
         """The current policy in the sampler's layout and compute dtype (the sampler computes in
@@ -120,6 +132,7 @@ def build(cfg: config_lib.Config) -> Job:
         task=task, eval_tasks=eval_tasks, schedule=schedule, total_steps=total_steps,
         parts=parts, step_fn=step_fn, state=state, ref_params=ref_params,
         sample_shardings=sharding_lib.param_shardings(model_cfg, mesh, sharding_lib.SAMPLE_RULES),
+        model_dir=str(folder),
     )  # fmt: skip
 
 

@@ -20,15 +20,28 @@ from ttrl_jax import signals as signals_lib
 # Every vote's answers, per prompt (Logbook.answers).
 ANSWERS_FILE = "answers.jsonl"
 
-# Panels of the curves figure: (title, metric keys plotted in it).
+# Panels of the curves figure: (title, metric keys plotted in it; a key ending in "@" is a
+# prefix). Train-step keys are bare, evaluation keys start with "eval/".
 PANELS = (
-    ("pass@1 (avg@k) and maj@k", ("eval/avg@", "eval/maj@", "eval/greedy")),
-    ("pseudo-label quality", ("label_accuracy", "reward_accuracy", "majority_ratio")),
-    ("rollouts", ("rollout_accuracy", "pass_at_n_vote")),
-    ("entropy", ("entropy",)),
-    ("response length", ("response_length",)),
+    ("accuracy (gold, measured only)", ("eval/avg@", "eval/maj@", "eval/pass@", "eval/greedy")),
+    ("label-free, each evaluation", (
+        "eval/score", "eval/majority_ratio", "eval/vote_margin", "eval/base_agreement",
+        "eval/label_churn", "eval/answered",
+    )),
+    ("answer diversity, each evaluation", ("eval/distinct_answers", "eval/answer_entropy")),
+    ("pseudo-labels, each step", (
+        "label_accuracy", "reward_accuracy", "majority_ratio", "vote_margin", "label_churn",
+    )),
+    ("rollouts (gold)", ("rollout_accuracy", "pass_at_n_vote")),
+    ("token entropy", ("entropy", "eval/response_entropy")),
+    ("response length", ("response_length", "eval/response_length")),
+    ("length drift", ("length_drift", "eval/length_drift")),
     ("update", ("kl", "clip_frac", "grad_norm")),
-)
+)  # fmt: skip
+
+
+def _plotted(key: str, names: Sequence[str]) -> bool:
+    return any(key == n or (n.endswith("@") and key.startswith(n)) for n in names)
 
 
 class Logbook:
@@ -90,6 +103,10 @@ class Logbook:
         if self.wandb is not None:
             self.wandb.log(numbers, step=step)
 
+    def has_kind(self, kind: str) -> bool:
+        """Whether metrics.jsonl holds a record of `kind` (every process reads the shared file)."""
+        return any(r.get(kind) for r in read_records(self.path))
+
     def answers(self, step: int, kind: str, votes: signals_lib.Votes) -> None:
         """Every prompt's answers of one vote, to answers.jsonl: the canonical answer of each
         cluster ("labels") and each response's cluster ("ids": -1 no answer; slots not drawn by
@@ -144,50 +161,172 @@ def read_records(path: str) -> list[dict[str, Any]]:
 
 
 def plot_curves(records: Sequence[dict[str, Any]], png_path: str, title: str = "") -> None:
-    """One panel per group of metrics (see PANELS), against steps completed."""
+    """One panel per group of metrics (see PANELS), against steps completed; a dashed line
+    marks the kept step when the run kept another than its last."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
-    for ax, (panel, prefixes) in zip(axes.flat, PANELS):
-        keys = sorted({k for r in records for k in r if k.startswith(prefixes)})
+    result = next((r for r in reversed(records) if r.get("result")), {})
+    last = max((r["step"] for r in records), default=0)
+    kept = result.get("kept_step")
+    fig, axes = plt.subplots(3, 3, figsize=(16, 11), constrained_layout=True)
+    for ax, (panel, names) in zip(axes.flat, PANELS):
+        keys = sorted({k for r in records for k in r if _plotted(k, names)})
         for key in keys:
-            points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+            points = [
+                (r["step"], r[key])
+                for r in records
+                if isinstance(r.get(key), (int, float)) and (r.get("train") or r.get("eval"))
+            ]
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=key)
+        if kept is not None and kept != last:
+            ax.axvline(kept, color="k", linestyle="--", linewidth=1)
         ax.set_title(panel)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if keys:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
     if title:
-        fig.suptitle(title)
-    fig.savefig(png_path, dpi=110)
+        fig.suptitle(title + (f" (kept step {kept})" if kept is not None else ""))
+    fig.savefig(png_path, dpi=100)
     plt.close(fig)
 
 
-def summary(records: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], str]:
-    """Before/after evaluation and the last train step, as a dict and a markdown table."""
-    evals = [r for r in records if r.get("eval")]
+def majority_labels(answers_record: dict[str, Any]) -> dict[int, str | None]:
+    """Each prompt's majority answer in one answers.jsonl record (ties to the first seen)."""
+    out = {}
+    for prompt in answers_record["prompts"]:
+        counts: dict[int, int] = {}
+        for a in prompt["ids"]:
+            if a >= 0:
+                counts[a] = counts.get(a, 0) + 1
+        top = max(counts.values(), default=0)
+        out[prompt["index"]] = (
+            prompt["labels"][min(a for a, c in counts.items() if c == top)] if top else None
+        )
+    return out
+
+
+# The label-free rows of the summary (signals.SIGNALS, in a reading order) and the gold rows.
+_LABEL_FREE_ROWS = (
+    "score", "majority_ratio", "vote_margin", "answer_entropy", "distinct_answers", "answered",
+    "response_entropy", "label_churn", "base_agreement", "length_drift", "response_length",
+)  # fmt: skip
+_GOLD_ROWS = ("avg@", "maj@", "pass@", "greedy")
+
+
+def summary(
+    records: Sequence[dict[str, Any]], answers: Sequence[dict[str, Any]] = ()
+) -> tuple[dict[str, Any], str]:
+    """The run's result as a dict and as markdown: the base model, the kept and the last
+    evaluation and the token-matched base vote side by side, label-free rows first, then the
+    rows that need gold labels (measured only, never read by the run).
+
+    Args:
+      records: metrics.jsonl's records.
+      answers: answers.jsonl's records (for the kept policy's agreement with the base vote).
+    """
+    evals = {r["step"]: r for r in records if r.get("eval")}
     trains = [r for r in records if r.get("train")]
-    out: dict[str, Any] = {}
-    lines = ["| metric | before | after |", "|---|---|---|"]
-    if evals:
-        first, last = evals[0], evals[-1]
-        out["eval_before"] = {k: v for k, v in first.items() if k.startswith("eval/")}
-        out["eval_after"] = {k: v for k, v in last.items() if k.startswith("eval/")}
-        for k in sorted(out["eval_before"]):
-            lines.append(f"| {k[5:]} | {first[k]:.3f} | {last.get(k, float('nan')):.3f} |")
+    result = next((r for r in reversed(records) if r.get("result")), {})
+    base = next((r for r in reversed(records) if r.get("baseline")), None)
+    out: dict[str, Any] = {"steps": trains[-1]["step"] if trains else 0}
     if trains:
         out["last_train"] = trains[-1]
+    lines = []
+    if evals:
+        first, last = evals[min(evals)], evals[max(evals)]
+        kept = evals.get(result.get("kept_step", max(evals)), last)
+        out["eval_before"] = _eval_part(first)
+        out["eval_after"] = _eval_part(last)
+        out["eval_kept"] = _eval_part(kept)
+        out["kept_step"] = kept["step"]
+        cols = [("base model", first), (f"kept (step {kept['step']})", kept)]
+        if kept is not last:
+            cols.append((f"last (step {last['step']})", last))
+        header = [name for name, _ in cols]
+        if base is not None:
+            header.append(f"base maj@{base['base_maj@N/n_votes']} (same tokens)")
+        lines += ["| | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+        for row in _LABEL_FREE_ROWS:
+            key = f"eval/{row}"
+            if any(key in r for _, r in cols):
+                extra = [_fmt(base.get(f"base_maj@N/{row}"))] if base is not None else []
+                lines.append(
+                    f"| {row} | " + " | ".join([_fmt(r.get(key)) for _, r in cols] + extra) + " |"
+                )
+        gold_keys = sorted(
+            k for k in first if k.startswith("eval/") and k[5:].startswith(_GOLD_ROWS)
+        )
+        for key in gold_keys:
+            extra = []
+            if base is not None and key[5:].startswith("maj@"):
+                extra = [_fmt(base.get("base_maj@N/accuracy"))]
+            elif base is not None:
+                extra = [""]
+            lines.append(
+                f"| {key[5:]} (gold) | "
+                + " | ".join([_fmt(r.get(key)) for _, r in cols] + extra)
+                + " |"
+            )
+        lines.append("")
+        if result.get("kept_why"):
+            lines.append(f"Kept: {result['kept_why']}.")
+        if result.get("stopped"):
+            lines.append(f"Stopped after step {out['steps']}: {result['stopped']}.")
+        avg = next((k for k in gold_keys if k.startswith("eval/avg@")), None)
+        if avg is not None:
+            best = max(evals.values(), key=lambda r: (r.get(avg, -1.0), -r["step"]))
+            out["gold_best_step"] = best["step"]
+            lines.append(
+                f"Gold-best evaluation (measured only, never read by the run): step "
+                f"{best['step']}, {avg[5:]} {best[avg]:.3f}."
+            )
+    if base is not None:
+        out["baseline"] = {k: v for k, v in base.items() if k.startswith(("base_maj@N/", "run_"))}
+        agree = _agreement(answers, out.get("kept_step"))
+        if agree is not None:
+            out["baseline"]["kept_agreement"] = agree
+        lines.append(
+            f"Token-matched baseline: the base model's majority over N = "
+            f"{base['base_maj@N/n_votes']} responses per prompt spends "
+            f"{base['base_maj@N/tokens']:,} sampled tokens against the run's "
+            f"{base['run_tokens']:,} (training and evaluation)"
+            + (f"; the kept policy's majority answer agrees with it on {agree:.0%} of prompts."
+               if agree is not None else ".")
+        )  # fmt: skip
+    if trains:
+        lines += ["", "| train (first / last step) | first | last |", "|---|---|---|"]
         for k in (
-            "label_accuracy", "reward_accuracy", "majority_ratio", "rollout_accuracy",
+            "label_accuracy",
+            "reward_accuracy",
+            "majority_ratio",
+            "rollout_accuracy",
             "votes_drawn",
-        ):  # fmt: skip
+        ):
             if k in trains[0]:
-                lines.append(f"| train {k} | {trains[0][k]:.3f} | {trains[-1][k]:.3f} |")
-    out["steps"] = trains[-1]["step"] if trains else 0
+                lines.append(f"| {k} | {trains[0][k]:.3f} | {trains[-1][k]:.3f} |")
     return out, "\n".join(lines)
+
+
+def _eval_part(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k.startswith("eval/")}
+
+
+def _fmt(value: Any) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def _agreement(answers: Sequence[dict[str, Any]], kept_step: int | None) -> float | None:
+    """Share of prompts whose kept-evaluation majority is the token-matched base vote's."""
+    kept = next((a for a in answers if a["kind"] == "eval" and a["step"] == kept_step), None)
+    base = next((a for a in reversed(answers) if a["kind"] == "baseline"), None)
+    if kept is None or base is None:
+        return None
+    ours, theirs = majority_labels(kept), majority_labels(base)
+    pairs = [(ours[i], theirs[i]) for i in ours if theirs.get(i) is not None]
+    return sum(a == b for a, b in pairs) / len(pairs) if pairs else None

@@ -17,6 +17,7 @@ one folder that every process sees (as orbax needs for the checkpoints).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import signal
@@ -26,12 +27,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
+from ttrl_jax import baseline as baseline_lib
 from ttrl_jax import checkpoint as checkpoint_lib
 from ttrl_jax import config as config_lib
 from ttrl_jax import evaluate as evaluate_lib
 from ttrl_jax import grpo, preemption, weights
 from ttrl_jax import job as job_lib
+from ttrl_jax import judge as judge_lib
 from ttrl_jax import logbook as logbook_lib
 from ttrl_jax import parts as parts_lib
 from ttrl_jax import rollout as rollout_lib
@@ -39,10 +43,11 @@ from ttrl_jax import rundir as rundir_lib
 from ttrl_jax import sampler as sampler_lib
 from ttrl_jax import sharding as sharding_lib
 from ttrl_jax import signals as signals_lib
+from ttrl_jax import train as train_lib
 from ttrl_jax import vote_budget as vote_budget_lib
 
 # Streams of the root key: each purpose folds its own constant, then the step.
-_SAMPLE, _SELECT, _EVAL = 1, 2, 3
+_SAMPLE, _SELECT, _EVAL, _BASELINE = 1, 2, 3, 4
 
 
 def maybe_initialize_distributed() -> None:
@@ -73,75 +78,211 @@ def run(cfg: config_lib.Config) -> dict[str, Any]:
     """
     out_dir = cfg.run.out_dir
     with rundir_lib.lock(out_dir), preemption.StopRequests() as stop:
+        judge_box: list[judge_lib.Judge] = []  # the judge names the kept step to the manager
         ckpt = checkpoint_lib.Checkpointer(
-            os.path.join(out_dir, "checkpoints"), keep=cfg.run.keep_checkpoints
-        )
+            os.path.join(out_dir, "checkpoints"), keep=cfg.run.keep_checkpoints,
+            kept=lambda: _kept_steps(cfg, judge_box),
+        )  # fmt: skip
         try:
             resume = _check_start(cfg, ckpt)
             job = job_lib.build(cfg)
             rundir_lib.save_config(cfg)
             steps_done, record = _restore(job, ckpt, out_dir) if resume else (0, {})
-            eval_pending = bool(record.get("eval_pending", False))
-            tracker = signals_lib.Tracker(record.get("tracker"))
-            total, root = job.total_steps, jax.random.key(cfg.run.seed)
-            logbook = logbook_lib.Logbook(
-                out_dir, keep_upto=steps_done or None, tensorboard=cfg.run.tensorboard,
-                wandb_project=cfg.run.wandb_project if cfg.run.wandb else None,
-                config=config_lib.config_to_dict(cfg),
-            )  # fmt: skip
-
-            def run_eval(done: int) -> dict[str, float]:
-                result, votes = evaluate_lib.evaluate_tasks(
-                    job.generator, job.sample_params(), job.eval_tasks,
-                    jax.random.fold_in(root, _EVAL), cfg.eval, cfg.ttrl, cfg.data.batch_prompts,
-                )  # fmt: skip
-                found = tracker.observe(votes, "eval", is_base=done == 0)
-                result.update({f"eval/{k}": v for k, v in found.items()})
-                logbook.log(done, result, kind="eval")
-                logbook.answers(done, "eval", votes)
-                return result
-
-            last_eval: dict[str, float] = {}
-            if cfg.eval.before_training and steps_done == 0:
-                last_eval = run_eval(0)
-            if eval_pending:  # a signal stopped the run before the eval due at its last step
-                last_eval = run_eval(steps_done)
-            cadence = checkpoint_lib.Cadence(
-                cfg.run.checkpoint_every, cfg.run.checkpoint_minutes, total
-            )
-            progress = _progress(total, steps_done)
-            for step in range(steps_done, total):
-                metrics, votes = ttrl_step(job, root, step)
-                done = step + 1
-                metrics.update(tracker.observe(votes, "train"))
-                logbook.log(done, metrics)
-                logbook.answers(done, "train", votes)
-                _check_finite(metrics, done, ckpt)
-                signum = stop.requested()
-                eval_due = done == total or _every(done, cfg.eval.every_steps)
-                # A signal saves before the eval due at this step (the resumed run runs it); one
-                # that comes during the eval stops the run after it, not after another step.
-                evaluated = eval_due and not signum
-                if evaluated:
-                    last_eval = run_eval(done)
-                    signum = stop.requested()
-                if signum or cadence.due(done):
-                    final = done == total or bool(signum)
-                    pending = eval_due and not evaluated
-                    _save(ckpt, cadence, job, done, final, pending, tracker.state())
-                _advance(progress, metrics, last_eval, cfg.eval.k)
-                if signum:
-                    raise preemption.Stopped(signum, _stop_message(signum, done, ckpt))
+            loop = _Loop(job, ckpt, stop, steps_done, record)
+            judge_box.append(loop.judge)
+            loop.train()
         except BaseException:
             ckpt.close(quiet=True)  # the error in flight is the one to report
             raise
         ckpt.close()
-        if progress is not None:
-            progress.close()
+        loop.finish()
+        return _summarize(loop.logbook, out_dir, job.task.name)
+
+
+class _Loop:
+    """A run's loop from `steps_done` on: train steps, evaluations and their label-free
+    judgement, checkpoints; then the kept policy, its export and the token-matched baseline."""
+
+    def __init__(self, job: job_lib.Job, ckpt, stop, steps_done: int, record: dict):
+        cfg = job.cfg
+        self.job, self.cfg, self.ckpt, self.stop = job, cfg, ckpt, stop
+        self.steps_done, self.root = steps_done, jax.random.key(cfg.run.seed)
+        self.eval_pending = bool(record.get("eval_pending", False))
+        self.tracker = signals_lib.Tracker(record.get("tracker"))
+        r = cfg.run
+        self.judge = judge_lib.Judge(
+            r.stop_rule, r.stop_patience, r.min_score_gain, state=record.get("judge")
+        )
+        self.guard = judge_lib.CollapseGuard(
+            r.collapse_guard, r.collapse_entropy, state=record.get("guard")
+        )
+        self._set_lr_scale()
+        self.tokens = int(record.get("tokens", 0))  # sampled so far, training and evaluation
+        self.total = steps_done if self.judge.stopped else job.total_steps
+        self.logbook = logbook_lib.Logbook(
+            cfg.run.out_dir, keep_upto=steps_done or None, tensorboard=cfg.run.tensorboard,
+            wandb_project=cfg.run.wandb_project if cfg.run.wandb else None,
+            config=config_lib.config_to_dict(cfg),
+        )  # fmt: skip
+        self.last_eval: dict[str, float] = {}
+        self.progress = None
+
+    def train(self) -> None:
+        cfg, job = self.cfg, self.job
+        if self.judge.stopped:
+            print(f"the run ended at step {self.steps_done}: {self.judge.stopped}", flush=True)
+            return
+        if cfg.eval.before_training and self.steps_done == 0:
+            self.evaluate(0)
+        if self.eval_pending:  # a signal stopped the run before the eval due at its last step
+            self.evaluate(self.steps_done)
+        cadence = checkpoint_lib.Cadence(
+            cfg.run.checkpoint_every, cfg.run.checkpoint_minutes, self.total
+        )
+        self.progress = _progress(self.total, self.steps_done)
+        for step in range(self.steps_done, self.total):
+            metrics, votes = ttrl_step(job, self.root, step)
+            done = step + 1
+            self.tokens += int(metrics["sample_tokens"])
+            metrics.update(self.tracker.observe(votes, "train"))
+            self.logbook.log(done, metrics)
+            self.logbook.answers(done, "train", votes)
+            _check_finite(metrics, done, self.ckpt)
+            signum = self.stop.requested()
+            eval_due = done == self.total or _every(done, cfg.eval.every_steps)
+            # A signal saves before the eval due at this step (the resumed run runs it); one
+            # that comes during the eval stops the run after it, not after another step.
+            evaluated = eval_due and not signum
+            verdict = self.evaluate(done) if evaluated else None
+            if evaluated:
+                signum = self.stop.requested()
+            ended = verdict is not None and verdict.stop
+            if signum or ended or cadence.due(done) or self._newly_kept(verdict):
+                final = done == self.total or bool(signum) or ended
+                self.save(done, final, eval_pending=eval_due and not evaluated)
+                cadence.saved()
+            _advance(self.progress, metrics, self.last_eval, cfg.eval.k)
+            if signum:
+                raise preemption.Stopped(signum, _stop_message(signum, done, self.ckpt))
+            if ended:
+                print(f"stopped after step {done} by run.stop_rule: {verdict.reason}", flush=True)
+                self.total = done
+                break
+        if self.progress is not None:
+            self.progress.close()
+
+    def evaluate(self, done: int) -> judge_lib.Verdict:
+        """Evaluates the current policy; the judge scores it from its label-free signals."""
+        cfg, job = self.cfg, self.job
+        result, votes = evaluate_lib.evaluate_tasks(
+            job.generator, job.sample_params(), job.eval_tasks,
+            jax.random.fold_in(self.root, _EVAL), cfg.eval, cfg.ttrl, cfg.data.batch_prompts,
+        )  # fmt: skip
+        found = self.tracker.observe(votes, "eval", is_base=done == 0)
+        result.update({f"eval/{k}": v for k, v in found.items()})
+        verdict = self.judge.observe(done, found)
+        result.update({"eval/score": verdict.score, "eval/best_step": verdict.best_step})
+        action = self.guard.observe(done, found)
+        if action:
+            self._guard(done, action, verdict.best_step)
+            result.update(
+                {"guard/lr_scale": self.guard.lr_scale, "guard/rollback": action == "rollback"}
+            )
+        self.tokens += int(result["eval/sample_tokens"])  # the trained task's (not extra ones)
+        self.logbook.log(done, result, kind="eval")
+        self.logbook.answers(done, "eval", votes)
+        self.last_eval = result
+        if done == 0 and self.cfg.run.keep == "best":
+            self.save(0, final=False, eval_pending=False)  # the base model may be the one kept
+        return verdict
+
+    def _set_lr_scale(self) -> None:
+        parts = self.job.parts
+        hyper = parts.hyper.replace(lr_scale=jnp.asarray(self.guard.lr_scale, jnp.float32))
+        self.job.parts = dataclasses.replace(parts, hyper=hyper)
+
+    def _guard(self, done: int, action: str, best: int) -> None:
+        """The collapse guard's action after the evaluation of step `done`."""
+        what = f"learning rate x{self.guard.lr_scale:g}"
+        if action == "rollback" and best != done:
+            self.job.state, _ = self.ckpt.restore_step(
+                best, checkpoint_lib.abstract_like(self.job.state)
+            )
+            what = f"policy back to step {best}, " + what
+        self._set_lr_scale()
+        print(f"step {done}: the answers have collapsed (run.collapse_guard): {what}", flush=True)
+
+    def _newly_kept(self, verdict: judge_lib.Verdict | None) -> bool:
+        best = self.cfg.run.keep == "best"
+        return verdict is not None and best and verdict.best_step == verdict.step
+
+    def save(self, done: int, final: bool, eval_pending: bool) -> None:
+        """Checkpoints step `done`; a failed periodic save warns and training goes on."""
+        record = {
+            "steps_done": done, "seed": self.cfg.run.seed, "eval_pending": eval_pending,
+            "tracker": self.tracker.state(), "judge": self.judge.state(), "tokens": self.tokens,
+            "guard": self.guard.state(),
+        }  # fmt: skip
+        try:
+            self.ckpt.save(done, self.job.state, record)
+            if final:
+                self.ckpt.wait()
+        except checkpoint_lib.CheckpointError as e:
+            if final:
+                raise
+            print(f"warning: {e}; training goes on, the next save retries", flush=True)
+
+    def finish(self) -> None:
+        """The kept policy into the job's state, its HF export, the token-matched baseline."""
+        cfg = self.cfg
+        kept = _kept_steps(cfg, [self.judge])
+        step = kept[0] if kept else self.total
+        why = self._why_kept(step) if kept else ""
+        if step != self.total:
+            self.job.state, _ = self.ckpt.restore_step(
+                step, checkpoint_lib.abstract_like(self.job.state)
+            )
+            print(f"kept step {step} (run.keep=best): {why}", flush=True)
+        result = {"kept_step": step, "kept_why": why, "stopped": self.judge.stopped or ""}
+        self.logbook.log(self.total, result, kind="result")
         if cfg.run.export_hf:
-            _export(job, cfg, ckpt)
-        logbook.close()
-        return _summarize(logbook, out_dir, job.task.name)
+            _export(self.job, cfg, self.ckpt)
+        if cfg.run.baseline and not self.logbook.has_kind("baseline"):
+            self.baseline()
+        self.logbook.close()
+
+    def _why_kept(self, step: int) -> str:
+        scores = dict(self.judge.scores)
+        last = max(scores)
+        what = "the base model" if step == 0 else f"step {step}"
+        return (
+            f"{what} has the highest label-free score, {scores[step]:.3f} "
+            f"(last evaluation, step {last}: {scores[last]:.3f})"
+        )
+
+    def baseline(self) -> None:
+        """The base model's majority vote at the run's sampled tokens (baseline.py)."""
+        cfg, job = self.cfg, self.job
+        e = cfg.eval
+        base = baseline_lib.matched_vote(
+            job.generator, job.base_params(), job.task.prompt_ids, job.task.golds,
+            jax.random.fold_in(self.root, _BASELINE), self.tokens, round_votes=e.k,
+            temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
+            batch_prompts=min(cfg.data.batch_prompts, len(job.task.prompt_ids)),
+            answer_mode=cfg.ttrl.answer_mode, timeout_s=cfg.ttrl.answer_timeout_s,
+            last_number_fallback=cfg.ttrl.last_number_fallback,
+        )  # fmt: skip
+        metrics = dict(base.metrics, **{"base_maj@N/n_votes": base.n_votes})
+        metrics.update({"base_maj@N/tokens": base.tokens, "run_tokens": self.tokens})
+        self.logbook.log(self.total, metrics, kind="baseline")
+        self.logbook.answers(self.total, "baseline", base.votes)
+
+
+def _kept_steps(cfg: config_lib.Config, judges: list[judge_lib.Judge]) -> list[int]:
+    """The step a run keeps besides its newest checkpoints: the judge's best (run.keep=best)."""
+    if cfg.run.keep != "best" or not judges or judges[0].best_step is None:
+        return []
+    return [judges[0].best_step]
 
 
 def ttrl_step(
@@ -184,6 +325,8 @@ def ttrl_step(
         job.state, job.ref_params, batch, _stream(root, _SELECT, step), job.parts.hyper
     )
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not (gold_id_P >= 0).any():  # no gold label in this batch: nothing to measure against
+        metrics = {k: v for k, v in metrics.items() if k not in train_lib.GOLD_METRICS}
     t_end = time.perf_counter()
     drawn_PN = grpo.drawn(answer_id_PN)
     tokens = int(gen.length_PN.sum())
@@ -267,25 +410,6 @@ def _check_finite(metrics: dict[str, float], done: int, ckpt) -> None:
         )
 
 
-def _save(
-    ckpt, cadence, job: job_lib.Job, done: int, final: bool, eval_pending: bool, tracker: dict
-) -> None:
-    """Checkpoints step `done`; a failed periodic save warns and training goes on."""
-    try:
-        record = {
-            "steps_done": done, "seed": job.cfg.run.seed, "eval_pending": eval_pending,
-            "tracker": tracker,
-        }  # fmt: skip
-        ckpt.save(done, job.state, record)
-        cadence.saved()
-        if final:
-            ckpt.wait()
-    except checkpoint_lib.CheckpointError as e:
-        if final:
-            raise
-        print(f"warning: {e}; training goes on, the next save retries", flush=True)
-
-
 def _stop_message(signum: int, done: int, ckpt) -> str:
     name = signal.Signals(signum).name
     return (
@@ -322,7 +446,7 @@ def _summarize(logbook: logbook_lib.Logbook, out_dir: str, title: str) -> dict[s
 
         multihost_utils.sync_global_devices("ttrl logs written")
     records = logbook_lib.read_records(logbook.path)
-    result, table = logbook_lib.summary(records)
+    result, table = logbook_lib.summary(records, logbook_lib.read_records(logbook.answers_path))
     if jax.process_index() == 0:
         logbook_lib.plot_curves(
             records, os.path.join(out_dir, "curves.png"), title=f"TTRL: {title}"
@@ -348,8 +472,9 @@ def _advance(progress, metrics: dict, last_eval: dict, k: int) -> None:
     post = {
         "reward": f"{metrics['reward_mean']:.2f}",
         "maj_ratio": f"{metrics['majority_ratio']:.2f}",
-        "label_acc": f"{metrics['label_accuracy']:.2f}",
     }
+    if "label_accuracy" in metrics:
+        post["label_acc"] = f"{metrics['label_accuracy']:.2f}"
     if f"eval/avg@{k}" in last_eval:
         post["pass@1"] = f"{last_eval[f'eval/avg@{k}']:.3f}"
     progress.set_postfix(post, refresh=False)

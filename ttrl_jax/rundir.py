@@ -39,6 +39,7 @@ HARMLESS_KEYS = frozenset(
         "run.wandb",
         "run.wandb_project",
         "run.export_hf",
+        "run.baseline",
         "eval.every_steps",
         "eval.benchmarks",
         "eval.before_training",

@@ -10,7 +10,7 @@ measured, not assumed (README, "Knowing without labels").
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -63,6 +63,18 @@ SIGNALS: dict[str, Signal] = {
         "falling: the run is moving away from what the base model believed; right when the base "
         "vote was wrong, harmful when it was right",
     ),
+    "base_vote_share": Signal(
+        "share of responses that give the base model's majority answer: their accuracy with the "
+        "base model's vote (its evaluation before training) standing in for the gold label (0 on "
+        "a prompt the base model left unanswered)",
+        "falling: the answers move away from the base model's consensus; it cannot see a gain "
+        "beyond that consensus, only a loss of it",
+    ),
+    "base_collision": Signal(
+        "chance that a response and a base-model response (its evaluation before training) give "
+        "the same answer",
+        "falling: the answers move to ones the base model rarely gave",
+    ),
     "length_drift": Signal(
         "response length relative to the base model's, minus 1",
         "far from 0: the responses changed form (shortcut answers, or rambling)",
@@ -85,6 +97,16 @@ class Votes:
         majority_P, _ = grpo.majority_vote(self.answer_id_PN)
         majority_P = np.asarray(majority_P)
         return [labels[m] if m >= 0 else None for labels, m in zip(self.labels_P, majority_P)]
+
+    def answer_shares(self) -> list[dict[str, float]]:
+        """Each prompt's answers and the share of its drawn responses that give each (no-answer
+        responses count in the denominator only)."""
+        out = []
+        for labels, ids in zip(self.labels_P, np.asarray(self.answer_id_PN)):
+            drawn = ids[ids != grpo.NOT_DRAWN]
+            counts = np.bincount(drawn[drawn >= 0], minlength=len(labels))
+            out.append({a: c / max(len(drawn), 1) for a, c in zip(labels, counts) if c})
+        return out
 
     @staticmethod
     def concatenate(parts: Sequence[Votes]) -> Votes:
@@ -138,10 +160,15 @@ class Tracker:
         # prompt index (as a string: JSON keys) -> majority answer, per kind; None = no answer
         self.last: dict[str, dict[str, str | None]] = state.get("last", {"train": {}, "eval": {}})
         self.base: dict[str, str | None] = state.get("base", {})
+        # prompt index -> {answer: share of the base evaluation's responses}
+        self.base_shares: dict[str, dict[str, float]] = state.get("base_shares", {})
         self.base_length: float | None = state.get("base_length")
 
     def state(self) -> dict[str, Any]:
-        return {"last": self.last, "base": self.base, "base_length": self.base_length}
+        return {
+            "last": self.last, "base": self.base, "base_shares": self.base_shares,
+            "base_length": self.base_length,
+        }  # fmt: skip
 
     def observe(self, votes: Votes, kind: str, is_base: bool = False) -> dict[str, float]:
         """Every signal of `votes` (kind "train" or "eval"); `is_base` marks the evaluation
@@ -149,8 +176,10 @@ class Tracker:
         out = summarize(votes)
         keys = [str(int(i)) for i in votes.prompt_index_P]
         labels = votes.majority_labels()
+        shares = votes.answer_shares()
         if is_base:
             self.base = dict(zip(keys, labels))
+            self.base_shares = dict(zip(keys, shares))
             self.base_length = out["response_length"]
         seen = self.last.setdefault(kind, {})
         before = [(seen[k], lab) for k, lab in zip(keys, labels) if k in seen]
@@ -159,7 +188,82 @@ class Tracker:
         with_base = [(self.base[k], lab) for k, lab in zip(keys, labels) if self.base.get(k)]
         if with_base:
             out["base_agreement"] = float(np.mean([a == b for a, b in with_base]))
+        # Over every prompt the base evaluation saw; one it left unanswered counts 0.
+        in_base = [(k, q) for k, q in zip(keys, shares) if k in self.base]
+        if in_base:
+            out["base_vote_share"] = float(
+                np.mean([q.get(self.base[k], 0.0) if self.base[k] else 0.0 for k, q in in_base])
+            )
+            out["base_collision"] = float(
+                np.mean([
+                    sum(v * self.base_shares[k].get(a, 0.0) for a, v in q.items())
+                    for k, q in in_base
+                ])
+            )  # fmt: skip
         if self.base_length:
             out["length_drift"] = out["response_length"] / self.base_length - 1.0
         seen.update(zip(keys, labels))
         return out
+
+
+# ----------------------------------------------------------------------------- which to watch
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (ties take their mean rank); nan for fewer than 3 points or a
+    constant side."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    rx, ry = _ranks(x), _ranks(y)
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    for value in np.unique(x):  # ties: their mean rank
+        tied = x == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def gold_correlations(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]], gold: str = "avg@"
+) -> dict[str, dict[str, float]]:
+    """How well each signal tracks gold accuracy: per run, Spearman's rho between the signal
+    and the gold metric over the run's evaluations; "pooled" over every run's evaluations
+    after subtracting each run's base (step 0) values, so tasks of different difficulty
+    compare as changes.
+
+    Args:
+      runs: name -> metrics.jsonl records of a run with gold labels.
+      gold: the gold metric's key prefix after "eval/" (avg@k by default).
+
+    Returns:
+      signal -> {run name or "pooled": rho}.
+    """
+    out: dict[str, dict[str, float]] = {}
+    pooled: dict[str, tuple[list[float], list[float]]] = {}
+    for name, records in runs.items():
+        evals = sorted((r for r in records if r.get("eval")), key=lambda r: r["step"])
+        if not evals:
+            continue
+        target = next((k for k in evals[0] if k.startswith(f"eval/{gold}")), None)
+        if target is None:
+            continue
+        ys = [r[target] for r in evals]
+        for signal in SIGNALS:
+            key = f"eval/{signal}"
+            xs = [r.get(key, float("nan")) for r in evals]
+            out.setdefault(signal, {})[name] = spearman(xs, ys)
+            base_x = next((x for x in xs if np.isfinite(x)), float("nan"))
+            px, py = pooled.setdefault(signal, ([], []))
+            px += [x - base_x for x in xs]
+            py += [y - ys[0] for y in ys]
+    for signal, (xs, ys) in pooled.items():
+        out[signal]["pooled"] = spearman(xs, ys)
+    return out

@@ -55,13 +55,15 @@ class StepHyper:
     entropy_coef: jax.Array
     min_majority_ratio: jax.Array  # SRT prompt filter; 0 keeps every prompt with an answer
     ettrl_alpha: jax.Array
+    lr_scale: jax.Array  # multiplies the schedule's learning rate (the collapse guard lowers it)
 
     @classmethod
     def make(cls, temperature=1.0, clip_low=0.2, clip_high=0.2, kl_coef=0.001,
-             entropy_coef=0.0, min_majority_ratio=0.0, ettrl_alpha=0.0) -> StepHyper:  # fmt: skip
+             entropy_coef=0.0, min_majority_ratio=0.0, ettrl_alpha=0.0,
+             lr_scale=1.0) -> StepHyper:  # fmt: skip
         f = lambda v: jnp.asarray(v, jnp.float32)
         return cls(f(temperature), f(clip_low), f(clip_high), f(kl_coef), f(entropy_coef),
-                   f(min_majority_ratio), f(ettrl_alpha))  # fmt: skip
+                   f(min_majority_ratio), f(ettrl_alpha), f(lr_scale))  # fmt: skip
 
 
 @flax.struct.dataclass
@@ -277,6 +279,8 @@ def train_step(
         with jax.named_scope("optimizer"):
             grad_norm = optax.tree.norm(grads)
             updates, opt_state = tx.update(grads, opt_state, params)
+            # AdamW's update is -lr * (adam + wd * p): scaling it scales the learning rate.
+            updates = jax.tree.map(lambda u: u * hyper.lr_scale.astype(u.dtype), updates)
             params = optax.apply_updates(params, updates)
         return (params, opt_state), {"loss": loss, "grad_norm": grad_norm, **aux}
 
@@ -288,11 +292,15 @@ def train_step(
     # 5. Metrics (gold ids are used here only).
     metrics = {k: v.mean() for k, v in mini_metrics.items()}
     metrics["ratio_first_minibatch"] = mini_metrics["ratio_mean"][0]
-    metrics["lr"] = lr_fn(new_state.step - 1)
+    metrics["lr"] = lr_fn(new_state.step - 1) * hyper.lr_scale
     # Non-finite if any parameter is: the run checks it before saving (one reduction).
     metrics["param_norm"] = optax.tree.norm(params)
     metrics.update(rollout_metrics(batch, majority_P, ratio_P, reward_PM, advantage_PM, keep_P))
     return new_state, metrics
+
+
+# The step's metrics that compare with gold labels (measured only; absent without gold).
+GOLD_METRICS = ("label_accuracy", "reward_accuracy", "rollout_accuracy", "pass_at_n_vote")
 
 
 def rollout_metrics(batch: StepBatch, majority_P, ratio_P, reward_PM, advantage_PM, keep_P):
