@@ -254,6 +254,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="float32", choices=typing.get_args(config_lib.Dtype))
     ap.add_argument("--seed", type=at_least(0), default=0)
     ap.add_argument("--limit", type=at_least(1), default=None, help="the first LIMIT items")
+    ap.add_argument(
+        "--match-tokens", type=at_least(1), default=None,
+        help="instead: the model's majority vote over as many responses per prompt as spend "
+        "this many sampled tokens (maj@N, the token-matched baseline of a TTRL run)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--match-run", default=None,
+        help="instead: the token-matched baseline of the TTRL run in this folder (its sampled "
+        "tokens from metrics.jsonl), printed with the run's kept evaluation",
+    )  # fmt: skip
     return ap.parse_args(argv)
 
 
@@ -294,12 +304,44 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
         buckets, mesh,
     )  # fmt: skip
     timeout = args.timeout or config_lib.TTRLSection().answer_timeout_s
-    return evaluate(
-        generator, params, prompt_ids, [it["answer"] for it in items], jax.random.key(args.seed),
-        k=args.k, temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new,
-        greedy=not args.no_greedy, batch_prompts=min(args.batch_prompts, len(prompt_ids)),
-        answer_mode=args.answer_mode, timeout_s=timeout, last_number_fallback=args.last_number,
+    golds, key = [it["answer"] for it in items], jax.random.key(args.seed)
+    settings = dict(
+        temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new,
+        batch_prompts=min(args.batch_prompts, len(prompt_ids)), answer_mode=args.answer_mode,
+        timeout_s=timeout, last_number_fallback=args.last_number,
     )  # fmt: skip
+    if args.match_tokens or args.match_run:
+        return _matched(args, generator, params, prompt_ids, golds, key, settings)
+    return evaluate(
+        generator, params, prompt_ids, golds, key, k=args.k, greedy=not args.no_greedy, **settings
+    )
+
+
+def _matched(args, generator, params, prompt_ids, golds, key, settings) -> dict[str, Any]:
+    """The token-matched base vote (baseline.py): the tokens given, or a run's."""
+    from ttrl_jax import baseline as baseline_lib
+    from ttrl_jax import logbook as logbook_lib
+
+    tokens, run = args.match_tokens, {}
+    if args.match_run:
+        records = logbook_lib.read_records(os.path.join(args.match_run, "metrics.jsonl"))
+        if not records:
+            raise FileNotFoundError(f"--match-run {args.match_run} holds no metrics.jsonl records")
+        tokens = run_tokens(records)
+        result, _ = logbook_lib.summary(records)
+        run = {"run_tokens": tokens, "kept_step": result.get("kept_step")}
+        run.update({f"kept/{k[5:]}": v for k, v in result.get("eval_kept", {}).items()})
+    base = baseline_lib.matched_vote(
+        generator, params, prompt_ids, golds, key, tokens, round_votes=args.k, **settings
+    )
+    return {"n_votes": base.n_votes, "tokens": base.tokens, **base.metrics, **run}
+
+
+def run_tokens(records: Sequence[dict[str, Any]]) -> int:
+    """A run's sampled tokens from its metrics.jsonl records: every train step's and every
+    evaluation's on the trained task."""
+    train = sum(r.get("sample_tokens", 0) for r in records if r.get("train"))
+    return int(train + sum(r.get("eval/sample_tokens", 0) for r in records if r.get("eval")))
 
 
 if __name__ == "__main__":

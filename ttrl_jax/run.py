@@ -171,8 +171,10 @@ class _Loop:
         if self.progress is not None:
             self.progress.close()
 
-    def evaluate(self, done: int) -> judge_lib.Verdict:
-        """Evaluates the current policy; the judge scores it from its label-free signals."""
+    def evaluate(self, done: int) -> judge_lib.Verdict | None:
+        """Evaluates the current policy; the judge scores it from its label-free signals (when
+        the base model was evaluated: without it there is no score, and config.py refuses the
+        rules that need one)."""
         cfg, job = self.cfg, self.job
         result, votes = evaluate_lib.evaluate_tasks(
             job.generator, job.sample_params(), job.eval_tasks,
@@ -180,10 +182,11 @@ class _Loop:
         )  # fmt: skip
         found = self.tracker.observe(votes, "eval", is_base=done == 0)
         result.update({f"eval/{k}": v for k, v in found.items()})
-        verdict = self.judge.observe(done, found)
-        result.update({"eval/score": verdict.score, "eval/best_step": verdict.best_step})
+        verdict = self.judge.observe(done, found) if judge_lib.SCORE in found else None
+        if verdict is not None:
+            result.update({"eval/score": verdict.score, "eval/best_step": verdict.best_step})
         action = self.guard.observe(done, found)
-        if action:
+        if action and verdict is not None:
             self._guard(done, action, verdict.best_step)
             result.update(
                 {"guard/lr_scale": self.guard.lr_scale, "guard/rollback": action == "rollback"}
