@@ -86,6 +86,10 @@ def test_tracker_churn_base_agreement_and_drift():
     first = tracker.observe(base, "eval", is_base=True)
     assert first["base_agreement"] == 1.0  # prompts 0 and 1: the base has an answer
     assert "label_churn" not in first and first["length_drift"] == 0.0
+    # Against its own vote, each base response is scored by the others': prompt 0's two "1"s
+    # face a tie (1/2 each) and its "2" a vote for "1"; prompt 1 alike; prompt 2 has none.
+    assert first["base_vote_share"] == pytest.approx((1 / 3 + 1 / 3 + 0) / 3)
+    assert first["base_collision"] == pytest.approx((1 / 3 + 1 / 3 + 0) / 3)  # 2 of 6 pairs
     later = make_votes(
         [["1", "1", "1"], ["5", "5", "6"], ["4", "4", "4"]],
         index=[0, 1, 2],
@@ -105,6 +109,35 @@ def test_tracker_churn_base_agreement_and_drift():
     assert "label_churn" not in train
     again = tracker.observe(make_votes([["6", "6", "5"]], index=[1]), "train")
     assert again["label_churn"] == 1.0
+
+
+def slow_leave_one_out(answers):
+    """One prompt's answers (None = no answer): each response against the others' vote, the
+    tied leaders sharing its point; the same answer for two different responses."""
+    share = collision = 0.0
+    for i, a in enumerate(answers):
+        others = collections.Counter(b for j, b in enumerate(answers) if j != i and b is not None)
+        top = max(others.values(), default=0)
+        leaders = [b for b, c in others.items() if c == top]
+        if a is not None and top and a in leaders:
+            share += 1 / len(leaders)
+        same = sum(1 for j, b in enumerate(answers) if j != i and a is not None and b == a)
+        collision += same / (len(answers) - 1)
+    return share / len(answers), collision / len(answers)
+
+
+def test_leave_one_out_against_the_slow_version():
+    rng = np.random.default_rng(0)
+    rows = [[rng.choice(["1", "2", "3", None]) for _ in range(7)] for _ in range(40)]
+    rows += [["4"] * 7, [None] * 7, ["1", "2", "3", "4", "5", "6", "7"]]
+    got = signals.leave_one_out(make_votes(rows))
+    want = np.array([slow_leave_one_out(r) for r in rows])
+    np.testing.assert_allclose(got["base_vote_share"], want[:, 0], atol=1e-12)
+    np.testing.assert_allclose(got["base_collision"], want[:, 1], atol=1e-12)
+    # An unbiased guess of a fresh draw's agreement: never above the in-sample majority share.
+    assert np.all(
+        got["base_vote_share"] <= signals.prompt_signals(make_votes(rows))["majority_ratio"]
+    )
 
 
 def test_tracker_state_round_trips_through_json():

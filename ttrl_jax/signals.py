@@ -66,7 +66,8 @@ SIGNALS: dict[str, Signal] = {
     "base_vote_share": Signal(
         "share of responses that give the base model's majority answer: their accuracy with the "
         "base model's vote (its evaluation before training) standing in for the gold label (0 on "
-        "a prompt the base model left unanswered)",
+        "a prompt the base model left unanswered); for the base evaluation itself, each response "
+        "against the other responses' vote",
         "falling: the answers move away from the base model's consensus; it cannot see a gain "
         "beyond that consensus, only a loss of it",
     ),
@@ -144,6 +145,33 @@ def prompt_signals(votes: Votes) -> dict[str, np.ndarray]:
     }
 
 
+def leave_one_out(votes: Votes) -> dict[str, np.ndarray]:
+    """Per prompt, base_vote_share and base_collision of a sampling against itself, each
+    response against the others: the share of responses that give the majority answer of the
+    other responses (a tie for the majority counts as a share of one over the tied), and the
+    chance that two different responses give the same answer. Unbiased estimates of what fresh
+    samples of the same policy score against this sampling's vote and answers."""
+    answer_PN = np.asarray(votes.answer_id_PN)
+    P, N = answer_PN.shape
+    n_drawn_P = (answer_PN != grpo.NOT_DRAWN).sum(1)
+    count_PA = np.zeros((P, N), np.int64)
+    p_idx, n_idx = np.nonzero(answer_PN >= 0)
+    np.add.at(count_PA, (p_idx, answer_PN[p_idx, n_idx]), 1)
+    share_P, collision_P = np.zeros(P), np.zeros(P)
+    for p in range(P):
+        for a in np.nonzero(count_PA[p])[0]:  # every response with answer a, at once
+            others_A = count_PA[p].copy()
+            others_A[a] -= 1
+            top = others_A.max()
+            if top > 0 and others_A[a] == top:
+                share_P[p] += count_PA[p, a] / (others_A == top).sum()
+        pairs = n_drawn_P[p] * (n_drawn_P[p] - 1)
+        if pairs:
+            collision_P[p] = (count_PA[p] * (count_PA[p] - 1)).sum() / pairs
+    share_P /= np.maximum(n_drawn_P, 1)
+    return {"base_vote_share": share_P, "base_collision": collision_P}
+
+
 def summarize(votes: Votes) -> dict[str, float]:
     """The prompt means of `prompt_signals`."""
     return {k: float(v.mean()) for k, v in prompt_signals(votes).items()}
@@ -190,7 +218,12 @@ class Tracker:
             out["base_agreement"] = float(np.mean([a == b for a, b in with_base]))
         # Over every prompt the base evaluation saw; one it left unanswered counts 0.
         in_base = [(k, q) for k, q in zip(keys, shares) if k in self.base]
-        if in_base:
+        if is_base:
+            # The base's own responses chose its majority, so against it they agree more than
+            # fresh samples of the same model would (the mode of 16 draws is the draws' best
+            # fit): each response is scored against the other responses' vote instead.
+            out.update({k: float(v.mean()) for k, v in leave_one_out(votes).items()})
+        elif in_base:
             out["base_vote_share"] = float(
                 np.mean([q.get(self.base[k], 0.0) if self.base[k] else 0.0 for k, q in in_base])
             )
