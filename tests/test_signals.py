@@ -2,6 +2,7 @@
 
 import collections
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,3 +187,10 @@ def test_gold_correlations_per_run_and_pooled():
     assert got["majority_ratio"]["down"] == pytest.approx(-1.0)
     assert abs(got["majority_ratio"]["pooled"]) < 1e-9  # changes cancel between the runs
     assert math.isnan(got["vote_margin"]["up"])  # not logged
+
+
+def test_readme_documents_every_signal():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Knowing without labels") :]
+    for name, signal in signals.SIGNALS.items():
+        assert f"| `{name}` | {signal.meaning} | {signal.bad} |" in section, name
