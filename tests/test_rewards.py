@@ -525,3 +525,16 @@ def test_group_time_bound_holds_with_many_slow_answers():
     assert elapsed < bound_s + 1.0  # + killing and replacing workers
     assert ids[-1] == ids[-2] == gold_id  # the short answers and the gold went first
     assert len(set(ids[:-2])) == 12  # the slow answers are distinct from each other
+
+
+def test_a_spare_idle_past_the_start_up_limit_is_still_used():
+    # The spare started long ago has its "ready" message waiting; promoting it after a time-out
+    # must read that message, not call the worker dead for having started too long ago.
+    from ttrl_jax import verifier
+
+    spare = verifier._VERIFIER._spare
+    assert spare is not None and spare.conn.poll(verifier.WORKER_STARTUP_TIMEOUT_S)
+    spare.started -= 2 * verifier.WORKER_STARTUP_TIMEOUT_S
+    ids, gold_id = cluster_answers(["(10^{7}+11)!", "0.5"], gold="1/2", timeout_s=0.5)
+    assert ids[1] == gold_id != ids[0]  # the hanging answer's kill promoted the old spare
+    assert cluster_answers([r"\frac12", "0.5"]) == ([0, 0], -1)

@@ -148,8 +148,10 @@ class _Worker:
     def receive(self, deadline: float):
         """The next message, or None if none arrives by `deadline` or the worker died."""
         try:
-            remaining = deadline - time.monotonic()
-            return self.conn.recv() if remaining > 0 and self.conn.poll(remaining) else None
+            # A deadline already past still takes a message that is waiting: a spare idle for
+            # longer than the start-up limit has its "ready" queued and must not be called dead.
+            remaining = max(deadline - time.monotonic(), 0.0)
+            return self.conn.recv() if self.conn.poll(remaining) else None
         except (EOFError, OSError):
             return None
 
