@@ -65,6 +65,32 @@ def test_reobserving_a_step_replaces_its_score():
     assert j.scores == [(0, 0.3), (3, 0.1)] and j.best_step == 0
 
 
+def test_a_step_whose_answers_echo_the_question_is_never_kept():
+    # The addsub failure: the score keeps rising while the answers turn into numbers copied
+    # from the question; those evaluations are excluded and count as no gain.
+    j = judge.Judge("plateau", patience=2, max_echo_rise=0.1)
+    scores = [0.26, 0.29, 0.33, 0.39, 0.41, 0.42]
+    echoes = [0.42, 0.47, 0.45, 0.58, 0.70, 0.88]
+    verdicts = [
+        j.observe(3 * i, {judge.SCORE: s, "echo": e})
+        for i, (s, e) in enumerate(zip(scores, echoes))
+    ]
+    assert [bool(v.excluded) for v in verdicts] == [False, False, False, True, True, True]
+    assert "0.420 to 0.580" in verdicts[3].excluded
+    assert verdicts[4].stop and verdicts[4].best_step == 6 and "2 excluded" in verdicts[4].reason
+    assert json.loads(json.dumps(j.state())) == j.state()
+    resumed = judge.Judge("plateau", patience=2, max_echo_rise=0.1, state=j.state())
+    assert resumed.best_step == 6 and resumed.excluded == j.excluded
+
+
+def test_echo_is_ignored_when_off_or_unmeasured():
+    for rise, echoes in ((None, [0.4, 0.9, 0.9]), (0.1, [None, 0.9, 0.9]), (0.1, [0.4, 0.5, 0.45])):
+        j = judge.Judge(max_echo_rise=rise)
+        for i, (s, e) in enumerate(zip([0.3, 0.4, 0.5], echoes)):
+            j.observe(3 * i, {judge.SCORE: s} if e is None else {judge.SCORE: s, "echo": e})
+        assert j.best_step == 6 and not j.excluded
+
+
 def test_missing_base_reference_is_a_clear_error():
     with pytest.raises(ValueError, match="eval.before_training"):
         judge.Judge().observe(3, {"majority_ratio": 0.5})

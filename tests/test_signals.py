@@ -127,6 +127,29 @@ def slow_leave_one_out(answers):
     return share / len(answers), collision / len(answers)
 
 
+def test_question_numbers_as_vote_labels_name_them():
+    numbers = signals.question_numbers("Ann has 12 pens, 3.50 dollars and 1,000 beads; x - 4?")
+    assert numbers == {"12", "3.5", "1000", "4"}
+    assert signals.question_numbers("How many?") == frozenset()
+
+
+def test_echo_against_a_naive_count():
+    rows = [
+        ["3", "5", "5", None],
+        ["7", "8", "-", "-"],
+        [None, None, None, None],
+        ["1", "2", "2", "9"],
+    ]
+    numbers = {0: frozenset({"5"}), 1: frozenset({"9"}), 2: frozenset({"3"}), 3: frozenset()}
+    votes = make_votes(rows)
+    expected = np.mean([2 / 3, 0 / 2])  # prompt 2 has no answer, prompt 3 no number
+    assert signals.echo(votes, numbers) == pytest.approx(expected)
+    assert signals.echo(votes, {}) is None
+    tracker = signals.Tracker(numbers={0: frozenset({"3"})})
+    assert tracker.observe(votes, "eval", is_base=True)["echo"] == pytest.approx(1 / 3)
+    assert "echo" not in signals.Tracker().observe(votes, "eval", is_base=True)
+
+
 def test_leave_one_out_against_the_slow_version():
     rng = np.random.default_rng(0)
     rows = [[rng.choice(["1", "2", "3", None]) for _ in range(7)] for _ in range(40)]

@@ -350,6 +350,10 @@ class RunSection:
     # A later evaluation must beat the best score by more than this to count as better, for
     # the stop rule and for keep=best (within it, the earlier step is kept).
     min_score_gain: float = 0.0
+    # An evaluation whose answers repeat a number of the question more often than the base
+    # model's did by more than this (the `echo` signal, a share) is never kept and never counts
+    # as an improvement: the vote rewarding a copy-the-question shortcut (judge.py). null: off.
+    max_echo_rise: float | None = 0.1
     # When an evaluation's answers collapse (mean per-prompt answer entropy below
     # collapse_entropy x the base model's): "off"; "lr" halves the learning rate; "rollback"
     # also returns to the kept checkpoint (needs keep=best). See judge.CollapseGuard.
@@ -370,6 +374,10 @@ class RunSection:
         out.at_least("run.checkpoint_minutes", self.checkpoint_minutes, 0, " (0 = off)")
         out.at_least("run.keep_checkpoints", self.keep_checkpoints, 1)
         out.at_least("run.stop_patience", self.stop_patience, 1)
+        out.need(
+            self.max_echo_rise is None or 0 <= self.max_echo_rise <= 1,
+            f"run.max_echo_rise={self.max_echo_rise} must be in [0, 1] or null (off)",
+        )
         out.need(
             0 < self.collapse_entropy < 1,
             f"run.collapse_entropy={self.collapse_entropy} must be in (0, 1)",

@@ -13,6 +13,15 @@ the base model already believed and falls when the policy drifts to answers the 
 did not favour, which on the tasks measured is where TTRL stops helping (README, "Knowing
 without labels", has the measurements and where the score fails).
 
+One failure the score cannot see: when the base model's vote already leans to a shortcut,
+such as answering with a number copied from the question, TTRL sharpens the policy onto it and
+the score rises while accuracy falls (measured on `addsub`: echo 0.42 -> 0.98 of the answers,
+avg@16 0.22 -> 0.01). So an evaluation whose `echo` (signals.py) rose by more than
+`max_echo_rise` above the base model's is not a candidate to keep and does not count as an
+improvement. On the tasks measured echo moved by at most 0.01 (toy) or fell (apples: the base
+model's copied answers were wrong ones that training removed) where TTRL helped, and rose by
+0.13 at the first evaluation where it hurt (addsub).
+
 The stop rule ("plateau"): end the run once `patience` evaluations in a row have not beaten
 the best score by more than `min_gain`. The kept step is the best-scoring evaluation, the
 earliest of those within `min_gain` of the best (fewer updates for the same score); the base
@@ -37,6 +46,7 @@ class Verdict(typing.NamedTuple):
     step: int
     score: float
     best_step: int  # the step to keep so far (0 = the base model)
+    excluded: str  # why this evaluation cannot be kept ("" when it can)
     stop: bool  # the stop rule ends the run here
     reason: str  # one line: why it stops, or "" when it goes on
 
@@ -50,6 +60,8 @@ class Judge:
       patience: evaluations without improvement before the run stops.
       min_gain: how much a score must exceed the best to count as an improvement; scores within
         it of the best are ties, resolved to the earliest step.
+      max_echo_rise: an evaluation whose `echo` signal exceeds the base model's by more than
+        this is excluded (None: never).
       state: a `state()` from a checkpoint, to resume.
     """
 
@@ -58,25 +70,36 @@ class Judge:
         stop_rule: str = "off",
         patience: int = 2,
         min_gain: float = 0.0,
+        max_echo_rise: float | None = None,
         state: dict[str, Any] | None = None,
     ):
         if stop_rule not in STOP_RULES:
             raise ValueError(f"unknown stop rule {stop_rule!r}; choose one of {STOP_RULES}")
         self.stop_rule, self.patience, self.min_gain = stop_rule, patience, min_gain
+        self.max_echo_rise = max_echo_rise
         state = state or {}
         self.scores = [(int(step), float(s)) for step, s in state.get("scores", [])]
+        self.excluded: dict[int, str] = {int(k): v for k, v in state.get("excluded", {}).items()}
+        self.base_echo: float | None = state.get("base_echo")
         self.stopped: str | None = state.get("stopped")
 
     def state(self) -> dict[str, Any]:
-        return {"scores": [list(x) for x in self.scores], "stopped": self.stopped}
+        return {
+            "scores": [list(x) for x in self.scores], "stopped": self.stopped,
+            "excluded": {str(k): v for k, v in self.excluded.items()}, "base_echo": self.base_echo,
+        }  # fmt: skip
+
+    def _candidates(self) -> list[tuple[int, float]]:
+        return [(step, s) for step, s in self.scores if step not in self.excluded]
 
     @property
     def best_step(self) -> int | None:
-        """The earliest evaluated step whose score is within min_gain of the highest."""
-        if not self.scores:
+        """The earliest candidate step whose score is within min_gain of the highest."""
+        candidates = self._candidates()
+        if not candidates:
             return None
-        top = max(s for _, s in self.scores)
-        return next(step for step, s in self.scores if s >= top - self.min_gain)
+        top = max(s for _, s in candidates)
+        return next(step for step, s in candidates if s >= top - self.min_gain)
 
     def observe(self, step: int, signals: Mapping[str, float]) -> Verdict:
         """Scores the evaluation of `step` from its label-free signals; applies the stop rule."""
@@ -86,20 +109,37 @@ class Judge:
                 "evaluation before training: eval.before_training=true)"
             )
         value = float(signals[SCORE])
+        is_base = not self.scores or self.scores[0][0] == step
         self.scores = [x for x in self.scores if x[0] != step] + [(step, value)]
+        self.excluded.pop(step, None)
+        echo = signals.get("echo")
+        if is_base:
+            self.base_echo = None if echo is None else float(echo)
+        elif self._echo_rose(echo):
+            self.excluded[step] = (
+                f"echo rose from the base model's {self.base_echo:.3f} to {echo:.3f} "
+                f"(run.max_echo_rise={self.max_echo_rise}): answers copied from the question"
+            )
         reason = self._plateau() if self.stop_rule == "plateau" else ""
         if reason:
             self.stopped = reason
-        return Verdict(step, value, self.best_step, bool(reason), reason)
+        excluded = self.excluded.get(step, "")
+        return Verdict(step, value, self.best_step, excluded, bool(reason), reason)
+
+    def _echo_rose(self, echo: float | None) -> bool:
+        if self.max_echo_rise is None or echo is None or self.base_echo is None:
+            return False
+        return echo > self.base_echo + self.max_echo_rise
 
     def stalled(self) -> int:
-        """Evaluations since the last one that beat the best before it by more than min_gain."""
+        """Evaluations since the last candidate that beat the best before it by more than
+        min_gain (an excluded evaluation never does)."""
         best, since = -float("inf"), 0
-        for _, s in self.scores:
-            if s > best + self.min_gain:
-                since = 0
-            else:
+        for step, s in self.scores:
+            if step in self.excluded:
                 since += 1
+                continue
+            since = 0 if s > best + self.min_gain else since + 1
             best = max(best, s)
         return since
 
@@ -108,14 +148,17 @@ class Judge:
         if since < self.patience:
             return ""
         (base_step, base), best = self.scores[0], self.best_step
+        recent = [step for step, _ in self.scores[-since:]]
+        n_excluded = sum(step in self.excluded for step in recent)
+        why = f" ({n_excluded} excluded: echo rose)" if n_excluded else ""
         if best == base_step:
             return (
                 f"no evaluation after training scored above the base model's {SCORE} "
-                f"({base:.3f}) in {since} tries: by its own signals TTRL does not help here"
+                f"({base:.3f}) in {since} tries{why}: by its own signals TTRL does not help here"
             )
         return (
             f"{SCORE} has not risen above step {best}'s {dict(self.scores)[best]:.3f} in "
-            f"{since} evaluations"
+            f"{since} evaluations{why}"
         )
 
 

@@ -26,7 +26,7 @@ PANELS = (
     ("accuracy (gold, measured only)", ("eval/avg@", "eval/maj@", "eval/pass@", "eval/greedy")),
     ("label-free, each evaluation", (
         "eval/score", "eval/majority_ratio", "eval/vote_margin", "eval/base_agreement",
-        "eval/label_churn", "eval/answered",
+        "eval/label_churn", "eval/answered", "eval/echo",
     )),
     ("answer diversity, each evaluation", ("eval/distinct_answers", "eval/answer_entropy")),
     ("pseudo-labels, each step", (
@@ -214,7 +214,7 @@ def majority_labels(answers_record: dict[str, Any]) -> dict[int, str | None]:
 # The label-free rows of the summary (signals.SIGNALS, in a reading order) and the gold rows.
 _LABEL_FREE_ROWS = (
     "score", "majority_ratio", "vote_margin", "answer_entropy", "distinct_answers", "answered",
-    "response_entropy", "label_churn", "base_agreement", "length_drift", "response_length",
+    "response_entropy", "label_churn", "base_agreement", "echo", "length_drift", "response_length",
 )  # fmt: skip
 _GOLD_ROWS = ("avg@", "maj@", "pass@", "greedy")
 

@@ -108,11 +108,15 @@ class _Loop:
         self.job, self.cfg, self.ckpt, self.stop = job, cfg, ckpt, stop
         self.steps_done, self.root = steps_done, jax.random.key(cfg.run.seed)
         self.eval_pending = bool(record.get("eval_pending", False))
-        self.tracker = signals_lib.Tracker(record.get("tracker"))
+        numbers = {
+            i: signals_lib.question_numbers(it["prompt"]) for i, it in enumerate(job.task.items)
+        }
+        self.tracker = signals_lib.Tracker(record.get("tracker"), numbers)
         r = cfg.run
         self.judge = judge_lib.Judge(
-            r.stop_rule, r.stop_patience, r.min_score_gain, state=record.get("judge")
-        )
+            r.stop_rule, r.stop_patience, r.min_score_gain, r.max_echo_rise,
+            state=record.get("judge"),
+        )  # fmt: skip
         self.guard = judge_lib.CollapseGuard(
             r.collapse_guard, r.collapse_entropy, state=record.get("guard")
         )
@@ -258,9 +262,14 @@ class _Loop:
         scores = dict(self.judge.scores)
         last = max(scores)
         what = "the base model" if step == 0 else f"step {step}"
+        excluded = self.judge.excluded
+        why = ""
+        if excluded:
+            first = min(excluded)
+            why = f"; {len(excluded)} evaluations excluded from step {first}: {excluded[first]}"
         return (
             f"{what} has the highest label-free score, {scores[step]:.3f} "
-            f"(last evaluation, step {last}: {scores[last]:.3f})"
+            f"(last evaluation, step {last}: {scores[last]:.3f}){why}"
         )
 
     def baseline(self) -> None:

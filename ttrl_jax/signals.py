@@ -10,12 +10,17 @@ measured, not assumed (README, "Knowing without labels").
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from ttrl_jax import answers as answers_lib
 from ttrl_jax import grpo
+
+# Numbers as a question writes them: 12, 3.5, 1,000 (not a sign: "x - 3" holds 3, not -3).
+_NUMBER_RE = re.compile(r"\d{1,3}(?:,\d{3})+(?!\d)|\d+(?:\.\d+)?")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +80,13 @@ SIGNALS: dict[str, Signal] = {
         "chance that a response and a base-model response (its evaluation before training) give "
         "the same answer",
         "falling: the answers move to ones the base model rarely gave",
+    ),
+    "echo": Signal(
+        "share of the answers that repeat a number written in the question (answered responses "
+        "of prompts with a number in them)",
+        "rising: the model learns to copy a number from the question instead of working the "
+        "answer out, a shortcut the vote rewards when the base model already leans to it; "
+        "run.max_echo_rise keeps the judge from keeping such a step",
     ),
     "length_drift": Signal(
         "response length relative to the base model's, minus 1",
@@ -172,6 +184,24 @@ def leave_one_out(votes: Votes) -> dict[str, np.ndarray]:
     return {"base_vote_share": share_P, "base_collision": collision_P}
 
 
+def question_numbers(question: str) -> frozenset[str]:
+    """The canonical forms (as vote labels name answers) of the numbers written in a question."""
+    found = (answers_lib.canonical_answer(n) for n in _NUMBER_RE.findall(question))
+    return frozenset(n for n in found if n is not None)
+
+
+def echo(votes: Votes, numbers: Mapping[int, frozenset[str]]) -> float | None:
+    """The `echo` signal: the mean over prompts with a number in the question and an answered
+    response of the share of its answers that repeat one of them; None when no prompt counts."""
+    shares = []
+    for index, labels, ids in zip(votes.prompt_index_P, votes.labels_P, votes.answer_id_PN):
+        written = numbers.get(int(index), frozenset())
+        answered = [labels[a] for a in np.asarray(ids) if a >= 0]
+        if written and answered:
+            shares.append(np.mean([a in written for a in answered]))
+    return float(np.mean(shares)) if shares else None
+
+
 def summarize(votes: Votes) -> dict[str, float]:
     """The prompt means of `prompt_signals`."""
     return {k: float(v.mean()) for k, v in prompt_signals(votes).items()}
@@ -180,10 +210,16 @@ def summarize(votes: Votes) -> dict[str, float]:
 class Tracker:
     """The signals that compare a prompt with earlier visits: label churn (against the previous
     visit of the same kind: train step or evaluation), base agreement and length drift (against
-    the evaluation before training). Its state goes into checkpoints, so a resumed run measures
-    what the uninterrupted one did."""
+    the evaluation before training), and `echo` for the prompts whose questions' numbers it is
+    given (`numbers`: prompt index -> `question_numbers`). Its state goes into checkpoints, so a
+    resumed run measures what the uninterrupted one did."""
 
-    def __init__(self, state: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        state: dict[str, Any] | None = None,
+        numbers: Mapping[int, frozenset[str]] | None = None,
+    ):
+        self.numbers = dict(numbers or {})
         state = state or {}
         # prompt index (as a string: JSON keys) -> majority answer, per kind; None = no answer
         self.last: dict[str, dict[str, str | None]] = state.get("last", {"train": {}, "eval": {}})
@@ -233,6 +269,9 @@ class Tracker:
                     for k, q in in_base
                 ])
             )  # fmt: skip
+        echo_share = echo(votes, self.numbers)
+        if echo_share is not None:
+            out["echo"] = echo_share
         if self.base_length:
             out["length_drift"] = out["response_length"] / self.base_length - 1.0
         seen.update(zip(keys, labels))
