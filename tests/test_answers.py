@@ -5,7 +5,7 @@ import time
 import pytest
 from math_verify import parse, verify
 
-from ttrl_jax.answers import canonical_answer, extract_answer, verifier_text
+from ttrl_jax.grading.answers import canonical_answer, extract_answer, verifier_text
 
 # --- extraction --------------------------------------------------------------------------------
 

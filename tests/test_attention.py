@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ttrl_jax import attention, model, sharding
+from ttrl_jax import sharding
+from ttrl_jax.model import attention
+from ttrl_jax.model import decoder as model
 
 TOL = dict(atol=2e-5, rtol=0)
 

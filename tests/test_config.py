@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from ttrl_jax import config as config_lib
-from ttrl_jax.config import Config, ConfigError, load_config
+from ttrl_jax.config import load as config_lib
+from ttrl_jax.config.load import Config, ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_FILES = sorted(CONFIGS.glob("*.yaml"))

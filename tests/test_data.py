@@ -10,7 +10,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from ttrl_jax import data, prompts, schedule
+from ttrl_jax.data import benchmarks as data
+from ttrl_jax.data import prompts, schedule
 
 # The benchmark files live in shared/ beside the checkout; tests skip when they are absent.
 TTRL_DATA = next(
@@ -316,7 +317,7 @@ def test_gpqa_options_are_shuffled_deterministically():
 
 
 def test_toy_split():
-    pytest.importorskip("ttrl_jax.toy.task")
+    pytest.importorskip("ttrl_jax.data.toy_task")
     items = data.load_benchmark("toy")
     assert len(items) == data.TOY_TEST_SIZE
     assert len({it["id"] for it in items}) == len(items)
@@ -517,7 +518,7 @@ def test_prompt_template_wraps_the_question(tokenizer):
 
 
 def test_prompt_template_needs_the_question_once():
-    from ttrl_jax.config import ConfigError, load_config
+    from ttrl_jax.config.load import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="data.prompt_template='Solve it' must hold"):
         load_config(None, ["data.prompt_template=Solve it"])

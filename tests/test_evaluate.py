@@ -4,8 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from ttrl_jax import evaluate, sampler
-from ttrl_jax import rollout as rollout_lib
+from ttrl_jax.run import evaluate
+from ttrl_jax.run import rollout as rollout_lib
+from ttrl_jax.sampling import sampler
 
 
 def test_score_hand_computed():

@@ -18,9 +18,11 @@ from transformers.models.qwen2.tokenization_qwen2 import (
     PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX,
 )
 
-from ttrl_jax import config as config_lib
-from ttrl_jax import gguf as gguf_lib
-from ttrl_jax import model, plan, weights
+from ttrl_jax.config import load as config_lib
+from ttrl_jax.hf import gguf as gguf_lib
+from ttrl_jax.hf import load as weights
+from ttrl_jax.model import decoder as model
+from ttrl_jax.plan import search as plan
 
 _forward = jax.jit(model.forward, static_argnums=0)
 Q = gguf.GGMLQuantizationType

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ttrl_jax import grpo
+from ttrl_jax.rl import grpo
 
 
 def _random_answer_ids(rng, num_p, num_n, num_clusters=4, p_none=0.2):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ttrl_jax import judge
+from ttrl_jax.run import judge
 
 
 def feed(j, scores, start=0, every=3):

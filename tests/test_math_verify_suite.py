@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from ttrl_jax.rewards import cluster_answers, extract_answer
+from ttrl_jax.grading.clustering import cluster_answers, extract_answer
 
 MIN_AGREEMENT = 0.95
 # Cases set aside, by the suite configuration our grader does not take (for math-verify 0.9.0).

@@ -9,7 +9,9 @@ import torch
 import transformers
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ttrl_jax import model, sharding, weights
+from ttrl_jax import sharding
+from ttrl_jax.hf import load as weights
+from ttrl_jax.model import decoder as model
 
 _forward = jax.jit(model.forward, static_argnums=0)
 

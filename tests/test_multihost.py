@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from ttrl_jax import model as model_lib
-from ttrl_jax import weights
-from ttrl_jax.toy import task
+from ttrl_jax.data import toy_task as task
+from ttrl_jax.hf import load as weights
+from ttrl_jax.model import decoder as model_lib
 from ttrl_jax.toy import tokenizer as toy_tokenizer
 
 TIMING_KEYS = ("time_sample", "time_reward", "time_train", "sample_tokens_per_s")

@@ -8,13 +8,17 @@ import jax.numpy as jnp
 import pytest
 import yaml
 
-from ttrl_jax import config as config_lib
-from ttrl_jax import model as model_lib
-from ttrl_jax import parts as parts_lib
-from ttrl_jax import plan, plan_programs, plan_report, plan_time, sharding
-from ttrl_jax import sampler as sampler_lib
-from ttrl_jax import tpu as tpu_lib
-from ttrl_jax import train as train_lib
+from ttrl_jax import sharding
+from ttrl_jax.config import load as config_lib
+from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.plan import programs as plan_programs
+from ttrl_jax.plan import report as plan_report
+from ttrl_jax.plan import search as plan
+from ttrl_jax.plan import timing as plan_time
+from ttrl_jax.plan import tpu as tpu_lib
+from ttrl_jax.rl import train as train_lib
+from ttrl_jax.run import from_config as parts_lib
+from ttrl_jax.sampling import sampler as sampler_lib
 
 # Heads and kv heads divide a model axis of 4; every param kind of Qwen2 (q/k/v biases).
 TINY = model_lib.ModelConfig.tiny(

@@ -16,7 +16,11 @@ import transformers
 from safetensors.numpy import load_file
 from test_model import _hf_logits  # HF logits at the left-padded position ids
 
-from ttrl_jax import model, parts, prompts, sampler, weights
+from ttrl_jax.data import prompts
+from ttrl_jax.hf import load as weights
+from ttrl_jax.model import decoder as model
+from ttrl_jax.run import from_config as parts
+from ttrl_jax.sampling import sampler
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ttrl_jax import rewards
-from ttrl_jax.rewards import answer_ids, canonical_answer, cluster_answers, extract_answer
+from ttrl_jax.grading import clustering as rewards
+from ttrl_jax.grading.clustering import (
+    answer_ids,
+    canonical_answer,
+    cluster_answers,
+    extract_answer,
+)
 
 # The benchmark files live in shared/ beside the checkout; tests skip when they are absent.
 DATA_DIR = next(

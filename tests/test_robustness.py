@@ -14,10 +14,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from test_run import data_file, full_run, records, run_args, subprocess_run  # noqa: F401
 
-from ttrl_jax import checkpoint as checkpoint_lib
-from ttrl_jax import run as run_lib
-from ttrl_jax import rundir as rundir_lib
-from ttrl_jax import train as train_lib
+from ttrl_jax.rl import train as train_lib
+from ttrl_jax.run import checkpoint as checkpoint_lib
+from ttrl_jax.run import loop as run_lib
+from ttrl_jax.run import rundir as rundir_lib
 
 
 def same_weights(a, b):
@@ -29,7 +29,7 @@ def same_weights(a, b):
 # test knows where the signal lands (one from outside lands wherever the machine has got to).
 SIGTERM_IN = """
 import os, signal, sys
-from ttrl_jax import run
+from ttrl_jax.run import loop as run
 phase, at = os.environ["SIGTERM_IN"].split(":")
 train_step, eval_tasks, evals = run.ttrl_step, run.evaluate_lib.evaluate_tasks, []
 def ttrl_step(job, root, step):
@@ -157,7 +157,8 @@ def test_second_run_on_one_folder_refuses(tiny_hf_model, data_file, tmp_path, ca
 
 def test_lock_is_released_when_the_holder_dies(tmp_path):
     code = (
-        f"from ttrl_jax import rundir; import os\nwith rundir.lock({str(tmp_path)!r}): os._exit(1)"
+        "from ttrl_jax.run import rundir; import os\n"
+        f"with rundir.lock({str(tmp_path)!r}): os._exit(1)"
     )
     subprocess.run(["python", "-c", code], check=False)
     with rundir_lib.lock(str(tmp_path)):

@@ -10,10 +10,10 @@ import time
 import pytest
 from safetensors.numpy import load_file
 
-from ttrl_jax import rollout as rollout_lib
-from ttrl_jax import run as run_lib
-from ttrl_jax import train as train_lib
-from ttrl_jax.toy import task
+from ttrl_jax.data import toy_task as task
+from ttrl_jax.rl import train as train_lib
+from ttrl_jax.run import loop as run_lib
+from ttrl_jax.run import rollout as rollout_lib
 
 TIMING_KEYS = ("time_sample", "time_reward", "time_train", "sample_tokens_per_s")
 

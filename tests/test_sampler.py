@@ -17,7 +17,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 from scipy import stats
 
-from ttrl_jax import decode, model, rollout, rounds, sampler, sharding
+from ttrl_jax import sharding
+from ttrl_jax.model import decoder as model
+from ttrl_jax.run import rollout
+from ttrl_jax.sampling import decode, rounds, sampler
 from ttrl_jax.toy import tokenizer as toy_tokenizer
 
 P, T, N, R = 4, 8, 2, 7

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ttrl_jax import grpo, signals
+from ttrl_jax.rl import grpo
+from ttrl_jax.run import signals
 
 
 def make_votes(answers_PN, index=None, length=None, entropy=None):

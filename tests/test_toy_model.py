@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from ttrl_jax import data as data_lib
-from ttrl_jax import prompts as prompts_lib
-from ttrl_jax import rollout as rollout_lib
-from ttrl_jax import sampler as sampler_lib
-from ttrl_jax import weights
-from ttrl_jax.config import TOY_MODEL_DIR
-from ttrl_jax.toy import pretrain, task
+from ttrl_jax.config.load import TOY_MODEL_DIR
+from ttrl_jax.data import benchmarks as data_lib
+from ttrl_jax.data import prompts as prompts_lib
+from ttrl_jax.data import toy_task as task
+from ttrl_jax.hf import load as weights
+from ttrl_jax.run import rollout as rollout_lib
+from ttrl_jax.sampling import sampler as sampler_lib
+from ttrl_jax.toy import pretrain
 from ttrl_jax.toy import tokenizer as toy_tokenizer
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from ttrl_jax.toy import task
+from ttrl_jax.data import toy_task as task
 from ttrl_jax.toy import tokenizer as toy_tokenizer
 
 _LINE_RE = re.compile(r"(\d+) ([-+*])(\d)=(\d+)")

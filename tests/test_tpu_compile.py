@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ttrl_jax import model as model_lib
 from ttrl_jax import sharding as sharding_lib
-from ttrl_jax import train
+from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.rl import train
 
 # bfloat16 compute over float32 master params, as on TPU; heads and kv heads split over model=2.
 CFG = model_lib.ModelConfig.tiny("qwen2", num_heads=4, num_kv_heads=2, dtype="bfloat16")

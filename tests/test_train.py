@@ -10,9 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from ttrl_jax import grpo, train
-from ttrl_jax import model as model_lib
 from ttrl_jax import sharding as sharding_lib
+from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.rl import grpo, train
 
 CFG = model_lib.ModelConfig.tiny("qwen2", num_heads=8, num_kv_heads=4)
 P, N, T, R = 4, 6, 5, 4

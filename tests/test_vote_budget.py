@@ -5,8 +5,8 @@ import functools
 import numpy as np
 import pytest
 
-from ttrl_jax import grpo
-from ttrl_jax import vote_budget as vb
+from ttrl_jax.rl import grpo
+from ttrl_jax.rl import vote_budget as vb
 
 ND = grpo.NOT_DRAWN
 

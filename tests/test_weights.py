@@ -15,7 +15,9 @@ import transformers
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from ttrl_jax import model, sharding, weights
+from ttrl_jax import sharding
+from ttrl_jax.hf import load as weights
+from ttrl_jax.model import decoder as model
 
 _forward = jax.jit(model.forward, static_argnums=0)
 

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from ttrl_jax import model as model_lib
+from ttrl_jax.model import decoder as model_lib
 
 MESH_AXES = ("data", "model")
 Rules = tuple[tuple[str, str | None], ...]

@@ -15,8 +15,8 @@ import math
 import os
 import sys
 
-from ttrl_jax import logbook as logbook_lib
-from ttrl_jax import signals as signals_lib
+from ttrl_jax.run import logbook as logbook_lib
+from ttrl_jax.run import signals as signals_lib
 
 
 def table(runs: dict[str, list[dict]], gold: str = "avg@") -> str:

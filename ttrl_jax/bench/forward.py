@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ttrl_jax import model as model_lib
 from ttrl_jax.bench import machine, models, profile
 from ttrl_jax.bench.machine import si
+from ttrl_jax.model import decoder as model_lib
 
 
 def forward_flops(cfg: model_lib.ModelConfig, batch: int, seq: int) -> dict[str, int]:

@@ -15,8 +15,8 @@ from typing import Any
 
 import jax
 
-from ttrl_jax import model as model_lib
-from ttrl_jax import weights
+from ttrl_jax.hf import load as weights
+from ttrl_jax.model import decoder as model_lib
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M"
 

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ttrl_jax import model as model_lib
 from ttrl_jax.bench import machine, models, profile
 from ttrl_jax.bench.machine import si
+from ttrl_jax.model import decoder as model_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +66,7 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
     sampling settings, against the machine's roofline."""
     import torch
 
-    from ttrl_jax import sampler
+    from ttrl_jax.sampling import sampler
 
     torch.set_num_threads(machine.cpu_cores())
     machine_ = machine.Machine.measure(args.dtype)
@@ -93,7 +93,7 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
 def _sample_one_size(args, cfg, params, torch_model, sp, settings, size: SampleSize) -> dict:
     import torch
 
-    from ttrl_jax import sampler, token_draw
+    from ttrl_jax.sampling import sampler, token_draw
 
     P, N, T, R = size.prompts, size.samples, size.prompt_len, size.new_tokens
     prompt_PT = np.random.default_rng(0).integers(1, cfg.vocab_size, (P, T)).astype(np.int32)

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from ttrl_jax import config as config_lib
-from ttrl_jax import model as model_lib
-from ttrl_jax import train
 from ttrl_jax.bench import models
+from ttrl_jax.config import load as config_lib
+from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.rl import train
 
 # torch.optim.AdamW's implementations; on CPU the default is the per-tensor loop, several
 # times slower than the fused kernel over a large embedding.

@@ -18,11 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ttrl_jax import config as config_lib
-from ttrl_jax import grpo, parts, train
-from ttrl_jax import model as model_lib
 from ttrl_jax.bench import machine, models, profile, torch_peer
 from ttrl_jax.bench.machine import si
+from ttrl_jax.config import load as config_lib
+from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.rl import grpo, train
+from ttrl_jax.run import from_config as parts
 
 
 @dataclasses.dataclass(frozen=True)

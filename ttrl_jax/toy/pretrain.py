@@ -32,11 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ttrl_jax import data as data_lib
-from ttrl_jax import model as model_lib
-from ttrl_jax import prompts as prompts_lib
-from ttrl_jax import weights
-from ttrl_jax.toy import task
+from ttrl_jax.data import benchmarks as data_lib
+from ttrl_jax.data import prompts as prompts_lib
+from ttrl_jax.data import toy_task as task
+from ttrl_jax.hf import load as weights
+from ttrl_jax.model import decoder as model_lib
 from ttrl_jax.toy import tokenizer as toy_tokenizer
 
 # Every test-split question the default run could use (test_split(seed, n)[:k] equals
@@ -340,8 +340,8 @@ def measure(
     seed: int = 0,
 ) -> dict[str, float]:
     """avg@k (pass@1), maj@k, pass@k and greedy accuracy on the default run's test split."""
-    from ttrl_jax import evaluate as evaluate_lib
-    from ttrl_jax import rollout as rollout_lib
+    from ttrl_jax.run import evaluate as evaluate_lib
+    from ttrl_jax.run import rollout as rollout_lib
 
     tokenizer = toy_tokenizer.build_tokenizer()
     items = task.test_split(data_lib.TOY_TEST_SEED, n_prompts)

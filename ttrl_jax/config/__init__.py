@@ -1,0 +1,1 @@
+"""The run configuration: its schema, YAML files and overrides."""

@@ -1,0 +1,1 @@
+"""Benchmarks and prompts: items from the hub, local files or built in; chat prompts; order."""

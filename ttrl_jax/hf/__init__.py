@@ -1,0 +1,1 @@
+"""Hugging Face checkpoints: the format, loading, writing back, and GGUF files."""

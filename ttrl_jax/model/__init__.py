@@ -1,0 +1,1 @@
+"""The decoder: its architecture (config.py), attention by backend, the scanned model."""

@@ -1,0 +1,145 @@
+"""Log-probs of response tokens under a policy, for the train step: one forward of prompt +
+response, then the vocabulary projection in chunks of positions.
+
+The projection is the largest matmul of a step on large-vocabulary models; its chunks are
+recomputed in the backward pass, so no B×R×V logits are kept for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.rl import grpo
+
+
+def sequence_inputs(prompt_BT, prompt_mask_BT, response_BR, response_mask_BR):
+    """Prompt and response joined into one sequence: tokens, mask, positions."""
+    tokens_BS = jnp.concatenate([prompt_BT, response_BR], axis=1)
+    mask_BS = jnp.concatenate([prompt_mask_BT, response_mask_BR], axis=1)
+    return tokens_BS, mask_BS, model_lib.left_pad_positions(mask_BS)
+
+
+def response_logp(
+    cfg: model_lib.ModelConfig,
+    params: Any,
+    prompt_BT: jax.Array,
+    prompt_mask_BT: jax.Array,
+    response_BR: jax.Array,
+    response_mask_BR: jax.Array,
+    temperature: jax.Array,
+    *,
+    with_entropy: bool = False,
+    with_self_certainty: bool = False,
+    with_features: bool = False,
+    logit_chunk: int = 512,
+) -> dict[str, jax.Array]:
+    """Log-probs (of logits / temperature) of the response tokens, plus optional extras.
+
+    The vocabulary projection runs over chunks of positions, each recomputed in the backward
+    pass, so the full B×R×V logits never exist at once, in the forward or the backward pass.
+
+    Returns:
+      dict with "logp_BR", and "entropy_BR", "self_certainty_BR" (raw logits, temperature 1),
+      "feature_BD" (mean final hidden state over the response) when asked for.
+    """
+    tokens_BS, mask_BS, positions_BS = sequence_inputs(
+        prompt_BT, prompt_mask_BT, response_BR, response_mask_BR
+    )
+    module = model_lib.Transformer(cfg)
+    h_BSD, _ = module.apply(params, tokens_BS, positions_BS, mask_BS, return_hidden=True)
+    T, R = prompt_BT.shape[1], response_BR.shape[1]
+    # Position t predicts token t + 1: responses are predicted from positions T-1 .. T+R-2.
+    h_BRD = h_BSD[:, T - 1 : T + R - 1]
+    chunk = min(logit_chunk, R)
+    n_chunks = -(-R // chunk)
+    pad = n_chunks * chunk - R
+    h_CBcD = jnp.pad(h_BRD, ((0, 0), (0, pad), (0, 0)))
+    h_CBcD = h_CBcD.reshape(h_BRD.shape[0], n_chunks, chunk, -1).swapaxes(0, 1)
+    target_CBc = jnp.pad(response_BR, ((0, 0), (0, pad))).reshape(-1, n_chunks, chunk)
+    target_CBc = target_CBc.swapaxes(0, 1)
+
+    if not (with_entropy or with_self_certainty):
+        head = {"params": {k: v for k, v in params["params"].items() if k in _HEAD}}
+        logits_fn = lambda p, h: module.apply(p, h, method=model_lib.Transformer.unembed)
+        token_logp = _token_logp_fn(logits_fn)
+        outs = jax.lax.map(
+            lambda xs: {"logp": token_logp(head, *xs, temperature)}, (h_CBcD, target_CBc)
+        )
+        return _unchunk(outs, h_BRD, response_mask_BR, R, with_features)
+
+    @jax.checkpoint
+    @jax.named_scope("unembed")
+    def one_chunk(h_BcD, target_Bc):
+        logits_BcV = module.apply(params, h_BcD, method=model_lib.Transformer.unembed)
+        logp_BcV = jax.nn.log_softmax(logits_BcV / temperature, axis=-1)
+        out = {"logp": jnp.take_along_axis(logp_BcV, target_Bc[..., None], axis=-1)[..., 0]}
+        if with_entropy:
+            out["entropy"] = -(jnp.exp(logp_BcV) * logp_BcV).sum(-1)
+        if with_self_certainty:
+            out["self_certainty"] = grpo.token_self_certainty(logits_BcV)
+        return out
+
+    outs = jax.lax.map(lambda xs: one_chunk(*xs), (h_CBcD, target_CBc))
+    return _unchunk(outs, h_BRD, response_mask_BR, R, with_features)
+
+
+_HEAD = ("embed", "lm_head")  # the params `Transformer.unembed` reads
+
+
+def _token_logp_fn(logits_fn):
+    """`(head, h_BcD, target_Bc, temperature) -> log softmax(logits_fn(head, h) / T)[target]`,
+    with a backward pass that recomputes the logits once and forms their gradient in one pass.
+
+    What `jax.checkpoint` around log_softmax gives, without its costs on CPU: there, XLA
+    computes the forward logits twice (the forward's and the rematerialised copy, run
+    concurrently) and differentiates log_softmax through a stored B×V intermediate.
+    """
+
+    def forward(head, h_BcD, target_Bc, temperature):
+        with jax.named_scope("unembed"):
+            z_BcV = logits_fn(head, h_BcD) / temperature
+            shifted_BcV = z_BcV - jax.lax.stop_gradient(z_BcV.max(-1, keepdims=True))
+            lse_Bc = jnp.log(jnp.exp(shifted_BcV).sum(-1))
+            picked_Bc = jnp.take_along_axis(shifted_BcV, target_Bc[..., None], axis=-1)[..., 0]
+            return picked_Bc - lse_Bc, z_BcV.max(-1) + lse_Bc
+
+    @jax.custom_vjp
+    def token_logp(head, h_BcD, target_Bc, temperature):
+        return forward(head, h_BcD, target_Bc, temperature)[0]
+
+    def fwd(head, h_BcD, target_Bc, temperature):
+        logp_Bc, lse_Bc = forward(head, h_BcD, target_Bc, temperature)
+        return logp_Bc, (head, h_BcD, target_Bc, temperature, lse_Bc)
+
+    def bwd(residuals, g_Bc):
+        head, h_BcD, target_Bc, temperature, lse_Bc = residuals
+        with jax.named_scope("unembed"):
+            logits_BcV, vjp = jax.vjp(logits_fn, head, h_BcD)
+            p_BcV = jnp.exp(logits_BcV / temperature - lse_Bc[..., None])
+            # d logp / d logits = (onehot(target) - softmax) / temperature
+            is_target_BcV = jnp.arange(p_BcV.shape[-1]) == target_Bc[..., None]
+            scale_Bc1 = (g_Bc / temperature)[..., None]
+            d_head, d_h_BcD = vjp(jnp.where(is_target_BcV, 1.0 - p_BcV, -p_BcV) * scale_Bc1)
+        no_target = np.zeros(target_Bc.shape, jax.dtypes.float0)
+        return d_head, d_h_BcD, no_target, jnp.zeros_like(temperature)
+
+    token_logp.defvjp(fwd, bwd)
+    return token_logp
+
+
+def _unchunk(outs, h_BRD, response_mask_BR, R, with_features):
+    """Per-chunk outputs [C, B, c] back to [B, R], plus the mean response feature if asked."""
+    result = {
+        k + "_BR": v.swapaxes(0, 1).reshape(h_BRD.shape[0], -1)[:, :R] for k, v in outs.items()
+    }
+    if with_features:
+        w_BR1 = response_mask_BR[..., None].astype(jnp.float32)
+        result["feature_BD"] = (h_BRD.astype(jnp.float32) * w_BR1).sum(1) / jnp.maximum(
+            w_BR1.sum(1), 1.0
+        )
+    return result

@@ -1,0 +1,1 @@
+"""One TTRL run: set-up, rollouts, the loop, evaluation, checkpoints and records."""

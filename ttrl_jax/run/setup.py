@@ -1,0 +1,141 @@
+"""A TTRL run's pieces, built from its Config: mesh, model, tokenizer, tasks, compiled step, state.
+
+`build` does all the set-up `run.run` needs before its first step, in the order that surfaces a
+user's mistake (a bad mesh, a too-long prompt, a missing model) before anything slow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from ttrl_jax import sharding as sharding_lib
+from ttrl_jax.config import load as config_lib
+from ttrl_jax.data import prompts as prompts_lib
+from ttrl_jax.data import schedule as schedule_lib
+from ttrl_jax.hf import load as weights
+from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.rl import train as train_lib
+from ttrl_jax.run import from_config as parts_lib
+from ttrl_jax.run import rollout as rollout_lib
+
+
+@dataclasses.dataclass
+class Job:
+    """Everything a run's loop uses; `state` is the only part that changes."""
+
+    cfg: config_lib.Config
+    mesh: Mesh
+    model_cfg: model_lib.ModelConfig
+    tokenizer: Any
+    generator: rollout_lib.Generator
+    task: prompts_lib.Task  # the unlabeled prompts trained on (and evaluated first)
+    eval_tasks: list[prompts_lib.Task]  # `task` and the extra eval benchmarks
+    schedule: schedule_lib.PromptSchedule
+    total_steps: int
+    parts: parts_lib.TrainParts
+    step_fn: Any  # the jitted train step
+    state: train_lib.TrainState
+    ref_params: Any  # the initial policy for the KL term; None without KL
+    sample_shardings: Any  # params in the sampler's layout
+    model_dir: str  # the checkpoint folder the run started from
+
+    @property
+    def has_gold(self) -> bool:
+        """Whether any training prompt has a gold answer (evaluation needs one)."""
+        return any(g is not None for g in self.task.golds)
+
+    def eval_batch_prompts(self, task: prompts_lib.Task) -> int:
+        return min(self.cfg.data.batch_prompts, len(task.prompt_ids))
+
+    def base_params(self) -> Any:
+        """The base model (the run's starting point) in the sampler's layout: the KL reference
+        when the run holds one, else read again from its folder."""
+        if self.ref_params is not None:
+            return sharding_lib.reshard(self.ref_params, self.sample_shardings)
+        _, params = weights.load_hf(
+            self.model_dir, mesh=self.mesh, rules=sharding_lib.SAMPLE_RULES,
+            dtype=self.model_cfg.dtype, param_dtype=self.model_cfg.dtype,
+        )  # fmt: skip
+        return params
+
+    def sample_params(self) -> Any:
+        """The current policy in the sampler's layout and compute dtype (the sampler computes in
+        it anyway, so a copy in the parameter dtype would only take more memory)."""
+        dtype = self.model_cfg.dtype
+        params = jax.tree.map(lambda x: x.astype(dtype), self.state.params)
+        return sharding_lib.reshard(params, self.sample_shardings)
+
+
+def build(cfg: config_lib.Config) -> Job:
+    """Loads the model and data of `cfg` onto its mesh and compiles nothing yet."""
+    mesh = sharding_lib.make_mesh(cfg.mesh.shape)
+    config_lib.validate_config(cfg, data_axis_size=sharding_lib.data_size(mesh))
+    sharding_lib.process_rows(mesh, cfg.data.batch_prompts)  # a multi-host layout error, early
+
+    # Model and tokenizer, params straight into the train layout.
+    folder = weights.resolve_folder(
+        config_lib.resolve_model_path(cfg.model.name_or_path), cfg.model.revision
+    )
+    model_cfg, params = weights.load_hf(
+        folder, mesh=mesh, rules=sharding_lib.TRAIN_RULES,
+        param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype, remat=cfg.model.remat,
+        attention=cfg.model.attention,
+    )  # fmt: skip
+    config_lib.check_context_length(cfg, model_cfg.max_position_embeddings)
+    tokenizer = weights.load_tokenizer(folder)
+    weights.check_tokenizer(tokenizer, model_cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stop_ids = parts_lib.stop_ids(model_cfg, cfg.sample.stop_token_ids, tokenizer, folder)
+    generator = rollout_lib.Generator(
+        model_cfg,
+        tokenizer,
+        stop_ids,
+        pad_id,
+        tuple(cfg.sample.prompt_buckets),
+        mesh,
+        prompt_chunk=cfg.sample.prompt_chunk,
+    )
+
+    # Data: the unlabeled prompts, in a seeded order per episode.
+    task = prompts_lib.load_task(cfg.data.path or cfg.data.name, tokenizer, cfg.data)
+    eval_tasks = [task] + [
+        prompts_lib.load_task(b, tokenizer, cfg.data) for b in cfg.eval.benchmarks
+    ]
+    schedule = schedule_lib.PromptSchedule(
+        len(task.items), cfg.data.batch_prompts, cfg.data.episodes, cfg.run.seed,
+        cfg.data.shuffle, cfg.data.last_batch,
+    )  # fmt: skip
+    total_steps = min(schedule.total_steps, cfg.run.max_steps or schedule.total_steps)
+    for t in eval_tasks:
+        sharding_lib.process_rows(mesh, min(cfg.data.batch_prompts, len(t.prompt_ids)))
+
+    # Optimizer, state and the step.
+    parts = parts_lib.train_parts(cfg, total_steps)
+    state_sh = train_lib.state_shardings(model_cfg, parts.tx, mesh)
+    use_kl = parts.step_cfg.use_kl
+    # The reference is only ever read in the compute dtype: store it so (the same log-probs).
+    ref_params = jax.tree.map(lambda x: jnp.array(x, model_cfg.dtype), params) if use_kl else None
+    state = jax.jit(lambda p: train_lib.init_state(p, parts.tx), out_shardings=state_sh)(params)
+    train_sh = sharding_lib.param_shardings(model_cfg, mesh, sharding_lib.TRAIN_RULES)
+    step_fn = train_lib.build_train_step(
+        model_cfg, parts.step_cfg, parts.tx, parts.lr_fn, mesh, state_sh,
+        train_sh if use_kl else None,
+    )  # fmt: skip
+    return Job(
+        cfg=cfg, mesh=mesh, model_cfg=model_cfg, tokenizer=tokenizer, generator=generator,
+        task=task, eval_tasks=eval_tasks, schedule=schedule, total_steps=total_steps,
+        parts=parts, step_fn=step_fn, state=state, ref_params=ref_params,
+        sample_shardings=sharding_lib.param_shardings(model_cfg, mesh, sharding_lib.SAMPLE_RULES),
+        model_dir=str(folder),
+    )  # fmt: skip
+
+
+def export_dir(cfg: config_lib.Config) -> str:
+    """Where `run.export_hf` writes the trained policy as an HF folder."""
+    return os.path.join(cfg.run.out_dir, "hf")

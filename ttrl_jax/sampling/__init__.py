@@ -1,0 +1,1 @@
+"""Sampling on device: the sampling head, the decode step, grouped rollouts, rounds."""
