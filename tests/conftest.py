@@ -21,16 +21,15 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_hf_model(tmp_path_factory):
     """A random tiny qwen2 checkpoint with the toy tokenizer, as an HF folder."""
-    from ttrl_jax.hf import load as weights
+    from ttrl_jax.hf import export as hf_export
     from ttrl_jax.model import decoder as model_lib
+    from ttrl_jax.model.config import ModelConfig
     from ttrl_jax.toy import tokenizer as toy_tokenizer
 
-    cfg = model_lib.ModelConfig.tiny(
-        "qwen2", vocab_size=128, eos_token_id=127, max_position_embeddings=512
-    )
+    cfg = ModelConfig.tiny("qwen2", vocab_size=128, eos_token_id=127, max_position_embeddings=512)
     folder = tmp_path_factory.mktemp("tiny_model") / "hf"
     params = model_lib.init_params(cfg, jax.random.key(0))
-    weights.save_hf(params, cfg, folder, toy_tokenizer.build_tokenizer())
+    hf_export.save_hf(params, cfg, folder, toy_tokenizer.build_tokenizer())
     return str(folder)
 
 

@@ -9,6 +9,7 @@ import pytest
 from ttrl_jax import sharding
 from ttrl_jax.model import attention
 from ttrl_jax.model import decoder as model
+from ttrl_jax.model.config import ModelConfig
 
 TOL = dict(atol=2e-5, rtol=0)
 
@@ -148,7 +149,7 @@ def test_choose_on_cpu():
     with pytest.raises(ValueError, match=r"unknown attention 'flash'; choose one of"):
         attention.choose("flash", 4, 4, 0, chunk=4)
     with pytest.raises(ValueError, match=r"unknown attention 'flash'"):
-        model.ModelConfig.tiny(attention="flash")
+        ModelConfig.tiny(attention="flash")
 
 
 def test_choose_for_a_tpu_mesh(v5e_devices):
@@ -196,7 +197,7 @@ def test_pallas_compiles_for_v5e(v5e_devices):
 @pytest.mark.parametrize("impl", ["chunked", "pallas"])
 def test_model_forward_and_cached_decoding_by_attention(impl):
     """model.forward with each attention equals plain: full forward, prefill and decode."""
-    plain = model.ModelConfig.tiny("qwen3", num_heads=4, num_kv_heads=2)
+    plain = ModelConfig.tiny("qwen3", num_heads=4, num_kv_heads=2)
     cfg = plain.replace(attention=impl, attention_chunk=4)
     params = model.init_params(plain, jax.random.key(0))
     T = 11

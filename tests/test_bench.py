@@ -15,10 +15,10 @@ import pytest
 from ttrl_jax import bench
 from ttrl_jax.bench import forward, machine, models, profile, torch_peer
 from ttrl_jax.bench import train as bench_train
-from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.model import config as model_config
 from ttrl_jax.rl import grpo
 
-TINY = model_lib.preset("HuggingFaceTB/SmolLM2-135M", num_layers=1, vocab_size=64)
+TINY = model_config.preset("HuggingFaceTB/SmolLM2-135M", num_layers=1, vocab_size=64)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

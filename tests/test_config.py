@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from ttrl_jax.config import load as config_lib
-from ttrl_jax.config.load import Config, ConfigError, load_config
+from ttrl_jax.config.load import load_config
+from ttrl_jax.config.schema import TOY_MODEL, TOY_MODEL_DIR, Config, ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_FILES = sorted(CONFIGS.glob("*.yaml"))
@@ -53,7 +54,7 @@ def test_every_config_file_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
     if path.name == "toy.yaml":
-        assert cfg.model.name_or_path == config_lib.TOY_MODEL and cfg.data.name == "toy"
+        assert cfg.model.name_or_path == TOY_MODEL and cfg.data.name == "toy"
         return
     if path.name.startswith("smollm2"):  # the real model on a CPU, not a paper run
         assert cfg.model.name_or_path.endswith(".gguf") and cfg.ttrl.last_number_fallback
@@ -273,5 +274,5 @@ def test_config_to_dict_is_plain():
 
 
 def test_resolve_model_path():
-    assert config_lib.resolve_model_path("toy") == str(config_lib.TOY_MODEL_DIR)
+    assert config_lib.resolve_model_path("toy") == str(TOY_MODEL_DIR)
     assert config_lib.resolve_model_path("Qwen/Qwen2.5-Math-7B") == "Qwen/Qwen2.5-Math-7B"

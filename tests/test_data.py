@@ -518,7 +518,8 @@ def test_prompt_template_wraps_the_question(tokenizer):
 
 
 def test_prompt_template_needs_the_question_once():
-    from ttrl_jax.config.load import ConfigError, load_config
+    from ttrl_jax.config.load import load_config
+    from ttrl_jax.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match="data.prompt_template='Solve it' must hold"):
         load_config(None, ["data.prompt_template=Solve it"])

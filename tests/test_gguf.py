@@ -18,10 +18,12 @@ from transformers.models.qwen2.tokenization_qwen2 import (
     PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX,
 )
 
+from ttrl_jax import gguf as gguf_command
 from ttrl_jax.config import load as config_lib
 from ttrl_jax.hf import gguf as gguf_lib
 from ttrl_jax.hf import load as weights
 from ttrl_jax.model import decoder as model
+from ttrl_jax.model.config import ModelConfig
 from ttrl_jax.plan import search as plan
 
 _forward = jax.jit(model.forward, static_argnums=0)
@@ -225,7 +227,7 @@ def test_tensors_config_and_logits_equal_transformers_gguf_loading(written, name
     for key, x in theirs.items():
         np.testing.assert_array_equal(ours[key], x, err_msg=key)
     cfg, params = weights.load_hf(folder)
-    theirs_cfg = model.ModelConfig.from_hf(hf_model.config.to_dict())
+    theirs_cfg = ModelConfig.from_hf(hf_model.config.to_dict())
     assert theirs_cfg.norm_eps == pytest.approx(cfg.norm_eps, rel=1e-7)  # float32 in the file
     assert cfg == theirs_cfg.replace(
         norm_eps=cfg.norm_eps, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id
@@ -316,7 +318,7 @@ def test_gguf_path_loads_through_a_conversion_cache(written, tmp_path, monkeypat
 
 def test_command_line_writes_an_hf_folder(written, tmp_path, capsys):
     path, _, _, folder = written["llama_q4_1"]
-    out = gguf_lib.main([str(path), str(tmp_path / "out"), "--dtype", "bfloat16"])
+    out = gguf_command.main([str(path), str(tmp_path / "out"), "--dtype", "bfloat16"])
     assert capsys.readouterr().out.strip() == str(out)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in folder.iterdir())
     cfg, params = weights.load_hf(out)
@@ -324,7 +326,7 @@ def test_command_line_writes_an_hf_folder(written, tmp_path, capsys):
     rounded = jax.tree.map(lambda x: np.asarray(x.astype(jax.numpy.bfloat16), np.float32), ref)
     jax.tree.map(np.testing.assert_array_equal, params, rounded)
     with pytest.raises(SystemExit) as exit_info:
-        gguf_lib.main([str(path), str(out)])
+        gguf_command.main([str(path), str(out)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "exists and is not empty; pass overwrite=True" in err

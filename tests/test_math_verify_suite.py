@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from ttrl_jax.grading.clustering import cluster_answers, extract_answer
+from ttrl_jax.grading.answers import extract_answer
+from ttrl_jax.grading.clustering import cluster_answers
 
 MIN_AGREEMENT = 0.95
 # Cases set aside, by the suite configuration our grader does not take (for math-verify 0.9.0).

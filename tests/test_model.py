@@ -11,7 +11,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ttrl_jax import sharding
 from ttrl_jax.hf import load as weights
+from ttrl_jax.model import config as model_config
 from ttrl_jax.model import decoder as model
+from ttrl_jax.model.config import ModelConfig
 
 _forward = jax.jit(model.forward, static_argnums=0)
 
@@ -161,7 +163,7 @@ def test_cached_decoding_matches_full_forward(hf_case):
     ],
 )
 def test_full_size_preset_param_counts(name, count):
-    cfg = model.preset(name)
+    cfg = model_config.preset(name)
     shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
     assert model.count_params(shapes) == count
     q = shapes["params"]["layers"]["attn"]["q"]
@@ -171,7 +173,7 @@ def test_full_size_preset_param_counts(name, count):
 # ----------------------------------------------------------------------------- sharding
 
 # Every param kind: q/k/v bias and q/k norm together, untied head; heads divide 4.
-SHARD_CFG = model.ModelConfig.tiny(
+SHARD_CFG = ModelConfig.tiny(
     "qwen3",
     qkv_bias=True,
     vocab_size=256,
@@ -215,7 +217,7 @@ def shard_inputs():
 def test_sharded_forward_equals_unsharded(shard_inputs, mesh_spec, rules_name):
     params, tokens_BT, positions_BT, mask_BT, ref_BTV = shard_inputs
     mesh, rules = _mesh(mesh_spec), getattr(sharding, rules_name)
-    params = jax.device_put(params, sharding.param_shardings(SHARD_CFG, mesh, rules))
+    params = jax.device_put(params, model.param_shardings(SHARD_CFG, mesh, rules))
     batch = sharding.batch_sharding(mesh, 2, rules)
     inputs = [jax.device_put(x, batch) for x in (tokens_BT, positions_BT, mask_BT)]
     logits = lambda p, t, pos, m: model.forward(SHARD_CFG, p, t, pos, m)[0]
@@ -276,7 +278,7 @@ SAMPLE_SNAPSHOT_2x4 = {
     [("TRAIN_RULES", TRAIN_SNAPSHOT_2x4), ("SAMPLE_RULES", SAMPLE_SNAPSHOT_2x4)],
 )
 def test_param_sharding_snapshot(rules_name, expected):
-    shardings = sharding.param_shardings(SNAPSHOT_CFG, _mesh("2x4"), getattr(sharding, rules_name))
+    shardings = model.param_shardings(SNAPSHOT_CFG, _mesh("2x4"), getattr(sharding, rules_name))
     assert sharding.spec_snapshot(shardings) == expected
 
 
@@ -297,13 +299,13 @@ def test_heads_not_dividing_model_axis_error():
         match=r"params .*\['attn'\]\['o'\] with shape \(2, 6, 8, 64\): dimension 1 \(heads=6\) "
         r"does not divide over mesh axis 'model' of size 4",
     ):
-        sharding.param_shardings(cfg, _mesh("2x4"), sharding.SAMPLE_RULES)
+        model.param_shardings(cfg, _mesh("2x4"), sharding.SAMPLE_RULES)
 
 
 def test_kv_cache_follows_batch_sharding():
     mesh = _mesh("2x4")
     shapes = jax.eval_shape(lambda: model.init_cache(SHARD_CFG, batch=4, max_len=8))
-    cache_shardings = sharding.cache_shardings(shapes, mesh, sharding.SAMPLE_RULES)
+    cache_shardings = model.cache_shardings(shapes, mesh, sharding.SAMPLE_RULES)
     assert cache_shardings.k_LBSKH.spec == PartitionSpec(None, "data", None, "model", None)
     assert cache_shardings.valid_BS.spec == PartitionSpec("data", None)
     assert jnp.dtype(shapes.k_LBSKH.dtype) == jnp.float32

@@ -14,8 +14,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from ttrl_jax.data import toy_task as task
-from ttrl_jax.hf import load as weights
+from ttrl_jax.hf import export as hf_export
 from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.model.config import ModelConfig
 from ttrl_jax.toy import tokenizer as toy_tokenizer
 
 TIMING_KEYS = ("time_sample", "time_reward", "time_train", "sample_tokens_per_s")
@@ -36,7 +37,7 @@ def answering_model(tmp_path_factory):
     `\\boxed` -> `{` -> a digit -> `}` -> end of turn.
     """
     tok = toy_tokenizer.build_tokenizer()
-    cfg = model_lib.ModelConfig.tiny(
+    cfg = ModelConfig.tiny(
         "qwen2", vocab_size=toy_tokenizer.VOCAB_SIZE, eos_token_id=tok.eos_token_id,
         max_position_embeddings=512,
     )  # fmt: skip
@@ -59,7 +60,7 @@ def answering_model(tmp_path_factory):
     p["layers"]["attn"]["o"] *= 0.1
     p["layers"]["mlp"]["down"] *= 0.1
     folder = tmp_path_factory.mktemp("answering") / "hf"
-    weights.save_hf(params, cfg, folder, tok)
+    hf_export.save_hf(params, cfg, folder, tok)
     return str(folder)
 
 

@@ -10,7 +10,9 @@ import yaml
 
 from ttrl_jax import sharding
 from ttrl_jax.config import load as config_lib
-from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.config.schema import ConfigError
+from ttrl_jax.model import config as model_config
+from ttrl_jax.model.config import ModelConfig
 from ttrl_jax.plan import programs as plan_programs
 from ttrl_jax.plan import report as plan_report
 from ttrl_jax.plan import search as plan
@@ -19,9 +21,10 @@ from ttrl_jax.plan import tpu as tpu_lib
 from ttrl_jax.rl import train as train_lib
 from ttrl_jax.run import from_config as parts_lib
 from ttrl_jax.sampling import sampler as sampler_lib
+from ttrl_jax.sampling import token_draw
 
 # Heads and kv heads divide a model axis of 4; every param kind of Qwen2 (q/k/v biases).
-TINY = model_lib.ModelConfig.tiny(
+TINY = ModelConfig.tiny(
     "qwen2", vocab_size=256, num_layers=1, num_heads=8, num_kv_heads=4, eos_token_id=1
 )
 V, D, L, Q, K, H, F = 256, 32, 1, 8, 4, 8, 64
@@ -92,7 +95,7 @@ def test_slice_names_count_chips_or_tensorcores():
 
 def test_default_mesh_keeps_kv_heads_whole():
     def mesh(preset, slice_name, prompts=8):
-        mcfg = model_lib.preset(preset)
+        mcfg = model_config.preset(preset)
         return tpu_lib.default_mesh(tpu_lib.slice_spec(slice_name), mcfg.num_kv_heads, prompts)
 
     assert mesh("Qwen/Qwen2.5-Math-7B", "v5e-16") == (4, 4)  # 4 kv heads
@@ -321,7 +324,7 @@ def test_seconds_estimate_premises_hold_on_xla_tpu():
         sampler = sampler_lib.compiled_sampler(TINY, 2, r, (1,), 0, mesh)
         params = plan_programs.params_abstract(TINY, mesh, sharding.SAMPLE_RULES)
         prompt = jax.ShapeDtypeStruct((1, 16), jnp.int32, sharding=sh)
-        sp = plan_programs.replicated_like(jax.eval_shape(sampler_lib.SamplingParams.make), mesh)
+        sp = plan_programs.replicated_like(jax.eval_shape(token_draw.SamplingParams.make), mesh)
         mask = jax.ShapeDtypeStruct((1, 16), jnp.bool_, sharding=sh)
         args = (params, prompt, mask, plan_programs.abstract_key(mesh), sp)
         costs.append(sampler.lower(*args).compile().cost_analysis()["flops"])
@@ -353,7 +356,7 @@ def test_plan_errors_name_the_fix(cfg):
     with pytest.raises(ValueError, match=r"\(heads=8\) does not divide over mesh axis 'model'"):
         plan.make_plan(cfg, "v5e-16", "1x16", devices=devices(4, 4))
     # 2 prompts x 4 responses per mini-batch cannot split over 16 data shards.
-    with pytest.raises(config_lib.ConfigError, match="not divisible by the mesh's data axis"):
+    with pytest.raises(ConfigError, match="not divisible by the mesh's data axis"):
         plan.make_plan(cfg, "v5e-16", "16x1", devices=devices(4, 4))
     with pytest.raises(ValueError, match="unknown TPU slice 'v5e-12'"):
         plan.make_plan(cfg, "v5e-12")
@@ -361,11 +364,12 @@ def test_plan_errors_name_the_fix(cfg):
 
 def test_model_config_from_presets_folders_or_a_clear_error(cfg):
     base = config_lib.load_config(None, ["model.name_or_path=Qwen/Qwen2.5-Math-1.5B"])
-    assert plan.model_config(base) == model_lib.preset("Qwen/Qwen2.5-Math-1.5B")
+    assert plan.model_config(base) == model_config.preset("Qwen/Qwen2.5-Math-1.5B")
     llama = config_lib.load_config(
         None, ["model.name_or_path=meta-llama/Llama-3.1-8B-Instruct", "model.dtype=bfloat16"]
     )
-    assert plan.model_config(llama) == model_lib.preset("meta-llama/Llama-3.1-8B", dtype="bfloat16")
+    llama_8b = model_config.preset("meta-llama/Llama-3.1-8B", dtype="bfloat16")
+    assert plan.model_config(llama) == llama_8b
     assert plan.model_config(cfg) == TINY
     unknown = config_lib.load_config(None, ["model.name_or_path=someone/Unknown-7B"])
     with pytest.raises(ValueError, match="neither a local folder nor a known preset"):

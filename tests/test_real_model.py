@@ -20,7 +20,7 @@ from ttrl_jax.data import prompts
 from ttrl_jax.hf import load as weights
 from ttrl_jax.model import decoder as model
 from ttrl_jax.run import from_config as parts
-from ttrl_jax.sampling import sampler
+from ttrl_jax.sampling import sampler, token_draw
 
 pytestmark = pytest.mark.slow
 
@@ -164,7 +164,7 @@ def test_greedy_generation_matches_transformers_generate(ours, hf_gguf_model):
     tokens_PT, mask_PT = _left_pad(ids, tokenizer.pad_token_id)
     stop_ids = parts.stop_ids(cfg, (), tokenizer)
     out = sampler.sample(
-        params, cfg, tokens_PT, mask_PT, jax.random.key(0), sampler.SamplingParams.make(0.0),
+        params, cfg, tokens_PT, mask_PT, jax.random.key(0), token_draw.SamplingParams.make(0.0),
         n_samples=1, max_new_tokens=R, stop_ids=stop_ids, pad_id=tokenizer.pad_token_id,
     )  # fmt: skip
     tokens_PR, length_P = np.asarray(out.tokens_PNR[:, 0]), np.asarray(out.length_PN[:, 0])

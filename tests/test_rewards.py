@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ttrl_jax.grading import clustering as rewards
+from ttrl_jax.grading import answers, clustering
 from ttrl_jax.grading.clustering import (
     answer_ids,
     canonical_answer,
@@ -167,7 +167,7 @@ def test_canonical_answer(answer, expected):
 def test_canonical_answer_rejects_missing_and_overlong():
     assert canonical_answer(None) is None
     assert canonical_answer("  ") is None
-    assert canonical_answer("1" * (rewards.MAX_ANSWER_CHARS + 1)) is None
+    assert canonical_answer("1" * (answers.MAX_ANSWER_CHARS + 1)) is None
 
 
 # --- clustering --------------------------------------------------------------------------------
@@ -461,7 +461,7 @@ def test_distinct_integers_need_no_sympy(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("math-verify was called for distinct integers")
 
-    monkeypatch.setattr(rewards.verifier, "cluster", fail)
+    monkeypatch.setattr(clustering.verifier, "cluster", fail)
     assert cluster_answers(["25", "025", "7", "-3", None, "x = 7"], gold="007") == (
         [0, 0, 1, 2, -1, 1],
         1,

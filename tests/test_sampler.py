@@ -18,9 +18,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 from scipy import stats
 
 from ttrl_jax import sharding
+from ttrl_jax.model import config as model_config
 from ttrl_jax.model import decoder as model
+from ttrl_jax.model.config import ModelConfig
 from ttrl_jax.run import rollout
-from ttrl_jax.sampling import decode, rounds, sampler
+from ttrl_jax.sampling import decode, rounds, sampler, token_draw
 from ttrl_jax.toy import tokenizer as toy_tokenizer
 
 P, T, N, R = 4, 8, 2, 7
@@ -28,13 +30,13 @@ PAD = 0
 LENGTHS = (8, 5, 1, 3)  # left-padded prompts of different lengths, one of a single token
 
 # q/k/v bias, Qwen3 q/k norm, tied embeddings, GQA (4 query heads over 2 kv heads).
-QWEN3_CFG = model.ModelConfig.tiny("qwen3", qkv_bias=True, tie_embeddings=True)
+QWEN3_CFG = ModelConfig.tiny("qwen3", qkv_bias=True, tie_embeddings=True)
 # The sharded test's model: untied head, Llama-3 rope scaling bending the frequencies at these
 # positions, K=2 kv heads that do not divide a model axis of 4 (replicated).
-LLAMA_CFG = model.ModelConfig.tiny(
+LLAMA_CFG = ModelConfig.tiny(
     "llama",
     qkv_bias=True,
-    rope_scaling=model.RopeScaling(8.0, 1.0, 4.0, original_max_position_embeddings=4),
+    rope_scaling=model_config.RopeScaling(8.0, 1.0, 4.0, original_max_position_embeddings=4),
 )
 
 _forward = jax.jit(model.forward, static_argnums=0)
@@ -107,7 +109,7 @@ def _after_stop(tokens_BR, stop_ids):
 class Case:
     """One model with its prompts, full-forward greedy reference and stop ids."""
 
-    cfg: model.ModelConfig
+    cfg: ModelConfig
     params: dict
     tokens: np.ndarray
     mask: np.ndarray
@@ -123,7 +125,7 @@ class Case:
         return sampler.sample(
             self.params if params is None else params, self.cfg,
             self.tokens if tokens is None else tokens, self.mask, jax.random.key(key),
-            sampler.SamplingParams.make(**sampling_kw), n_samples=N, max_new_tokens=length,
+            token_draw.SamplingParams.make(**sampling_kw), n_samples=N, max_new_tokens=length,
             stop_ids=self.stop_ids if stop_ids is None else stop_ids, pad_id=PAD, mesh=mesh,
             prompt_chunk=prompt_chunk, kv_block=kv_block,
         )  # fmt: skip
@@ -244,7 +246,7 @@ def test_keys_reproduce_and_rows_draw_separately(qwen3):
 def _sample_rows(case, tokens, mask, n, **kw):
     return sampler.sample(
         case.params, case.cfg, tokens, mask, jax.random.key(3),
-        sampler.SamplingParams.make(temperature=1.0), n_samples=n, max_new_tokens=R,
+        token_draw.SamplingParams.make(temperature=1.0), n_samples=n, max_new_tokens=R,
         stop_ids=case.stop_ids, pad_id=PAD, **kw,
     )  # fmt: skip
 
@@ -290,7 +292,7 @@ def test_first_tokens_follow_the_model_across_streams(qwen3):
     tokens, mask = np.repeat(qwen3.tokens[1:2], 2, 0), np.repeat(qwen3.mask[1:2], 2, 0)
     out = sampler.sample(
         qwen3.params, qwen3.cfg, tokens, mask, jax.random.key(4),
-        sampler.SamplingParams.make(temperature=1.0), n_samples=n, max_new_tokens=1,
+        token_draw.SamplingParams.make(temperature=1.0), n_samples=n, max_new_tokens=1,
         stop_ids=(), pad_id=PAD,
     )  # fmt: skip
     first_PN = np.asarray(out.tokens_PNR)[..., 0]
@@ -307,7 +309,7 @@ def _on_2x4_mesh(case: Case):
     """A 2x4 mesh, the case's params in the sample layout and its prompts split over data."""
     mesh = sharding.make_mesh("2x4", jax.devices()[:8])
     params = jax.device_put(
-        case.params, sharding.param_shardings(case.cfg, mesh, sharding.SAMPLE_RULES)
+        case.params, model.param_shardings(case.cfg, mesh, sharding.SAMPLE_RULES)
     )
     rows = sharding.batch_sharding(mesh, 2)
     placed = dataclasses.replace(
@@ -334,7 +336,7 @@ def test_sharded_greedy_equals_full_forward(llama):
 def _round(case, prefilled, groups, samples, live=None, mesh=None, params=None, **kw):
     return rounds.sample_groups(
         case.params if params is None else params, case.cfg, prefilled, jax.random.key(3),
-        sampler.SamplingParams.make(temperature=1.0), np.asarray(groups), np.asarray(samples),
+        token_draw.SamplingParams.make(temperature=1.0), np.asarray(groups), np.asarray(samples),
         None if live is None else np.asarray(live, bool), max_new_tokens=R,
         stop_ids=case.stop_ids, pad_id=PAD, mesh=mesh, **kw,
     )  # fmt: skip
@@ -370,7 +372,7 @@ def test_rounds_give_the_responses_of_one_call(qwen3):
     # third token) ends as soon as they do.
     only_0 = ([0, 2], [[0, 1, 2], [0, 1, 2]], [[1, 1, 1], [0, 0, 0]])
     greedy = rounds.sample_groups(
-        qwen3.params, qwen3.cfg, prefilled, jax.random.key(0), sampler.SamplingParams.make(0.0),
+        qwen3.params, qwen3.cfg, prefilled, jax.random.key(0), token_draw.SamplingParams.make(0.0),
         *(np.asarray(x) for x in only_0[:2]), np.asarray(only_0[2], bool), max_new_tokens=R,
         stop_ids=qwen3.stop_ids, pad_id=PAD,
     )  # fmt: skip
@@ -431,7 +433,7 @@ def test_prompt_chunks_give_the_same_rollouts(qwen3):
         qwen3.cfg, toy_tokenizer.build_tokenizer(), qwen3.stop_ids, PAD, (T,), prompt_chunk=2
     )
     prompt_ids = [list(t[m]) for t, m in zip(qwen3.tokens, qwen3.mask)]
-    sampling = sampler.SamplingParams.make(temperature=1.0)
+    sampling = token_draw.SamplingParams.make(temperature=1.0)
     gen = generator(qwen3.params, prompt_ids, jax.random.key(5), sampling, N, R)
     _assert_same_rows(_rows(gen.rollout), _rows(whole))
 
@@ -480,7 +482,7 @@ def test_caches_are_in_the_compute_dtype_and_sized_to_the_prompt_and_response():
     prompts = jax.ShapeDtypeStruct((P, T), jnp.int32)
     jaxpr = jax.make_jaxpr(fn)(
         params, prompts, prompts.update(dtype=bool), jax.random.key(0),
-        sampler.SamplingParams.make(),
+        token_draw.SamplingParams.make(),
     )  # fmt: skip
     K, H, S, rows = cfg.num_kv_heads, cfg.head_dim, R - 1, 2 * N
     assert _decode_loop_buffers(jaxpr) == {
@@ -493,14 +495,14 @@ def test_caches_are_in_the_compute_dtype_and_sized_to_the_prompt_and_response():
 
 # ----------------------------------------------------------------------------- sample_token
 
-_sample_token = jax.jit(sampler.sample_token)
+_sample_token = jax.jit(token_draw.sample_token)
 DRAWS = 20_000
 
 
 def _draw(logits_V, seed=0, draws=DRAWS, **kw):
     logits_BV = jnp.broadcast_to(jnp.asarray(logits_V, jnp.float32), (draws, len(logits_V)))
     tok, logp, ent = _sample_token(
-        logits_BV, jax.random.key(seed), sampler.SamplingParams.make(**kw)
+        logits_BV, jax.random.key(seed), token_draw.SamplingParams.make(**kw)
     )
     return np.asarray(tok), np.asarray(logp), np.asarray(ent)
 
@@ -610,7 +612,7 @@ def test_sampling_params_validation():
         (dict(min_p=1.5), "min_p"),
     ]:
         with pytest.raises(ValueError, match=msg):
-            sampler.SamplingParams.make(**kw)
+            token_draw.SamplingParams.make(**kw)
 
 
 def test_sample_rejects_index_arrays_of_the_wrong_shape(qwen3):
@@ -634,16 +636,14 @@ def test_sampler_compiles_for_tpu_v5e_2x2(v5e_devices):
     cfg = LLAMA_CFG.replace(dtype="bfloat16", head_dim=128)
     shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
     to_mesh = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-    params = jax.tree.map(
-        to_mesh, shapes, sharding.param_shardings(cfg, mesh, sharding.SAMPLE_RULES)
-    )
+    params = jax.tree.map(to_mesh, shapes, model.param_shardings(cfg, mesh, sharding.SAMPLE_RULES))
     rows, rep = sharding.batch_sharding(mesh, 2), sharding.replicated(mesh)
     args = (
         params,
         jax.ShapeDtypeStruct((P, T), jnp.int32, sharding=rows),
         jax.ShapeDtypeStruct((P, T), jnp.bool_, sharding=rows),
         jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep),
-        jax.tree.map(lambda x: to_mesh(x, rep), jax.eval_shape(sampler.SamplingParams.make)),
+        jax.tree.map(lambda x: to_mesh(x, rep), jax.eval_shape(token_draw.SamplingParams.make)),
     )
     n, length = 16, 1024
     peak = {}

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from ttrl_jax.config.load import TOY_MODEL_DIR
+from ttrl_jax.config.schema import TOY_MODEL_DIR
 from ttrl_jax.data import benchmarks as data_lib
 from ttrl_jax.data import prompts as prompts_lib
 from ttrl_jax.data import toy_task as task
 from ttrl_jax.hf import load as weights
 from ttrl_jax.run import rollout as rollout_lib
 from ttrl_jax.sampling import sampler as sampler_lib
+from ttrl_jax.sampling import token_draw
 from ttrl_jax.toy import pretrain
 from ttrl_jax.toy import tokenizer as toy_tokenizer
 
@@ -30,7 +31,7 @@ def _greedy_texts(cfg, params, tokenizer, questions, max_new_tokens=96):
     generator = rollout_lib.Generator(
         cfg, tokenizer, (tokenizer.eos_token_id,), tokenizer.pad_token_id, (128,)
     )
-    greedy = sampler_lib.SamplingParams.make(temperature=0.0)
+    greedy = token_draw.SamplingParams.make(temperature=0.0)
     gen = generator(params, prompt_ids, jax.random.key(0), greedy, 1, max_new_tokens)
     return [texts[0] for texts in gen.texts_PN], gen
 

@@ -9,10 +9,11 @@ import pytest
 
 from ttrl_jax import sharding as sharding_lib
 from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.model.config import ModelConfig
 from ttrl_jax.rl import train
 
 # bfloat16 compute over float32 master params, as on TPU; heads and kv heads split over model=2.
-CFG = model_lib.ModelConfig.tiny("qwen2", num_heads=4, num_kv_heads=2, dtype="bfloat16")
+CFG = ModelConfig.tiny("qwen2", num_heads=4, num_kv_heads=2, dtype="bfloat16")
 P, N, T, R = 4, 4, 16, 8
 
 
@@ -45,7 +46,7 @@ def compile_train_step(mesh, cfg=CFG, T=T, R=R):
     step_cfg = train.StepConfig(n_train=2, mini_batch_prompts=2, micro_batch_rows=2)
     tx, lr_fn = train.make_optimizer(1e-3, total_updates=10)
     state_sh = train.state_shardings(cfg, tx, mesh)
-    param_sh = sharding_lib.param_shardings(cfg, mesh, sharding_lib.TRAIN_RULES)
+    param_sh = model_lib.param_shardings(cfg, mesh, sharding_lib.TRAIN_RULES)
     step = train.build_train_step(cfg, step_cfg, tx, lr_fn, mesh, state_sh, param_sh)
 
     params = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
@@ -97,7 +98,7 @@ def test_prefill_compiles_for_v5e(mesh):
     rules = sharding_lib.SAMPLE_RULES
     params = jax.eval_shape(lambda: model_lib.init_params(CFG, jax.random.key(0)))
     cache = jax.eval_shape(lambda: model_lib.init_cache(CFG, batch=P, max_len=T))
-    cache_sh = sharding_lib.cache_shardings(cache, mesh, rules)
+    cache_sh = model_lib.cache_shardings(cache, mesh, rules)
     rows = sharding_lib.batch_sharding(mesh, 2, rules)
     tokens = jax.ShapeDtypeStruct((P, T), jnp.int32, sharding=rows)
     mask = jax.ShapeDtypeStruct((P, T), bool, sharding=rows)
@@ -109,7 +110,7 @@ def test_prefill_compiles_for_v5e(mesh):
     fn = jax.jit(sharding_lib.with_rules(prefill, mesh, rules), out_shardings=(None, cache_sh))
     compiled = compile_for_tpu(
         fn,
-        abstract(params, sharding_lib.param_shardings(CFG, mesh, rules)),
+        abstract(params, model_lib.param_shardings(CFG, mesh, rules)),
         tokens,
         mask,
         abstract(cache, cache_sh),

@@ -11,10 +11,12 @@ import optax
 import pytest
 
 from ttrl_jax import sharding as sharding_lib
+from ttrl_jax.model import config as model_config
 from ttrl_jax.model import decoder as model_lib
-from ttrl_jax.rl import grpo, train
+from ttrl_jax.model.config import ModelConfig
+from ttrl_jax.rl import grpo, logprobs, train
 
-CFG = model_lib.ModelConfig.tiny("qwen2", num_heads=8, num_kv_heads=4)
+CFG = ModelConfig.tiny("qwen2", num_heads=8, num_kv_heads=4)
 P, N, T, R = 4, 6, 5, 4
 
 
@@ -92,11 +94,11 @@ def test_response_logp_matches_full_forward(params):
     batch = make_batch()
     p, pm = batch.prompt_PT, batch.prompt_mask_PT
     r, rm = batch.response_PNR[:, 0], batch.response_mask_PNR[:, 0]
-    out = train.response_logp(
+    out = logprobs.response_logp(
         CFG, params, p, pm, r, rm, jnp.float32(0.7), with_entropy=True,
         with_self_certainty=True, with_features=True, logit_chunk=3,
     )  # fmt: skip
-    tokens, mask, pos = train.sequence_inputs(p, pm, r, rm)
+    tokens, mask, pos = logprobs.sequence_inputs(p, pm, r, rm)
     logits = model_lib.forward(CFG, params, tokens, pos, mask)[0][:, T - 1 : T + R - 1]
     logp_all = jax.nn.log_softmax(logits / 0.7)
     chex.assert_trees_all_close(
@@ -121,11 +123,11 @@ def test_response_logp_gradient_matches_full_forward(tie):
     w_PR = jnp.asarray(np.random.default_rng(0).normal(size=r.shape), jnp.float32)
 
     def ours(params):
-        logp = train.response_logp(cfg, params, p, pm, r, rm, jnp.float32(0.7), logit_chunk=3)
+        logp = logprobs.response_logp(cfg, params, p, pm, r, rm, jnp.float32(0.7), logit_chunk=3)
         return (logp["logp_BR"] * w_PR).sum()
 
     def reference(params):
-        tokens, mask, pos = train.sequence_inputs(p, pm, r, rm)
+        tokens, mask, pos = logprobs.sequence_inputs(p, pm, r, rm)
         logits = model_lib.forward(cfg, params, tokens, pos, mask)[0][:, T - 1 : T + R - 1]
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits / 0.7), r[..., None], -1)[..., 0]
         return (logp * w_PR).sum()
@@ -228,7 +230,7 @@ def test_sharded_step_equals_unsharded(params):
     )
     mesh = sharding_lib.make_mesh("2x4", jax.devices()[:8])
     state_sh = train.state_shardings(CFG, tx, mesh)
-    param_sh = sharding_lib.param_shardings(CFG, mesh, sharding_lib.TRAIN_RULES)
+    param_sh = model_lib.param_shardings(CFG, mesh, sharding_lib.TRAIN_RULES)
     sharded_step = train.build_train_step(CFG, step_cfg, tx, lr_fn, mesh, state_sh, param_sh)
     state = jax.device_put(train.init_state(params_copy(params), tx), state_sh)
     new_state, metrics = sharded_step(state, jax.device_put(params, param_sh), batch, key, hyper)
@@ -242,13 +244,13 @@ def _logp_loss(cfg):
     batch = make_batch()
     args = (batch.prompt_PT, batch.prompt_mask_PT, batch.response_PNR[:, 0],
             batch.response_mask_PNR[:, 0], jnp.float32(1.0))  # fmt: skip
-    return lambda p: train.response_logp(cfg, p, *args)["logp_BR"].sum()
+    return lambda p: logprobs.response_logp(cfg, p, *args)["logp_BR"].sum()
 
 
 @pytest.mark.parametrize(
     "remat,attention",
     [(True, "plain")]
-    + [(name, "plain") for name in model_lib.REMAT_POLICIES]
+    + [(name, "plain") for name in model_config.REMAT_POLICIES]
     # The chunked VJP's saved outputs must be the ones its backward pass reads.
     + [("attention", "chunked"), ("dots_no_batch+attention", "chunked")],
 )
@@ -276,7 +278,7 @@ def test_remat_policies_keep_what_they_name(params):
         _, vjp_fn = jax.vjp(_logp_loss(CFG.replace(attention="plain", remat=remat)), params)
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(vjp_fn))
 
-    kept = {name: residual_bytes(name) for name in ("none", *model_lib.REMAT_POLICIES)}
+    kept = {name: residual_bytes(name) for name in ("none", *model_config.REMAT_POLICIES)}
     assert residual_bytes(True) == kept["block"]
     assert kept["block"] < kept["dots_no_batch"] < kept["dots"] < kept["none"]
     # "attention" keeps exactly each layer's attention output [B, T+R, Q, H] in float32.

@@ -11,10 +11,11 @@ from ttrl_jax.bench import torch_peer
 from ttrl_jax.bench import train as bench_train
 from ttrl_jax.hf import load as weights
 from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.model.config import ModelConfig
 from ttrl_jax.rl import train
 from ttrl_jax.run import from_config as parts
 
-CFG = model_lib.ModelConfig.tiny("qwen2", num_heads=4, num_kv_heads=2, tie_embeddings=True)
+CFG = ModelConfig.tiny("qwen2", num_heads=4, num_kv_heads=2, tie_embeddings=True)
 SIZE = bench_train.TrainSize(prompts=2, responses=4, prompt_len=5, response_len=6)
 
 

@@ -16,19 +16,21 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from ttrl_jax import sharding
+from ttrl_jax.hf import export as hf_export
+from ttrl_jax.hf import layout as hf_layout
 from ttrl_jax.hf import load as weights
+from ttrl_jax.model import config as model_config
 from ttrl_jax.model import decoder as model
+from ttrl_jax.model.config import ModelConfig
 
 _forward = jax.jit(model.forward, static_argnums=0)
 
 CFGS = {
-    "qwen2_tied": model.ModelConfig.tiny(
-        "qwen2", tie_embeddings=True, bos_token_id=1, eos_token_id=2
-    ),
-    "llama_rope_scaling": model.ModelConfig.tiny(
+    "qwen2_tied": ModelConfig.tiny("qwen2", tie_embeddings=True, bos_token_id=1, eos_token_id=2),
+    "llama_rope_scaling": ModelConfig.tiny(
         "llama",
         rope_theta=10000.0,
-        rope_scaling=model.RopeScaling(
+        rope_scaling=model_config.RopeScaling(
             factor=8.0,
             low_freq_factor=1.0,
             high_freq_factor=4.0,
@@ -36,7 +38,7 @@ CFGS = {
         ),
         eos_token_id=(2, 3),
     ),
-    "qwen3": model.ModelConfig.tiny("qwen3", num_heads=4, num_kv_heads=2, head_dim=16),
+    "qwen3": ModelConfig.tiny("qwen3", num_heads=4, num_kv_heads=2, head_dim=16),
 }
 
 
@@ -90,7 +92,7 @@ def exported(tmp_path_factory):
     out = {}
     for i, (name, cfg) in enumerate(CFGS.items()):
         params = _random_params(cfg, seed=i)
-        out[name] = (cfg, params, weights.save_hf(params, cfg, tmp_path_factory.mktemp(name)))
+        out[name] = (cfg, params, hf_export.save_hf(params, cfg, tmp_path_factory.mktemp(name)))
     return out
 
 
@@ -149,7 +151,7 @@ def test_hf_checkpoint_load_export_load_is_bit_exact(tmp_path):
             p.normal_()
     hf_model.save_pretrained(tmp_path / "hf")
     cfg, params = weights.load_hf(tmp_path / "hf")
-    weights.save_hf(params, cfg, tmp_path / "ours")
+    hf_export.save_hf(params, cfg, tmp_path / "ours")
     cfg2, params2 = weights.load_hf(tmp_path / "ours")
     assert cfg2 == cfg
     _assert_trees_equal(params2, params)
@@ -163,7 +165,7 @@ def test_hf_checkpoint_load_export_load_is_bit_exact(tmp_path):
 def test_sharded_index_export_loads_in_transformers_and_ours(exported, tmp_path):
     cfg, params, _ = exported["qwen3"]
     max_bytes = 20_000
-    folder = weights.save_hf(params, cfg, tmp_path / "sharded", max_shard_bytes=max_bytes)
+    folder = hf_export.save_hf(params, cfg, tmp_path / "sharded", max_shard_bytes=max_bytes)
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     shards = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors")
     assert len(shards) > 3
@@ -185,7 +187,7 @@ def test_sharded_index_export_loads_in_transformers_and_ours(exported, tmp_path)
 
 def test_bfloat16_export_and_load(exported, tmp_path):
     cfg, params, _ = exported["qwen2_tied"]
-    folder = weights.save_hf(params, cfg, tmp_path / "bf16", dtype="bfloat16")
+    folder = hf_export.save_hf(params, cfg, tmp_path / "bf16", dtype="bfloat16")
     assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "bfloat16"
     with safe_open(folder / "model.safetensors", framework="numpy") as f:
         names = f.keys()
@@ -205,7 +207,7 @@ def test_load_onto_mesh_gives_expected_shardings(exported, rules_name, tmp_path)
     mesh = sharding.make_mesh("2x4", jax.devices()[:8])
     rules = getattr(sharding, rules_name)
     cfg2, placed = weights.load_hf(folder, mesh=mesh, rules=rules)
-    expected = sharding.param_shardings(cfg2, mesh, rules)
+    expected = model.param_shardings(cfg2, mesh, rules)
     for path, leaf in jax.tree.flatten_with_path(placed)[0]:
         want = expected
         for key in path:
@@ -215,7 +217,7 @@ def test_load_onto_mesh_gives_expected_shardings(exported, rules_name, tmp_path)
     assert lm_head.sharding.spec[1] == "model" and len(lm_head.addressable_shards) == 8
     _assert_trees_equal(placed, params)
     # Saving gathers the sharded params back into the same files.
-    out = weights.save_hf(placed, cfg2, tmp_path / "from_mesh")
+    out = hf_export.save_hf(placed, cfg2, tmp_path / "from_mesh")
     original = load_file(folder / "model.safetensors")
     written = load_file(out / "model.safetensors")
     assert sorted(written) == sorted(original)
@@ -288,9 +290,9 @@ def test_rotary_inv_freq_buffers_are_ignored(tied_copy):
 def test_tokenizer_saved_with_model_and_reloaded(exported, tmp_path):
     cfg, params, _ = exported["qwen3"]
     tokenizer = _word_tokenizer(cfg.vocab_size - 8)  # smaller than the vocab is fine (Qwen pads)
-    folder = weights.save_hf(params, cfg, tmp_path / "with_tok", tokenizer=tokenizer)
+    folder = hf_export.save_hf(params, cfg, tmp_path / "with_tok", tokenizer=tokenizer)
     reloaded = weights.load_tokenizer(folder)
-    weights.check_tokenizer(reloaded, cfg)
+    hf_layout.check_tokenizer(reloaded, cfg)
     assert len(reloaded) == len(tokenizer)
     assert reloaded("w1 w7 w3")["input_ids"] == tokenizer("w1 w7 w3")["input_ids"] == [1, 7, 3]
 
@@ -300,9 +302,9 @@ def test_tokenizer_larger_than_vocab_is_an_error(exported, tmp_path):
     tokenizer = _word_tokenizer(300)
     message = r"tokenizer has 300 tokens but the model's vocab_size is 128"
     with pytest.raises(ValueError, match=message):
-        weights.check_tokenizer(tokenizer, cfg)
+        hf_layout.check_tokenizer(tokenizer, cfg)
     with pytest.raises(ValueError, match=r"tokenizer has 300 tokens"):
-        weights.save_hf(params, cfg, tmp_path / "bad", tokenizer=tokenizer)
+        hf_export.save_hf(params, cfg, tmp_path / "bad", tokenizer=tokenizer)
     assert not (tmp_path / "bad").exists()
 
 
@@ -393,7 +395,7 @@ def test_no_weights_at_all(good_copy):
 
 def test_index_naming_a_missing_shard(exported, tmp_path):
     cfg, params, _ = exported["qwen3"]
-    folder = weights.save_hf(params, cfg, tmp_path / "sharded", max_shard_bytes=20_000)
+    folder = hf_export.save_hf(params, cfg, tmp_path / "sharded", max_shard_bytes=20_000)
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     second = sorted(set(index["weight_map"].values()))[1]
     (folder / second).unlink()
@@ -404,13 +406,13 @@ def test_index_naming_a_missing_shard(exported, tmp_path):
 def test_save_refuses_nonempty_folder_and_bad_dtype(exported, tmp_path):
     cfg, params, folder = exported["qwen3"]
     with pytest.raises(FileExistsError, match=r"exists and is not empty; pass overwrite=True"):
-        weights.save_hf(params, cfg, folder)
+        hf_export.save_hf(params, cfg, folder)
     with pytest.raises(ValueError, match=r"save dtype 'int8' is not one of"):
-        weights.save_hf(params, cfg, tmp_path / "x", dtype="int8")
+        hf_export.save_hf(params, cfg, tmp_path / "x", dtype="int8")
     wrong = cfg.replace(num_layers=3)
     message = r"param layers/attn/q has shape \(2, 32, 4, 16\), the config implies \(3, 32, 4, 16\)"
     with pytest.raises(ValueError, match=message):
-        weights.save_hf(params, wrong, tmp_path / "y")
+        hf_export.save_hf(params, wrong, tmp_path / "y")
 
 
 def test_save_overwrite_replaces_folder(exported, tmp_path):
@@ -418,7 +420,7 @@ def test_save_overwrite_replaces_folder(exported, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    weights.save_hf(params, cfg, out, overwrite=True, dtype="bfloat16")
+    hf_export.save_hf(params, cfg, out, overwrite=True, dtype="bfloat16")
     assert not (out / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     with safe_open(out / "model.safetensors", framework="numpy") as f:

@@ -24,8 +24,6 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from ttrl_jax.model import decoder as model_lib
-
 MESH_AXES = ("data", "model")
 Rules = tuple[tuple[str, str | None], ...]
 
@@ -150,19 +148,6 @@ def _axis_size(mesh: Mesh, axis: str | tuple[str, ...] | None) -> int:
     return math.prod(mesh.shape[a] for a in names)
 
 
-def param_shardings(cfg: model_lib.ModelConfig, mesh: Mesh, rules: Rules) -> Any:
-    """NamedShardings for the params of `cfg` under one rules table."""
-    shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
-    return logical_to_shardings(shapes, model_lib.param_logical_axes(cfg), mesh, rules)
-
-
-def cache_shardings(cache_shapes: Any, mesh: Mesh, rules: Rules) -> Any:
-    """NamedShardings for a KVCache (or its ShapeDtypeStructs)."""
-    return logical_to_shardings(
-        cache_shapes, model_lib.CACHE_LOGICAL_AXES, mesh, rules, what="kv cache"
-    )
-
-
 def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = SAMPLE_RULES) -> NamedSharding:
     """Leading axis over the batch (data) axis, the rest replicated."""
     return NamedSharding(mesh, mesh_axes_for(("batch",) + (None,) * (ndim - 1), rules))
@@ -215,13 +200,6 @@ def active_spec(logical: Sequence[str | None], shape: Sequence[int]) -> Partitio
     return PartitionSpec(
         *(a if dim % _axis_size(mesh, a) == 0 else None for dim, a in zip(shape, axes))
     )
-
-
-def sharded_init(cfg: model_lib.ModelConfig, mesh: Mesh, rules: Rules, key: jax.Array) -> Any:
-    """Random params created directly in their sharded layout (never whole on one device)."""
-    shardings = param_shardings(cfg, mesh, rules)
-    init = with_rules(lambda k: model_lib.init_params(cfg, k), mesh, rules)
-    return jax.jit(init, out_shardings=shardings)(key)
 
 
 def reshard(tree: Any, shardings: Any) -> Any:

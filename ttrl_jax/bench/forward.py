@@ -13,9 +13,10 @@ import numpy as np
 from ttrl_jax.bench import machine, models, profile
 from ttrl_jax.bench.machine import si
 from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.model.config import ModelConfig
 
 
-def forward_flops(cfg: model_lib.ModelConfig, batch: int, seq: int) -> dict[str, int]:
+def forward_flops(cfg: ModelConfig, batch: int, seq: int) -> dict[str, int]:
     """Matmul FLOPs of one full forward (logits at every position).
 
     Attention counts the full T×T score and value products, which both implementations compute

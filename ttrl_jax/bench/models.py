@@ -1,8 +1,8 @@
 """The model a benchmark runs: a preset's shapes with random weights, or a checkpoint's own.
 
-`--model` takes a preset (a hub id from `model.PRESETS_HF`, or its name after the slash in any
-case: `smollm2-135m`), or a local HF folder or .gguf file, whose weights are loaded. Random
-weights time the same work as trained ones; both sides always get the same weights.
+`--model` takes a preset (a hub id from `model.config.PRESETS_HF`, or its name after the slash
+in any case: `smollm2-135m`), or a local HF folder or .gguf file, whose weights are loaded.
+Random weights time the same work as trained ones; both sides always get the same weights.
 """
 
 from __future__ import annotations
@@ -15,17 +15,20 @@ from typing import Any
 
 import jax
 
+from ttrl_jax.hf import export as hf_export
 from ttrl_jax.hf import load as weights
+from ttrl_jax.model import config as model_config
 from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.model.config import ModelConfig
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M"
 
 
 def preset_name(name: str) -> str | None:
     """The preset `name` stands for (a hub id, or its part after the slash in any case)."""
-    if name in model_lib.PRESETS_HF:
+    if name in model_config.PRESETS_HF:
         return name
-    matches = [p for p in model_lib.PRESETS_HF if p.split("/")[-1].lower() == name.lower()]
+    matches = [p for p in model_config.PRESETS_HF if p.split("/")[-1].lower() == name.lower()]
     return matches[0] if len(matches) == 1 else None
 
 
@@ -44,7 +47,7 @@ def add_command(
 
 def add_model_args(p: argparse.ArgumentParser, *, default_layers: int = 0) -> None:
     """--model, --layers and --vocab, as every sub-command takes them."""
-    known = ", ".join(sorted(model_lib.PRESETS_HF))
+    known = ", ".join(sorted(model_config.PRESETS_HF))
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -60,7 +63,7 @@ def add_model_args(p: argparse.ArgumentParser, *, default_layers: int = 0) -> No
     p.add_argument("--vocab", type=int, default=0, help="vocabulary of a preset; 0 = its own")
 
 
-def load(args: argparse.Namespace, dtype: str, seed: int = 0) -> tuple[model_lib.ModelConfig, Any]:
+def load(args: argparse.Namespace, dtype: str, seed: int = 0) -> tuple[ModelConfig, Any]:
     """(config, params) of `args.model` in `dtype` (compute and storage).
 
     Raises:
@@ -74,13 +77,14 @@ def load(args: argparse.Namespace, dtype: str, seed: int = 0) -> tuple[model_lib
             overrides["num_layers"] = args.layers
         if args.vocab:
             overrides["vocab_size"] = args.vocab
-        cfg = model_lib.preset(name, **overrides)
+        cfg = model_config.preset(name, **overrides)
         init = jax.jit(model_lib.init_params, static_argnums=0)
         return cfg, init(cfg, jax.random.key(seed))
     if not Path(args.model).expanduser().exists():
         raise ValueError(
-            f"--model {args.model!r} is neither a preset ({', '.join(sorted(model_lib.PRESETS_HF))}"
-            ") nor an existing HF folder or .gguf file"
+            f"--model {args.model!r} is neither a preset "
+            f"({', '.join(sorted(model_config.PRESETS_HF))}) nor an existing HF folder or "
+            ".gguf file"
         )
     if args.layers or args.vocab:
         raise ValueError(
@@ -90,7 +94,7 @@ def load(args: argparse.Namespace, dtype: str, seed: int = 0) -> tuple[model_lib
     return cfg, params
 
 
-def describe(cfg: model_lib.ModelConfig) -> str:
+def describe(cfg: ModelConfig) -> str:
     """One line of the shapes that set the work."""
     tied = "tied" if cfg.tie_embeddings else "untied"
     return (
@@ -99,20 +103,20 @@ def describe(cfg: model_lib.ModelConfig) -> str:
     )
 
 
-def torch_model(params: Any, cfg: model_lib.ModelConfig, dtype: str, **kwargs):
+def torch_model(params: Any, cfg: ModelConfig, dtype: str, **kwargs):
     """transformers' model holding our weights, through our own HF export."""
     import torch
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = weights.save_hf(params, cfg, os.path.join(tmp, "model"), dtype=dtype)
+        folder = hf_export.save_hf(params, cfg, os.path.join(tmp, "model"), dtype=dtype)
         return transformers.AutoModelForCausalLM.from_pretrained(
             folder, dtype=getattr(torch, dtype), **kwargs
         )
 
 
-def layer_matmul_params(cfg: model_lib.ModelConfig) -> int:
+def layer_matmul_params(cfg: ModelConfig) -> int:
     """Weights one decoder layer multiplies each position by (q/k/v/o and the MLP)."""
     D, Q, K, H, F = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
     return D * (Q + 2 * K) * H + Q * H * D + 3 * D * F

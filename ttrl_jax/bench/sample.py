@@ -13,7 +13,8 @@ import numpy as np
 
 from ttrl_jax.bench import machine, models, profile
 from ttrl_jax.bench.machine import si
-from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.model.config import ModelConfig
+from ttrl_jax.sampling import sampler, token_draw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,7 @@ class SampleSize:
         return cls(p, n, t, r)
 
 
-def decode_step_cost(cfg: model_lib.ModelConfig, size: SampleSize) -> dict[str, float]:
+def decode_step_cost(cfg: ModelConfig, size: SampleSize) -> dict[str, float]:
     """Bytes and matmul FLOPs of one decode step (averaged over the R-1 steps) and of the prefill.
 
     Bytes are what any implementation must read: every weight once, plus the keys and values of
@@ -66,8 +67,6 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
     sampling settings, against the machine's roofline."""
     import torch
 
-    from ttrl_jax.sampling import sampler
-
     torch.set_num_threads(machine.cpu_cores())
     machine_ = machine.Machine.measure(args.dtype)
     print(machine_.describe(), flush=True)
@@ -75,7 +74,7 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
     torch_model = models.torch_model(params, cfg, args.dtype).eval()
     models.label_unembedding(torch_model)
     settings = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    sp = sampler.SamplingParams.make(**settings)
+    sp = token_draw.SamplingParams.make(**settings)
     print(
         f"sample: {models.describe(cfg)}, {args.dtype}; "
         + ", ".join(f"{k} {v}" for k, v in settings.items())
@@ -92,8 +91,6 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
 
 def _sample_one_size(args, cfg, params, torch_model, sp, settings, size: SampleSize) -> dict:
     import torch
-
-    from ttrl_jax.sampling import sampler, token_draw
 
     P, N, T, R = size.prompts, size.samples, size.prompt_len, size.new_tokens
     prompt_PT = np.random.default_rng(0).integers(1, cfg.vocab_size, (P, T)).astype(np.int32)

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from ttrl_jax.bench import models
-from ttrl_jax.config import load as config_lib
-from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.config.schema import Config
+from ttrl_jax.model.config import ModelConfig
 from ttrl_jax.rl import train
 
 # torch.optim.AdamW's implementations; on CPU the default is the per-tensor loop, several
@@ -43,7 +43,7 @@ class PeerOptions:
     grad_clip: float | None
 
     @classmethod
-    def from_config(cls, cfg: config_lib.Config) -> PeerOptions:
+    def from_config(cls, cfg: Config) -> PeerOptions:
         """The peer's options; raises ValueError naming a setting the peer does not implement."""
         o, t = cfg.optim, cfg.ttrl
         unsupported = {
@@ -83,7 +83,7 @@ class PeerOptions:
         )
 
 
-def torch_models(params: Any, cfg: model_lib.ModelConfig, attention: str, use_kl: bool):
+def torch_models(params: Any, cfg: ModelConfig, attention: str, use_kl: bool):
     """transformers' policy with our weights (through our own HF export) and a frozen copy as
     the reference, or None without the KL term."""
     policy = models.torch_model(params, cfg, "float32", attn_implementation=attention)

@@ -21,8 +21,9 @@ import optax
 from ttrl_jax.bench import machine, models, profile, torch_peer
 from ttrl_jax.bench.machine import si
 from ttrl_jax.config import load as config_lib
-from ttrl_jax.model import decoder as model_lib
-from ttrl_jax.rl import grpo, train
+from ttrl_jax.config.schema import Config
+from ttrl_jax.model.config import ModelConfig
+from ttrl_jax.rl import grpo, logprobs, train
 from ttrl_jax.run import from_config as parts
 
 
@@ -55,7 +56,7 @@ class TrainSize:
 BASE_OVERRIDES = ("ttrl.select=first", "optim.schedule=constant", "optim.warmup_ratio=0")
 
 
-def run_config(size: TrainSize, overrides: list[str]) -> config_lib.Config:
+def run_config(size: TrainSize, overrides: list[str]) -> Config:
     """The run config of one size: the defaults (upstream's: kl_coef 0.001, mini-batches of one
     prompt, dual-clip 3, AdamW), bench's fixed settings, the user's --set, then the size."""
     sized = [
@@ -67,7 +68,7 @@ def run_config(size: TrainSize, overrides: list[str]) -> config_lib.Config:
 
 
 def train_flops(
-    cfg: model_lib.ModelConfig,
+    cfg: ModelConfig,
     rows: int,
     prompt_len: int,
     response_len: int,
@@ -103,7 +104,7 @@ def train_flops(
 
 
 def make_rollout(
-    cfg: model_lib.ModelConfig, P: int, N: int, T: int, R: int, seed: int = 0
+    cfg: ModelConfig, P: int, N: int, T: int, R: int, seed: int = 0
 ) -> train.StepBatch:
     """A synthetic rollout batch with realistic padding and answers that split every group.
 
@@ -134,7 +135,7 @@ def with_rollout_logp(cfg, params, batch: train.StepBatch, temperature) -> train
     P, N, R = batch.response_PNR.shape
     prompt_BT = jnp.repeat(batch.prompt_PT, N, axis=0)
     pmask_BT = jnp.repeat(batch.prompt_mask_PT, N, axis=0)
-    logp_BR = train.response_logp(
+    logp_BR = logprobs.response_logp(
         cfg, params, prompt_BT, pmask_BT, batch.response_PNR.reshape(P * N, R),
         batch.response_mask_PNR.reshape(P * N, R), temperature,
     )["logp_BR"]  # fmt: skip
@@ -151,7 +152,7 @@ def our_first_minibatch(cfg, params, batch: train.StepBatch, step_cfg, rows_mini
     prompt_BT = jnp.repeat(batch.prompt_PT, M, axis=0)[:rows_mini]
     pmask_BT = jnp.repeat(batch.prompt_mask_PT, M, axis=0)[:rows_mini]
     response_BR, rmask_BR = first(batch.response_PNR), first(batch.response_mask_PNR)
-    logp_fn = lambda p: train.response_logp(
+    logp_fn = lambda p: logprobs.response_logp(
         cfg, p, prompt_BT, pmask_BT, response_BR, rmask_BR, hyper.temperature
     )["logp_BR"]
     old_BR = jax.lax.stop_gradient(logp_fn(params))

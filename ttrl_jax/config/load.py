@@ -22,27 +22,13 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from ttrl_jax.config.schema import (  # noqa: F401 - the schema is used as config.X  # noqa: F401
+from ttrl_jax.config.schema import (
     DEFAULT_CONFIG,
     TOY_MODEL,
     TOY_MODEL_DIR,
-    AnswerMode,
     Config,
     ConfigError,
-    DataSection,
-    Dtype,
-    EvalSection,
-    LastBatch,
-    MeshSection,
-    ModelSection,
-    OptimSection,
-    Reward,
-    RunSection,
-    SampleSection,
-    Schedule,
-    Select,
-    TTRLSection,
-    _Problems,
+    Problems,
 )
 
 # ----------------------------------------------------------------------------- loading
@@ -282,7 +268,7 @@ def _problems(
     cfg: Config, data_axis_size: int | None, device_count: int | None = None
 ) -> list[str]:
     """Every section's own checks, then the checks that span sections."""
-    out = _Problems()
+    out = Problems()
     size = cfg.mesh.size()
     if size is not None and device_count is not None and size != device_count:
         # Reported instead of the row divisibility checks, which assume this mesh.

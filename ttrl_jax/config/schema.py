@@ -37,7 +37,7 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key and the fix."""
 
 
-class _Problems(list):
+class Problems(list):
     """Messages of a section's failed checks."""
 
     def need(self, ok: bool, message: str) -> None:
@@ -67,7 +67,7 @@ class ModelSection:
     attention: Attention = "auto"
 
     def problems(self) -> list[str]:
-        out = _Problems()
+        out = Problems()
         out.need(
             bool(self.name_or_path), "model.name_or_path is empty; give an HF id, a folder or 'toy'"
         )
@@ -100,7 +100,7 @@ class SampleSection:
     prompt_chunk: int = 0
 
     def problems(self) -> list[str]:
-        out = _Problems()
+        out = Problems()
         out.at_least("sample.n_vote", self.n_vote, 1)
         out.need(
             1 <= self.n_train <= self.n_vote,
@@ -132,7 +132,7 @@ class SampleSection:
 
 def _sampling_problems(section: str, sec: SampleSection | EvalSection) -> list[str]:
     """Checks shared by the rollout and the evaluation sampling settings."""
-    out = _Problems()
+    out = Problems()
     out.at_least(f"{section}.temperature", sec.temperature, 0)
     out.need(0 < sec.top_p <= 1, f"{section}.top_p={sec.top_p} must be in (0, 1]")
     out.at_least(f"{section}.max_new_tokens", sec.max_new_tokens, 1)
@@ -164,7 +164,7 @@ class TTRLSection:
     vote_audit: bool = False
 
     def problems(self) -> list[str]:
-        out = _Problems()
+        out = Problems()
         out.need(0 < self.vote_error < 1, f"ttrl.vote_error={self.vote_error} must be in (0, 1)")
         out.need(
             0 <= self.min_majority_ratio <= 1,
@@ -202,7 +202,7 @@ class OptimSection:
     micro_batch_size: int | None = None  # rows per gradient-accumulation pass; None = all
 
     def problems(self) -> list[str]:
-        out = _Problems()
+        out = Problems()
         out.need(self.lr > 0, f"optim.lr={self.lr} must be > 0")
         out.need(
             0 <= self.warmup_ratio < 1, f"optim.warmup_ratio={self.warmup_ratio} must be in [0, 1)"
@@ -247,7 +247,7 @@ class MeshSection:
         return int(match[1]) * int(match[2]) if self.data_size() is not None else None
 
     def problems(self) -> list[str]:
-        out = _Problems()
+        out = Problems()
         out.need(
             self.shape == "auto" or self.data_size() is not None,
             f"mesh.shape={self.shape!r} must be 'auto' or DxM with D, M >= 1, e.g. 2x4",
@@ -278,7 +278,7 @@ class DataSection:
     last_batch: LastBatch = "drop"
 
     def problems(self) -> list[str]:
-        out = _Problems()
+        out = Problems()
         if self.path is None:
             out.need(
                 self.name in data_lib.BENCHMARK_NAMES,
@@ -311,7 +311,7 @@ class EvalSection:
     benchmarks: tuple[str, ...] = ()  # extra benchmark names or paths evaluated alongside
 
     def problems(self) -> list[str]:
-        out = _Problems()
+        out = Problems()
         out += _sampling_problems("eval", self)
         out.at_least("eval.every_steps", self.every_steps, 0, " (0 = off)")
         out.at_least("eval.k", self.k, 1)
@@ -364,7 +364,7 @@ class RunSection:
     baseline: bool = True
 
     def problems(self) -> list[str]:
-        out = _Problems()
+        out = Problems()
         out.need(bool(self.out_dir), "run.out_dir is empty")
         out.at_least("run.seed", self.seed, 0)
         out.need(

@@ -37,6 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from ttrl_jax.data import toy_task as task
+from ttrl_jax.data import word_problems
+
 logger = logging.getLogger(__name__)
 
 Item = dict[str, Any]
@@ -344,13 +347,9 @@ def hub_rows_to_items(name: str, rows: Sequence[Mapping[str, Any]]) -> list[Item
 
 
 def _load_word_problems(name: str) -> list[Item]:
-    from ttrl_jax.data import word_problems
-
     return _records_to_items(getattr(word_problems, name)(), source=name, origin=BUILT_IN[name])
 
 
 def _load_toy() -> list[Item]:
-    from ttrl_jax.data import toy_task as task
-
     records = task.test_split(seed=TOY_TEST_SEED, n=TOY_TEST_SIZE)
     return _records_to_items(records, source=TOY, origin=BUILT_IN[TOY])

@@ -22,21 +22,11 @@ import numpy as np
 from ttrl_jax.grading import verifier
 from ttrl_jax.grading.answers import (
     ANSWER_MODES,
-    MAX_ANSWER_CHARS,
     canonical_answer,
     extract_answer,
     verifier_text,
 )
 from ttrl_jax.grading.verifier import DEFAULT_TIMEOUT_S
-
-__all__ = [
-    "DEFAULT_TIMEOUT_S",
-    "MAX_ANSWER_CHARS",
-    "answer_ids",
-    "canonical_answer",
-    "cluster_answers",
-    "extract_answer",
-]
 
 _INTEGER_RE = re.compile(r"-?\d+")
 

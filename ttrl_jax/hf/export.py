@@ -27,12 +27,12 @@ from ttrl_jax.hf.layout import (
     get_path,
     tensor_specs,
 )
-from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.model.config import ModelConfig
 
 
 def save_hf(
     params: dict,
-    cfg: model_lib.ModelConfig,
+    cfg: ModelConfig,
     out_dir: str | os.PathLike,
     tokenizer: Any = None,
     *,
@@ -90,7 +90,7 @@ def save_hf(
     return out_dir
 
 
-def _leaf(params: dict, spec: TensorSpec, cfg: model_lib.ModelConfig) -> Any:
+def _leaf(params: dict, spec: TensorSpec, cfg: ModelConfig) -> Any:
     try:
         leaf = get_path(params["params"], spec.path)
     except KeyError:
@@ -107,7 +107,7 @@ def _leaf(params: dict, spec: TensorSpec, cfg: model_lib.ModelConfig) -> Any:
 
 
 def _plan_shards(
-    specs: list[TensorSpec], cfg: model_lib.ModelConfig, itemsize: int, max_shard_bytes: int
+    specs: list[TensorSpec], cfg: ModelConfig, itemsize: int, max_shard_bytes: int
 ) -> tuple[dict[str, int], int, int]:
     """Greedy packing of tensors (in save order) into shards of at most `max_shard_bytes`."""
     shard_of: dict[str, int] = {}

@@ -2,27 +2,25 @@
 
 A GGUF file holds quantised tensors in llama.cpp's layout, the architecture as metadata, and the
 tokenizer (vocabulary, merges, special tokens, chat template) as metadata too. `convert` turns one
-into an ordinary HF folder through `weights.save_hf`: every tensor dequantised to float32 by the
+into an ordinary HF folder through `hf_export.save_hf`: every tensor dequantised to float32 by the
 `gguf` library, llama.cpp's q/k row permutation undone, config.json and generation_config.json from
 the metadata, and a byte-level BPE tokenizer (tokenizer.json, chat template inside) rebuilt from
 it. A `.gguf` path given as `model.name_or_path` is converted once into a cache folder keyed by
 the file's content (`cached_folder`); from then on the whole pipeline reads a normal folder, which
 transformers loads as well.
 
-Command line: python -m ttrl_jax.gguf FILE.gguf OUT_DIR
+The command `python -m ttrl_jax.gguf FILE.gguf OUT_DIR` (ttrl_jax/gguf.py) runs `convert`.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import logging
 import os
 import shutil
-import sys
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -41,12 +39,14 @@ from tokenizers import (
     processors,
 )
 
-from ttrl_jax.hf import load as weights
-from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.hf import export as hf_export
+from ttrl_jax.hf import layout as hf_layout
+from ttrl_jax.model import config as model_config
+from ttrl_jax.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHS = model_lib.SUPPORTED_MODEL_TYPES  # llama.cpp names these as HF's model_type
+SUPPORTED_ARCHS = model_config.SUPPORTED_MODEL_TYPES  # llama.cpp names these as HF's model_type
 CACHE_ENV = "TTRL_JAX_CACHE"  # root of ttrl_jax's caches; default ~/.cache/ttrl_jax
 # Part of the cache key: bump it when the converted folder changes, so stale caches are not used.
 CONVERSION_VERSION = 1
@@ -187,9 +187,9 @@ def _published(x: float) -> float:
     return float(str(np.float32(x)))
 
 
-def model_config(path: str | os.PathLike, **overrides: Any) -> model_lib.ModelConfig:
+def model_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
     """The ModelConfig of a GGUF file, from its metadata alone (no tensor is read)."""
-    return model_lib.ModelConfig.from_hf(hf_config(GGUFFile(path)), **overrides)
+    return ModelConfig.from_hf(hf_config(GGUFFile(path)), **overrides)
 
 
 # ----------------------------------------------------------------------------- weights
@@ -215,7 +215,7 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     )
 
 
-def lazy_params(f: GGUFFile, cfg: model_lib.ModelConfig) -> dict:
+def lazy_params(f: GGUFFile, cfg: ModelConfig) -> dict:
     """{'params': ...} in ttrl_jax's layout, each leaf read from `f` when first converted."""
     arch_id = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}[f.arch]
     names = gguf.get_tensor_name_map(arch_id, cfg.num_layers)
@@ -246,7 +246,7 @@ def lazy_params(f: GGUFFile, cfg: model_lib.ModelConfig) -> dict:
         return read
 
     flat: dict[tuple[str, ...], _LazyParam] = {}
-    for spec in weights.tensor_specs(cfg):
+    for spec in hf_layout.tensor_specs(cfg):
         readers = [read_one(n, spec.hf_shape) for n in spec.hf_names(cfg.num_layers)]
         if spec.layered:
             shape = (cfg.num_layers, *spec.shape)
@@ -347,12 +347,12 @@ def convert(
     f = GGUFFile(path)
     hf = hf_config(f)
     try:
-        cfg = model_lib.ModelConfig.from_hf(hf)
+        cfg = ModelConfig.from_hf(hf)
     except ValueError as err:
         raise ValueError(f"{f.path.name}: {err}") from err
     tokenizer = build_tokenizer(f)
     params = lazy_params(f, cfg)  # checks every tensor's name and shape before writing anything
-    return weights.save_hf(params, cfg, out_dir, tokenizer, dtype=dtype, overwrite=overwrite)
+    return hf_export.save_hf(params, cfg, out_dir, tokenizer, dtype=dtype, overwrite=overwrite)
 
 
 def cache_root() -> Path:
@@ -406,24 +406,3 @@ def cached_folder(path: str | os.PathLike, cache_dir: str | os.PathLike | None =
         if partial.exists():
             shutil.rmtree(partial)
     return folder
-
-
-def main(argv: Sequence[str] | None = None) -> Path:
-    """Command line: convert a GGUF file into an HF model folder."""
-    ap = argparse.ArgumentParser(prog="python -m ttrl_jax.gguf", description=__doc__)
-    ap.add_argument("gguf_file", help="a .gguf file (llama, qwen2 or qwen3)")
-    ap.add_argument("out_dir", help="the HF folder to write")
-    ap.add_argument("--dtype", default="float32", choices=weights.SAVE_DTYPES)
-    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
-    args = ap.parse_args(argv)
-    try:
-        out = convert(args.gguf_file, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(out)
-    return out
-
-
-if __name__ == "__main__":
-    main()

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.model.config import ModelConfig
 
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -64,7 +64,7 @@ class TensorSpec:
         return np.ascontiguousarray(y.reshape(self.hf_shape))
 
 
-def tensor_specs(cfg: model_lib.ModelConfig) -> list[TensorSpec]:
+def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
     """The param ⇄ HF tensor table for `cfg`, in the order tensors are saved."""
     D, Q, K, H = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     F, V = cfg.mlp_dim, cfg.vocab_size
@@ -114,7 +114,7 @@ def set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def check_tokenizer(tokenizer: Any, cfg: model_lib.ModelConfig) -> None:
+def check_tokenizer(tokenizer: Any, cfg: ModelConfig) -> None:
     """Raises if the tokenizer can emit ids outside the model's embedding table."""
     n = len(tokenizer)
     if n > cfg.vocab_size:

@@ -24,26 +24,24 @@ import numpy as np
 from safetensors import safe_open
 
 from ttrl_jax import sharding as sharding_lib
-from ttrl_jax.hf.export import save_hf  # noqa: F401 - public here: weights.save_hf
-from ttrl_jax.hf.layout import (  # noqa: F401 - public here: weights.tensor_specs, ...
+from ttrl_jax.hf import gguf
+from ttrl_jax.hf.layout import (
     CONFIG,
     EMBED_NAME,
-    GENERATION_CONFIG,
     HARMLESS_SUFFIXES,
     HUB_PATTERNS,
     LM_HEAD_NAME,
     PICKLE_SUFFIXES,
     SAFETENSORS,
     SAFETENSORS_INDEX,
-    SAVE_DTYPES,
     TOKENIZER_FILES,
     TensorSpec,
-    check_tokenizer,
     get_path,
     set_path,
     tensor_specs,
 )
-from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.model import decoder
+from ttrl_jax.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +71,6 @@ def resolve_folder(
     if path.is_dir():
         return path
     if path.suffix == ".gguf":
-        from ttrl_jax.hf import gguf
-
         return gguf.cached_folder(path)
     if path.exists():
         raise NotADirectoryError(
@@ -112,9 +108,9 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
         return json.load(f)
 
 
-def _config_from_hf(hf: dict[str, Any], folder: Path, **overrides) -> model_lib.ModelConfig:
+def _config_from_hf(hf: dict[str, Any], folder: Path, **overrides) -> ModelConfig:
     try:
-        return model_lib.ModelConfig.from_hf(hf, **overrides)
+        return ModelConfig.from_hf(hf, **overrides)
     except KeyError as err:
         raise ValueError(f"{folder / CONFIG} lacks the field {err.args[0]!r}") from err
     except ValueError as err:
@@ -197,7 +193,7 @@ def load_hf(
     dtype: str | None = None,
     revision: str | None = None,
     **overrides: Any,
-) -> tuple[model_lib.ModelConfig, dict]:
+) -> tuple[ModelConfig, dict]:
     """Loads an HF Llama 3.x / Qwen2 / Qwen3 checkpoint (safetensors) into ttrl_jax params.
 
     Args:
@@ -232,7 +228,7 @@ def load_hf(
         shardings = None
         if mesh is not None:
             rules = sharding_lib.TRAIN_RULES if rules is None else rules
-            shardings = sharding_lib.param_shardings(cfg, mesh, rules)["params"]
+            shardings = decoder.param_shardings(cfg, mesh, rules)["params"]
         params: dict[str, Any] = {}
         for spec in specs:
             host = _read_stacked(spec, cfg, reader)
@@ -244,8 +240,8 @@ def load_hf(
 
 
 def _tie_as_transformers_does(
-    cfg: model_lib.ModelConfig, reader: _Reader, folder: Path
-) -> tuple[model_lib.ModelConfig, list[TensorSpec]]:
+    cfg: ModelConfig, reader: _Reader, folder: Path
+) -> tuple[ModelConfig, list[TensorSpec]]:
     """Resolves tie_word_embeddings against the tensors actually present, like transformers.
 
     A tied checkpoint may still hold lm_head.weight: equal to the embedding, it is ignored; if it
@@ -275,7 +271,7 @@ def _tie_as_transformers_does(
 
 
 def _check_names(
-    specs: list[TensorSpec], cfg: model_lib.ModelConfig, present: set[str], folder: Path
+    specs: list[TensorSpec], cfg: ModelConfig, present: set[str], folder: Path
 ) -> None:
     expected = {n for s in specs for n in s.hf_names(cfg.num_layers)}
     missing = sorted(expected - present)
@@ -298,7 +294,7 @@ def _check_names(
         )
 
 
-def _check_shapes(specs: list[TensorSpec], cfg: model_lib.ModelConfig, reader: _Reader) -> None:
+def _check_shapes(specs: list[TensorSpec], cfg: ModelConfig, reader: _Reader) -> None:
     for spec in specs:
         for name in spec.hf_names(cfg.num_layers):
             found = reader.shape(name)
@@ -311,7 +307,7 @@ def _check_shapes(specs: list[TensorSpec], cfg: model_lib.ModelConfig, reader: _
                 )
 
 
-def _read_stacked(spec: TensorSpec, cfg: model_lib.ModelConfig, reader: _Reader) -> np.ndarray:
+def _read_stacked(spec: TensorSpec, cfg: ModelConfig, reader: _Reader) -> np.ndarray:
     """One param on the host in its param dtype (L layers stacked on axis 0 when layered)."""
     np_dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
     if not spec.layered:

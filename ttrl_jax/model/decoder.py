@@ -15,17 +15,11 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
+from ttrl_jax import sharding
 from ttrl_jax.model import attention as attention_lib
-from ttrl_jax.model.config import ATTENTION_MASK_VALUE as _NEG_INF  # noqa: F401  (the sampler's)
-from ttrl_jax.model.config import (  # noqa: F401  (re-exported: model.ModelConfig, model.preset)
-    PRESETS_HF,
-    REMAT_POLICIES,
-    SUPPORTED_MODEL_TYPES,
-    ModelConfig,
-    RopeScaling,
-    preset,
-)
+from ttrl_jax.model.config import REMAT_POLICIES, ModelConfig, RopeScaling
 
 # ----------------------------------------------------------------------------- KV cache
 
@@ -330,7 +324,7 @@ def left_pad_positions(mask_BT: jax.Array) -> jax.Array:
 
 
 def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
-    """Unsharded random params (plain arrays); see sharding.sharded_init for the mesh version."""
+    """Unsharded random params (plain arrays); see `sharded_init` for the mesh version."""
     tokens = jnp.zeros((1, 1), jnp.int32)
     boxed = Transformer(cfg).init(key, tokens, tokens)
     return nn.meta.unbox(boxed)
@@ -341,6 +335,26 @@ def param_logical_axes(cfg: ModelConfig) -> Any:
     tokens = jnp.zeros((1, 1), jnp.int32)
     boxed = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), tokens, tokens))
     return nn.get_partition_spec(boxed)
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: sharding.Rules) -> Any:
+    """NamedShardings for the params of `cfg` under one rules table."""
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    return sharding.logical_to_shardings(shapes, param_logical_axes(cfg), mesh, rules)
+
+
+def cache_shardings(cache_shapes: Any, mesh: Mesh, rules: sharding.Rules) -> Any:
+    """NamedShardings for a KVCache (or its ShapeDtypeStructs)."""
+    return sharding.logical_to_shardings(
+        cache_shapes, CACHE_LOGICAL_AXES, mesh, rules, what="kv cache"
+    )
+
+
+def sharded_init(cfg: ModelConfig, mesh: Mesh, rules: sharding.Rules, key: jax.Array) -> Any:
+    """Random params created directly in their sharded layout (never whole on one device)."""
+    shardings = param_shardings(cfg, mesh, rules)
+    init = sharding.with_rules(lambda k: init_params(cfg, k), mesh, rules)
+    return jax.jit(init, out_shardings=shardings)(key)
 
 
 def count_params(params: Any) -> int:

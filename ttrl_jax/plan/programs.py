@@ -17,11 +17,15 @@ from jax.sharding import Mesh
 
 from ttrl_jax import sharding as sharding_lib
 from ttrl_jax.config import load as config_lib
+from ttrl_jax.config.schema import Config, ConfigError
+from ttrl_jax.hf import gguf
 from ttrl_jax.hf import load as weights
 from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.model.config import PRESETS_HF, ModelConfig, preset
 from ttrl_jax.rl import train as train_lib
 from ttrl_jax.run import from_config as parts_lib
 from ttrl_jax.sampling import sampler as sampler_lib
+from ttrl_jax.sampling import token_draw
 
 # Hub ids whose config.json matches a preset in every field that sets a tensor shape (vocab,
 # layers, widths, heads, biases, norms, tied embeddings); memory depends on nothing else.
@@ -44,7 +48,7 @@ class Shapes:
     pass_prompts: int  # prompts the sampler decodes at once (sample.prompt_chunk, or all)
 
 
-def model_config(cfg: config_lib.Config) -> model_lib.ModelConfig:
+def model_config(cfg: Config) -> ModelConfig:
     """The ModelConfig of `cfg.model` from a preset, a local folder's config.json or a GGUF
     file's metadata (no network).
 
@@ -54,17 +58,15 @@ def model_config(cfg: config_lib.Config) -> model_lib.ModelConfig:
     """
     name = config_lib.resolve_model_path(cfg.model.name_or_path)
     computes = model_settings(cfg)
-    preset = SAME_SHAPES_AS.get(name, name)
-    if preset in model_lib.PRESETS_HF:
-        return model_lib.preset(preset, **computes)
+    preset_name = SAME_SHAPES_AS.get(name, name)
+    if preset_name in PRESETS_HF:
+        return preset(preset_name, **computes)
     folder = Path(name).expanduser()
     if folder.is_dir():
-        return model_lib.ModelConfig.from_hf(weights.read_hf_config(folder), **computes)
+        return ModelConfig.from_hf(weights.read_hf_config(folder), **computes)
     if folder.suffix == ".gguf":  # its metadata alone, no conversion
-        from ttrl_jax.hf import gguf
-
         return gguf.model_config(folder, **computes)
-    known = sorted([*model_lib.PRESETS_HF, *SAME_SHAPES_AS])
+    known = sorted([*PRESETS_HF, *SAME_SHAPES_AS])
     raise ValueError(
         f"model.name_or_path={cfg.model.name_or_path!r} is neither a local folder nor a known "
         f"preset ({', '.join(known)}); plan reads no network: download its config.json "
@@ -72,25 +74,25 @@ def model_config(cfg: config_lib.Config) -> model_lib.ModelConfig:
     )
 
 
-def model_settings(cfg: config_lib.Config) -> dict[str, Any]:
+def model_settings(cfg: Config) -> dict[str, Any]:
     """The model section's keys that are ModelConfig fields too (dtypes, remat, attention...)."""
-    fields = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
     section = dataclasses.asdict(cfg.model)
     return {k: v for k, v in section.items() if k in fields}
 
 
-def prompt_length(cfg: config_lib.Config) -> int:
+def prompt_length(cfg: Config) -> int:
     """The padded length of the longest allowed prompt: the smallest bucket that holds it."""
     fitting = [b for b in cfg.sample.prompt_buckets if b >= cfg.data.max_prompt_tokens]
     if not fitting:
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"no sample.prompt_buckets entry holds data.max_prompt_tokens="
             f"{cfg.data.max_prompt_tokens}; add a bucket >= {cfg.data.max_prompt_tokens}"
         )
     return min(fitting)
 
 
-def plan_shapes(cfg: config_lib.Config) -> Shapes:
+def plan_shapes(cfg: Config) -> Shapes:
     """The batch a config's step runs on, at its largest prompt bucket."""
     return Shapes(
         prompts=cfg.data.batch_prompts,
@@ -103,7 +105,7 @@ def plan_shapes(cfg: config_lib.Config) -> Shapes:
     )
 
 
-def with_settings(cfg: config_lib.Config, settings: dict[str, Any]) -> config_lib.Config:
+def with_settings(cfg: Config, settings: dict[str, Any]) -> Config:
     """`cfg` with dotted keys replaced, e.g. {"optim.micro_batch_size": 8}."""
     for key, value in settings.items():
         section, leaf = key.split(".")
@@ -113,7 +115,7 @@ def with_settings(cfg: config_lib.Config, settings: dict[str, Any]) -> config_li
     return cfg
 
 
-def has_key(cfg: config_lib.Config, key: str) -> bool:
+def has_key(cfg: Config, key: str) -> bool:
     section, leaf = key.split(".")
     return leaf in {f.name for f in dataclasses.fields(getattr(cfg, section))}
 
@@ -158,10 +160,10 @@ def abstract_key(mesh: Mesh) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding_lib.replicated(mesh))
 
 
-def params_abstract(mcfg: model_lib.ModelConfig, mesh: Mesh, rules: sharding_lib.Rules) -> Any:
+def params_abstract(mcfg: ModelConfig, mesh: Mesh, rules: sharding_lib.Rules) -> Any:
     """The params as sharded ShapeDtypeStructs under one rules table."""
     shapes = jax.eval_shape(lambda: model_lib.init_params(mcfg, jax.random.key(0)))
-    return abstract(shapes, sharding_lib.param_shardings(mcfg, mesh, rules))
+    return abstract(shapes, model_lib.param_shardings(mcfg, mesh, rules))
 
 
 def prompts_abstract(shapes: Shapes, mesh: Mesh) -> tuple[Any, Any]:
@@ -174,13 +176,13 @@ def prompts_abstract(shapes: Shapes, mesh: Mesh) -> tuple[Any, Any]:
     )
 
 
-def n_params(mcfg: model_lib.ModelConfig) -> int:
+def n_params(mcfg: ModelConfig) -> int:
     return model_lib.count_params(
         jax.eval_shape(lambda: model_lib.init_params(mcfg, jax.random.key(0)))
     )
 
 
-def kv_cache_bytes(mcfg: model_lib.ModelConfig, shapes: Shapes, mesh: Mesh) -> int:
+def kv_cache_bytes(mcfg: ModelConfig, shapes: Shapes, mesh: Mesh) -> int:
     """Per-device bytes of the sampler's caches: the P prompts' keys and values (shared by their
     N samples) and the responses' own (R - 1 slots) of the prompts of one pass, in the compute
     dtype.
@@ -205,9 +207,7 @@ class TrainInputs:
     batch: train_lib.StepBatch
 
 
-def train_inputs(
-    cfg: config_lib.Config, mcfg: model_lib.ModelConfig, shapes: Shapes, mesh: Mesh, tx
-) -> TrainInputs:
+def train_inputs(cfg: Config, mcfg: ModelConfig, shapes: Shapes, mesh: Mesh, tx) -> TrainInputs:
     """The train step's state, reference params and rollout batch as sharded abstract values."""
     params = jax.eval_shape(lambda: model_lib.init_params(mcfg, jax.random.key(0)))
     state_shapes = jax.eval_shape(lambda p: train_lib.init_state(p, tx), params)
@@ -252,8 +252,8 @@ class Program:
 
 
 def sample_program(
-    cfg: config_lib.Config,
-    mcfg: model_lib.ModelConfig,
+    cfg: Config,
+    mcfg: ModelConfig,
     mesh: Mesh,
     max_new_tokens: int | None = None,
 ) -> Program:
@@ -289,7 +289,7 @@ def sample_program(
         None if same_layout else sample_params,
         *prompts_abstract(shapes, mesh),
         abstract_key(mesh),
-        replicated_like(jax.eval_shape(sampler_lib.SamplingParams.make), mesh),
+        replicated_like(jax.eval_shape(token_draw.SamplingParams.make), mesh),
     )
     known = {
         **resident_bytes(inputs),
@@ -299,7 +299,7 @@ def sample_program(
 
 
 def train_program(
-    cfg: config_lib.Config, mcfg: model_lib.ModelConfig, mesh: Mesh, logit_chunk: int | None = None
+    cfg: Config, mcfg: ModelConfig, mesh: Mesh, logit_chunk: int | None = None
 ) -> Program:
     """The train step with its state donated, for cfg's micro-batch.
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ttrl_jax.config import load as config_lib
+from ttrl_jax.config.schema import ConfigError
+from ttrl_jax.plan import search as plan_lib
 from ttrl_jax.plan import tpu as tpu_lib
 
 GIB = tpu_lib.GIB
@@ -192,8 +194,6 @@ def use_fake_cpu_devices(count: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> list[Any]:
     """Command line: plans configs on TPU slices and prints the reports."""
-    from ttrl_jax.plan import search as plan_lib
-
     ap = argparse.ArgumentParser(
         prog="python -m ttrl_jax.plan",
         description=plan_lib.__doc__,
@@ -225,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> list[Any]:
     for path in args.config:
         try:
             cfg = config_lib.load_config(path, args.overrides)
-        except config_lib.ConfigError as err:
+        except ConfigError as err:
             raise SystemExit(str(err)) from None
         for s in slices:
             try:

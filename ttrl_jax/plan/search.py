@@ -36,7 +36,8 @@ from jax.sharding import Mesh
 
 from ttrl_jax import sharding as sharding_lib
 from ttrl_jax.config import load as config_lib
-from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.config.schema import Config, ConfigError
+from ttrl_jax.model.config import REMAT_POLICIES, ModelConfig
 from ttrl_jax.plan import programs
 from ttrl_jax.plan import timing as plan_time
 from ttrl_jax.plan import tpu as tpu_lib
@@ -198,14 +199,14 @@ def cached(key: tuple, build: Callable[[], Memory], log, what: str) -> Memory:
 # ----------------------------------------------------------------------------- the two phases
 
 
-def sample_phase(cfg: config_lib.Config, mcfg, mesh: Mesh, limit: int | None, log) -> Phase:
+def sample_phase(cfg: Config, mcfg, mesh: Mesh, limit: int | None, log) -> Phase:
     """The rollout sampler compiled with the train state resident."""
     built = programs.sample_program(cfg, mcfg, mesh)
     kv = programs.kv_cache_bytes(mcfg, programs.plan_shapes(cfg), mesh)
     return _phase("the sampler", built, (cfg, mcfg, mesh), limit, log, kv)
 
 
-def train_phase(cfg: config_lib.Config, mcfg, mesh: Mesh, limit: int | None, log) -> Phase:
+def train_phase(cfg: Config, mcfg, mesh: Mesh, limit: int | None, log) -> Phase:
     """The train step compiled with its state donated, for cfg's micro-batch."""
     rows = cfg.optim.micro_batch_size or programs.plan_shapes(cfg).mini_batch_rows
     what = f"the train step (micro-batch {rows} rows, model.remat={cfg.model.remat})"
@@ -266,10 +267,10 @@ def target(s: tpu_lib.Slice, devices: Sequence[Any] | None = None) -> Target:
     return Target(s, cpus[: s.chips], "cpu", f"XLA:CPU stands in for XLA:TPU: {reason}")
 
 
-def remat_choices(cfg: config_lib.Config) -> list[Any]:
+def remat_choices(cfg: Config) -> list[Any]:
     """model.remat values from the configured one towards recomputing the most: keep everything,
     then the policies from the one that keeps most ("dots") to the one that keeps least."""
-    ordered = [False, *reversed(list(model_lib.REMAT_POLICIES))]
+    ordered = [False, *reversed(list(REMAT_POLICIES))]
     configured = {True: "block", "none": False}.get(cfg.model.remat, cfg.model.remat)
     return ordered[ordered.index(configured) :]
 
@@ -303,7 +304,7 @@ def largest_fitting(
 
 
 def make_plan(
-    cfg: config_lib.Config,
+    cfg: Config,
     tpu: str = "v5e-16",
     mesh: str | tuple[int, int] | None = None,
     *,
@@ -311,7 +312,7 @@ def make_plan(
     headroom: float = DEFAULT_HEADROOM,
     search: bool = True,
     estimate_time: bool = True,
-    model_cfg: model_lib.ModelConfig | None = None,
+    model_cfg: ModelConfig | None = None,
     config_name: str = "",
     log: Callable[[str], None] | None = None,
 ) -> Plan:
@@ -352,7 +353,7 @@ def make_plan(
     device_mesh = sharding_lib.make_mesh((D, M), where.devices)
     config_lib.validate_config(cfg, data_axis_size=D)
     if cfg.data.batch_prompts % D:
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"data.batch_prompts={cfg.data.batch_prompts} prompts do not split over the mesh's "
             f"data axis ({D}): the sampler prefills each prompt on one data shard; choose a "
             f"mesh whose data size divides {cfg.data.batch_prompts}"
@@ -437,6 +438,6 @@ def make_plan(
     )
 
 
-def _get(cfg: config_lib.Config, key: str) -> Any:
+def _get(cfg: Config, key: str) -> Any:
     section, leaf = key.split(".")
     return getattr(getattr(cfg, section), leaf)

@@ -37,8 +37,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from ttrl_jax import sharding as sharding_lib
-from ttrl_jax.config import load as config_lib
-from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.config.schema import Config
+from ttrl_jax.model.config import ModelConfig
 from ttrl_jax.plan import programs
 from ttrl_jax.plan import tpu as tpu_lib
 from ttrl_jax.run import from_config as parts_lib
@@ -101,8 +101,8 @@ def cost(key: tuple, build, log, what: str) -> tuple[Cost, float]:
 
 
 def estimate(
-    cfg: config_lib.Config,
-    mcfg: model_lib.ModelConfig,
+    cfg: Config,
+    mcfg: ModelConfig,
     shapes: programs.Shapes,
     mesh: Mesh,
     s: tpu_lib.Slice,
@@ -250,7 +250,7 @@ def _decode_program(cfg, mcfg, shapes, mesh, n_steps: int, slots: int) -> tuple[
         programs.params_abstract(mcfg, mesh, rules),
         *programs.prompts_abstract(one_pass, mesh),
         programs.abstract_key(mesh),
-        programs.replicated_like(jax.eval_shape(sampler_lib.SamplingParams.make), mesh),
+        programs.replicated_like(jax.eval_shape(token_draw.SamplingParams.make), mesh),
         tuple(placed[:L]),
         tuple(placed[L:]),
     )

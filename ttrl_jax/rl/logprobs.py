@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.model.config import ModelConfig
 from ttrl_jax.rl import grpo
 
 
@@ -25,7 +26,7 @@ def sequence_inputs(prompt_BT, prompt_mask_BT, response_BR, response_mask_BR):
 
 
 def response_logp(
-    cfg: model_lib.ModelConfig,
+    cfg: ModelConfig,
     params: Any,
     prompt_BT: jax.Array,
     prompt_mask_BT: jax.Array,

@@ -17,8 +17,9 @@ import optax
 
 from ttrl_jax import sharding as sharding_lib
 from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.model.config import ModelConfig
 from ttrl_jax.rl import grpo
-from ttrl_jax.rl.logprobs import response_logp, sequence_inputs  # noqa: F401  (re-exported)
+from ttrl_jax.rl.logprobs import response_logp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +139,7 @@ def train_step(
     key: jax.Array,
     hyper: StepHyper,
     *,
-    cfg: model_lib.ModelConfig,
+    cfg: ModelConfig,
     step_cfg: StepConfig,
     tx: optax.GradientTransformation,
     lr_fn: optax.Schedule,
@@ -337,7 +338,7 @@ def rollout_metrics(batch: StepBatch, majority_P, ratio_P, reward_PM, advantage_
 
 
 def build_train_step(
-    cfg: model_lib.ModelConfig,
+    cfg: ModelConfig,
     step_cfg: StepConfig,
     tx: optax.GradientTransformation,
     lr_fn: optax.Schedule,
@@ -369,9 +370,9 @@ def build_train_step(
     )
 
 
-def state_shardings(cfg: model_lib.ModelConfig, tx, mesh) -> TrainState:
+def state_shardings(cfg: ModelConfig, tx, mesh) -> TrainState:
     """TrainState shardings: params and their optimizer moments in the train layout."""
-    p_sh = sharding_lib.param_shardings(cfg, mesh, sharding_lib.TRAIN_RULES)
+    p_sh = model_lib.param_shardings(cfg, mesh, sharding_lib.TRAIN_RULES)
     rep = sharding_lib.replicated(mesh)
     p_shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
     # Adam moments mirror the params and take their shardings; counts are replicated.

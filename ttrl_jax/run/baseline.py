@@ -20,10 +20,12 @@ import jax
 import numpy as np
 
 from ttrl_jax import sharding as sharding_lib
-from ttrl_jax.grading import clustering as rewards
+from ttrl_jax.grading import clustering, verifier
+from ttrl_jax.grading.answers import extract_answer
+from ttrl_jax.run import evaluate as evaluate_lib
 from ttrl_jax.run import rollout as rollout_lib
 from ttrl_jax.run import signals as signals_lib
-from ttrl_jax.sampling import sampler as sampler_lib
+from ttrl_jax.sampling import token_draw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +52,7 @@ def matched_vote(
     max_new_tokens: int = 3072,
     batch_prompts: int = 8,
     answer_mode: str = "math",
-    timeout_s: float = rewards.DEFAULT_TIMEOUT_S,
+    timeout_s: float = verifier.DEFAULT_TIMEOUT_S,
     last_number_fallback: bool = False,
     progress: bool = True,
 ) -> Baseline:
@@ -70,7 +72,7 @@ def matched_vote(
     Returns:
       Baseline with N, the tokens sampled and the vote's metrics.
     """
-    sampling = sampler_lib.SamplingParams.make(temperature=temperature, top_p=top_p)
+    sampling = token_draw.SamplingParams.make(temperature=temperature, top_p=top_p)
     P = len(prompt_ids)
     answers_P: list[list[str | None]] = [[] for _ in range(P)]
     length_P: list[list[int]] = [[] for _ in range(P)]
@@ -111,8 +113,6 @@ def matched_vote(
     N = answer_id_PN.shape[1]
     metrics = {f"base_maj@N/{k}": v for k, v in signals_lib.summarize(votes).items()}
     if (gold_id_P >= 0).any():
-        from ttrl_jax.run import evaluate as evaluate_lib
-
         scored = evaluate_lib.score(answer_id_PN, gold_id_P)
         metrics["base_maj@N/accuracy"] = scored[f"maj@{N}"]
         metrics["base_maj@N/avg"] = scored[f"avg@{N}"]
@@ -123,8 +123,7 @@ def matched_vote(
 def _all_answers(gen: rollout_lib.Generation, mode: str, last_number: bool) -> list[list]:
     """Every prompt's extracted answers (each process extracts its own prompts')."""
     local = [
-        json.dumps([rewards.extract_answer(t, mode, last_number) for t in texts])
-        for texts in gen.texts_PN
+        json.dumps([extract_answer(t, mode, last_number) for t in texts]) for texts in gen.texts_PN
     ]
     return [json.loads(s) for s in sharding_lib.gather_strings(local)]
 
@@ -138,11 +137,11 @@ def _cluster(
     gold_id_P = np.full((P,), -1, np.int32)
     labels_P = []
     for p, answers in enumerate(answers_P):
-        ids, gold_id_P[p] = rewards.cluster_answers(
+        ids, gold_id_P[p] = clustering.cluster_answers(
             answers, golds[p], mode=mode, timeout_s=timeout_s
         )
         answer_id_PN[p] = ids
-        labels_P.append(rewards.cluster_labels(answers, ids, mode))
+        labels_P.append(clustering.cluster_labels(answers, ids, mode))
     return answer_id_PN, gold_id_P, labels_P
 
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import optax
 
-from ttrl_jax.config import load as config_lib
-from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.config.schema import Config, EvalSection, OptimSection, SampleSection
+from ttrl_jax.model.config import ModelConfig
 from ttrl_jax.rl import train as train_lib
 from ttrl_jax.rl import vote_budget as vote_budget_lib
-from ttrl_jax.sampling import sampler as sampler_lib
+from ttrl_jax.sampling import token_draw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,18 +29,16 @@ class TrainParts:
     lr_fn: optax.Schedule
     step_cfg: train_lib.StepConfig  # static: changing it recompiles
     hyper: train_lib.StepHyper  # traced scalars
-    sampling: sampler_lib.SamplingParams  # the rollout's (traced)
-    eval_sampling: sampler_lib.SamplingParams
+    sampling: token_draw.SamplingParams  # the rollout's (traced)
+    eval_sampling: token_draw.SamplingParams
 
 
-def updates_per_step(cfg: config_lib.Config) -> int:
+def updates_per_step(cfg: Config) -> int:
     """Optimizer updates in one TTRL step: one per mini-batch of prompts."""
     return cfg.data.batch_prompts // cfg.optim.mini_batch_prompts
 
 
-def train_parts(
-    cfg: config_lib.Config, total_steps: int, micro_batch_rows: int | None = None
-) -> TrainParts:
+def train_parts(cfg: Config, total_steps: int, micro_batch_rows: int | None = None) -> TrainParts:
     """Everything the compiled step needs from `cfg`, for a run of `total_steps` steps.
 
     Args:
@@ -60,7 +58,7 @@ def train_parts(
 
 
 def optimizer(
-    o: config_lib.OptimSection, total_updates: int
+    o: OptimSection, total_updates: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with clipping and the lr schedule of an optim section."""
     return train_lib.make_optimizer(
@@ -77,9 +75,7 @@ def optimizer(
     )
 
 
-def step_config(
-    cfg: config_lib.Config, micro_batch_rows: int | None = None
-) -> train_lib.StepConfig:
+def step_config(cfg: Config, micro_batch_rows: int | None = None) -> train_lib.StepConfig:
     """The train step's static settings."""
     t, o = cfg.ttrl, cfg.optim
     rows = o.micro_batch_size if micro_batch_rows is None else micro_batch_rows
@@ -96,7 +92,7 @@ def step_config(
     )
 
 
-def step_hyper(cfg: config_lib.Config) -> train_lib.StepHyper:
+def step_hyper(cfg: Config) -> train_lib.StepHyper:
     """The train step's traced scalars (changing one never recompiles)."""
     o = cfg.optim
     return train_lib.StepHyper.make(
@@ -110,7 +106,7 @@ def step_hyper(cfg: config_lib.Config) -> train_lib.StepHyper:
     )
 
 
-def vote_budget(cfg: config_lib.Config) -> vote_budget_lib.VoteBudget:
+def vote_budget(cfg: Config) -> vote_budget_lib.VoteBudget:
     """The rollout vote's budget: rule, first round, later rounds' groups, error level."""
     s, t = cfg.sample, cfg.ttrl
     n_min = s.n_vote_min or s.n_train
@@ -125,10 +121,10 @@ def vote_budget(cfg: config_lib.Config) -> vote_budget_lib.VoteBudget:
 
 
 def sampling_params(
-    section: config_lib.SampleSection | config_lib.EvalSection,
-) -> sampler_lib.SamplingParams:
+    section: SampleSection | EvalSection,
+) -> token_draw.SamplingParams:
     """Sampling settings of the rollout (sample) or evaluation (eval) section."""
-    return sampler_lib.SamplingParams.make(
+    return token_draw.SamplingParams.make(
         temperature=section.temperature,
         top_p=section.top_p,
         top_k=getattr(section, "top_k", 0),
@@ -137,7 +133,7 @@ def sampling_params(
 
 
 def stop_ids(
-    model_cfg: model_lib.ModelConfig,
+    model_cfg: ModelConfig,
     extra: Sequence[int] = (),
     tokenizer: Any = None,
     model_dir: str | os.PathLike | None = None,

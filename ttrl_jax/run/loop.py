@@ -31,7 +31,8 @@ import jax.numpy as jnp
 
 from ttrl_jax import sharding as sharding_lib
 from ttrl_jax.config import load as config_lib
-from ttrl_jax.hf import load as weights
+from ttrl_jax.config.schema import Config, ConfigError
+from ttrl_jax.hf import export as hf_export
 from ttrl_jax.rl import grpo
 from ttrl_jax.rl import train as train_lib
 from ttrl_jax.rl import vote_budget as vote_budget_lib
@@ -64,7 +65,7 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize()  # Cloud TPU pod slice: discovered from the TPU metadata
 
 
-def run(cfg: config_lib.Config) -> dict[str, Any]:
+def run(cfg: Config) -> dict[str, Any]:
     """Runs (or resumes) a TTRL job and returns its summary.
 
     Args:
@@ -292,7 +293,7 @@ class _Loop:
         self.logbook.answers(self.total, "baseline", base.votes)
 
 
-def _kept_steps(cfg: config_lib.Config, judges: list[judge_lib.Judge]) -> list[int]:
+def _kept_steps(cfg: Config, judges: list[judge_lib.Judge]) -> list[int]:
     """The step a run keeps besides its newest checkpoints: the judge's best (run.keep=best)."""
     if cfg.run.keep != "best" or not judges or judges[0].best_step is None:
         return []
@@ -386,7 +387,7 @@ class TrainingDiverged(RuntimeError):
     """A loss, gradient or parameter became non-finite."""
 
 
-def _check_start(cfg: config_lib.Config, ckpt: checkpoint_lib.Checkpointer) -> bool:
+def _check_start(cfg: Config, ckpt: checkpoint_lib.Checkpointer) -> bool:
     """Whether the run resumes; refuses to overwrite a run, or to resume it changed."""
     steps = ckpt.all_steps()
     if steps and not cfg.run.resume:
@@ -432,10 +433,10 @@ def _stop_message(signum: int, done: int, ckpt) -> str:
     )
 
 
-def _export(job: job_lib.Job, cfg: config_lib.Config, ckpt) -> None:
+def _export(job: job_lib.Job, cfg: Config, ckpt) -> None:
     path = job_lib.export_dir(cfg)
     try:
-        weights.save_hf(job.state.params, job.model_cfg, path, job.tokenizer, overwrite=True)
+        hf_export.save_hf(job.state.params, job.model_cfg, path, job.tokenizer, overwrite=True)
     except Exception as e:
         raise OSError(
             f"HF export to {path} failed ({checkpoint_lib._reason(e)}); the trained state is in "
@@ -495,7 +496,7 @@ def _advance(progress, metrics: dict, last_eval: dict, k: int) -> None:
     progress.update(1)
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[config_lib.Config, argparse.Namespace]:
+def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
     ap = argparse.ArgumentParser(
         prog="python -m ttrl_jax.run",
         description=__doc__,
@@ -541,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (TrainingDiverged, checkpoint_lib.CheckpointError, rundir_lib.RunDirBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except (config_lib.ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

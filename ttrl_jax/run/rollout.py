@@ -27,14 +27,16 @@ from jax.sharding import Mesh
 
 from ttrl_jax import sharding as sharding_lib
 from ttrl_jax.data import prompts as prompts_lib
-from ttrl_jax.grading import clustering as rewards
-from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.grading import clustering, verifier
+from ttrl_jax.grading.answers import extract_answer
+from ttrl_jax.model.config import ModelConfig
 from ttrl_jax.rl import grpo
 from ttrl_jax.rl import train as train_lib
 from ttrl_jax.rl import vote_budget as vote_budget_lib
 from ttrl_jax.run import signals as signals_lib
 from ttrl_jax.sampling import rounds as rounds_lib
 from ttrl_jax.sampling import sampler as sampler_lib
+from ttrl_jax.sampling import token_draw
 
 
 def response_bucket(longest: int, max_new_tokens: int) -> int:
@@ -110,7 +112,7 @@ class Generation:
 class Generator:
     """Samples and decodes responses for lists of prompt token ids (static settings fixed)."""
 
-    cfg: model_lib.ModelConfig
+    cfg: ModelConfig
     tokenizer: Any
     stop_ids: tuple[int, ...]
     pad_id: int
@@ -123,7 +125,7 @@ class Generator:
         params: Any,
         prompt_ids: Sequence[Sequence[int]],
         key: jax.Array,
-        sampling: sampler_lib.SamplingParams,
+        sampling: token_draw.SamplingParams,
         n_samples: int,
         max_new_tokens: int,
     ) -> Generation:
@@ -172,13 +174,13 @@ class Generator:
         params: Any,
         prompt_ids: Sequence[Sequence[int]],
         key: jax.Array,
-        sampling: sampler_lib.SamplingParams,
+        sampling: token_draw.SamplingParams,
         budget: vote_budget_lib.VoteBudget,
         max_new_tokens: int,
         golds: Sequence[str | None],
         *,
         mode: str = "math",
-        timeout_s: float = rewards.DEFAULT_TIMEOUT_S,
+        timeout_s: float = verifier.DEFAULT_TIMEOUT_S,
         last_number_fallback: bool = False,
     ) -> Voted:
         """Samples in rounds until every prompt's vote is settled (vote_budget.py).
@@ -309,7 +311,7 @@ class PrefixScorer:
 
     golds: Sequence[str | None]  # this process's prompts'
     mode: str = "math"
-    timeout_s: float = rewards.DEFAULT_TIMEOUT_S
+    timeout_s: float = verifier.DEFAULT_TIMEOUT_S
     last_number_fallback: bool = False
 
     def __post_init__(self):
@@ -318,7 +320,7 @@ class PrefixScorer:
 
     def add(self, p_B: np.ndarray, n_B: np.ndarray, texts_B: Sequence[str]) -> None:
         for p, n, text in zip(p_B, n_B, texts_B):
-            answer = rewards.extract_answer(text, self.mode, self.last_number_fallback)
+            answer = extract_answer(text, self.mode, self.last_number_fallback)
             self._answers[int(p)][int(n)] = answer
             self._ids[int(p)] = None
 
@@ -331,7 +333,7 @@ class PrefixScorer:
                 raise ValueError(f"prompt {p}: samples {sorted(answers)} are not a prefix")
             if self._ids[p] is None:
                 ordered = [answers[n] for n in range(len(answers))]
-                self._ids[p] = rewards.cluster_answers(
+                self._ids[p] = clustering.cluster_answers(
                     ordered, gold, mode=self.mode, timeout_s=self.timeout_s
                 )
             ids, gold_id_P[p] = self._ids[p]
@@ -345,7 +347,7 @@ def answer_ids(
     *,
     real: int | None = None,
     mode: str = "math",
-    timeout_s: float = rewards.DEFAULT_TIMEOUT_S,
+    timeout_s: float = verifier.DEFAULT_TIMEOUT_S,
     last_number_fallback: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Answer ids of the call's first `real` prompts, each process scoring only its own.
@@ -355,7 +357,7 @@ def answer_ids(
       golds: gold answers (or None) of the call's prompts, at least `real` of them.
       real: prompts that count (default: all of the call's); later ones are padding.
       mode, timeout_s, last_number_fallback: answer extraction settings (see
-        `rewards.answer_ids`).
+        `clustering.answer_ids`).
 
     Returns:
       (answer_id_PN int32 [real, N], gold_id_P int32 [real]), the same on every process.
@@ -363,7 +365,7 @@ def answer_ids(
     held = gen.prompts
     if jax.process_count() == 1:
         real = held.stop if real is None else real
-        return rewards.answer_ids(
+        return clustering.answer_ids(
             gen.texts_PN[:real], list(golds[:real]), mode=mode, timeout_s=timeout_s,
             last_number_fallback=last_number_fallback,
         )  # fmt: skip
@@ -373,7 +375,7 @@ def answer_ids(
     answer_id_PN = np.full((P, N), -1, np.int32)
     gold_id_P = np.full((P,), -1, np.int32)
     if n_real:
-        answer_id_PN[:n_real], gold_id_P[:n_real] = rewards.answer_ids(
+        answer_id_PN[:n_real], gold_id_P[:n_real] = clustering.answer_ids(
             gen.texts_PN[:n_real], list(golds[held.start : held.start + n_real]),
             mode=mode, timeout_s=timeout_s, last_number_fallback=last_number_fallback,
         )  # fmt: skip
@@ -403,10 +405,8 @@ def votes(
     all_ids_PN[: len(answer_id_PN)] = answer_id_PN
     labels = []
     for ids, texts in zip(all_ids_PN[held], gen.texts_PN):  # this process's prompts, padding too
-        answers = [
-            rewards.extract_answer(t, mode, last_number_fallback) if t else None for t in texts
-        ]
-        labels.append(json.dumps(rewards.cluster_labels(answers, ids, mode)))
+        answers = [extract_answer(t, mode, last_number_fallback) if t else None for t in texts]
+        labels.append(json.dumps(clustering.cluster_labels(answers, ids, mode)))
     rollout = gen.rollout
     mask_PNR = np.asarray(rollout.mask_PNR)
     entropy_PN = (np.asarray(rollout.entropy_PNR) * mask_PNR).sum(-1) / np.maximum(

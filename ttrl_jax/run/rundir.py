@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import jax
 
 from ttrl_jax.config import load as config_lib
+from ttrl_jax.config.schema import Config, ConfigError
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.yaml"
@@ -77,11 +78,11 @@ def lock(out_dir: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def saved_config_path(cfg: config_lib.Config) -> str:
+def saved_config_path(cfg: Config) -> str:
     return os.path.join(cfg.run.out_dir, CONFIG_FILE)
 
 
-def config_changes(old: config_lib.Config, new: config_lib.Config) -> list[str]:
+def config_changes(old: Config, new: Config) -> list[str]:
     """`key: old -> new` for every key that differs and would alter the run."""
     a, b = config_lib.config_to_dict(old), config_lib.config_to_dict(new)
     changes = []
@@ -93,28 +94,28 @@ def config_changes(old: config_lib.Config, new: config_lib.Config) -> list[str]:
     return changes
 
 
-def check_resume_config(cfg: config_lib.Config) -> None:
+def check_resume_config(cfg: Config) -> None:
     """Raises ConfigError if `cfg` changes what the saved run computes (unless accepted)."""
     path = saved_config_path(cfg)
     if not os.path.isfile(path) or cfg.run.accept_config_change:
         return
     try:
         saved = config_lib.load_config(path)
-    except config_lib.ConfigError as e:
-        raise config_lib.ConfigError(
+    except ConfigError as e:
+        raise ConfigError(
             f"--resume: the run's saved {path} no longer loads ({e}); pass "
             "run.accept_config_change=true to continue with the given config"
         ) from None
     changes = config_changes(saved, cfg)
     if changes:
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"--resume: the config differs from the run's saved {path} in "
             f"{'; '.join(changes)}. Resume with the saved settings (e.g. --config {path} "
             "--resume), or pass run.accept_config_change=true to continue with the new ones"
         )
 
 
-def save_config(cfg: config_lib.Config) -> None:
+def save_config(cfg: Config) -> None:
     """Writes the resolved config into the run directory (process 0), atomically."""
     if jax.process_index() != 0:
         return

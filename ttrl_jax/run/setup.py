@@ -16,10 +16,13 @@ from jax.sharding import Mesh
 
 from ttrl_jax import sharding as sharding_lib
 from ttrl_jax.config import load as config_lib
+from ttrl_jax.config.schema import Config
 from ttrl_jax.data import prompts as prompts_lib
 from ttrl_jax.data import schedule as schedule_lib
+from ttrl_jax.hf import layout as hf_layout
 from ttrl_jax.hf import load as weights
-from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.model import decoder
+from ttrl_jax.model.config import ModelConfig
 from ttrl_jax.rl import train as train_lib
 from ttrl_jax.run import from_config as parts_lib
 from ttrl_jax.run import rollout as rollout_lib
@@ -29,9 +32,9 @@ from ttrl_jax.run import rollout as rollout_lib
 class Job:
     """Everything a run's loop uses; `state` is the only part that changes."""
 
-    cfg: config_lib.Config
+    cfg: Config
     mesh: Mesh
-    model_cfg: model_lib.ModelConfig
+    model_cfg: ModelConfig
     tokenizer: Any
     generator: rollout_lib.Generator
     task: prompts_lib.Task  # the unlabeled prompts trained on (and evaluated first)
@@ -72,7 +75,7 @@ class Job:
         return sharding_lib.reshard(params, self.sample_shardings)
 
 
-def build(cfg: config_lib.Config) -> Job:
+def build(cfg: Config) -> Job:
     """Loads the model and data of `cfg` onto its mesh and compiles nothing yet."""
     mesh = sharding_lib.make_mesh(cfg.mesh.shape)
     config_lib.validate_config(cfg, data_axis_size=sharding_lib.data_size(mesh))
@@ -89,7 +92,7 @@ def build(cfg: config_lib.Config) -> Job:
     )  # fmt: skip
     config_lib.check_context_length(cfg, model_cfg.max_position_embeddings)
     tokenizer = weights.load_tokenizer(folder)
-    weights.check_tokenizer(tokenizer, model_cfg)
+    hf_layout.check_tokenizer(tokenizer, model_cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stop_ids = parts_lib.stop_ids(model_cfg, cfg.sample.stop_token_ids, tokenizer, folder)
     generator = rollout_lib.Generator(
@@ -122,7 +125,7 @@ def build(cfg: config_lib.Config) -> Job:
     # The reference is only ever read in the compute dtype: store it so (the same log-probs).
     ref_params = jax.tree.map(lambda x: jnp.array(x, model_cfg.dtype), params) if use_kl else None
     state = jax.jit(lambda p: train_lib.init_state(p, parts.tx), out_shardings=state_sh)(params)
-    train_sh = sharding_lib.param_shardings(model_cfg, mesh, sharding_lib.TRAIN_RULES)
+    train_sh = decoder.param_shardings(model_cfg, mesh, sharding_lib.TRAIN_RULES)
     step_fn = train_lib.build_train_step(
         model_cfg, parts.step_cfg, parts.tx, parts.lr_fn, mesh, state_sh,
         train_sh if use_kl else None,
@@ -131,11 +134,11 @@ def build(cfg: config_lib.Config) -> Job:
         cfg=cfg, mesh=mesh, model_cfg=model_cfg, tokenizer=tokenizer, generator=generator,
         task=task, eval_tasks=eval_tasks, schedule=schedule, total_steps=total_steps,
         parts=parts, step_fn=step_fn, state=state, ref_params=ref_params,
-        sample_shardings=sharding_lib.param_shardings(model_cfg, mesh, sharding_lib.SAMPLE_RULES),
+        sample_shardings=decoder.param_shardings(model_cfg, mesh, sharding_lib.SAMPLE_RULES),
         model_dir=str(folder),
     )  # fmt: skip
 
 
-def export_dir(cfg: config_lib.Config) -> str:
+def export_dir(cfg: Config) -> str:
     """Where `run.export_hf` writes the trained policy as an HF folder."""
     return os.path.join(cfg.run.out_dir, "hf")

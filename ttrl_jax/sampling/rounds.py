@@ -34,8 +34,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ttrl_jax import sharding
-from ttrl_jax.model import decoder as model_lib
-from ttrl_jax.sampling import decode
+from ttrl_jax.model.config import ModelConfig
+from ttrl_jax.sampling import decode, token_draw
 from ttrl_jax.sampling import sampler as sampler_lib
 
 _KEYS = ("batch", "kv_heads", "head_dim", "cache_seq")
@@ -55,7 +55,7 @@ class Prefill:
 
 def prefill(
     params: Any,
-    cfg: model_lib.ModelConfig,
+    cfg: ModelConfig,
     prompt_tokens_PT: jax.Array,
     prompt_mask_PT: jax.Array,
     *,
@@ -79,7 +79,7 @@ def prefill(
 
 
 @functools.lru_cache(maxsize=16)
-def compiled_prefill(cfg: model_lib.ModelConfig, P: int, T: int, mesh: Mesh | None = None):
+def compiled_prefill(cfg: ModelConfig, P: int, T: int, mesh: Mesh | None = None):
     """The jitted `(params, prompt_PT, mask_PT, prompt_index_P) -> Prefill` for [P, T] prompts
     (with a mesh, its output placed as `prefill_shardings`)."""
     fn = functools.partial(_prefill_impl, cfg=cfg)
@@ -97,7 +97,7 @@ def _prefill_impl(params, prompt_PT, prompt_mask_PT, prompt_index_P, *, cfg) -> 
     return Prefill(logits_PV, keys, values, mask_PT, prompt_index_P.astype(jnp.int32))
 
 
-def prefill_shapes(cfg: model_lib.ModelConfig, P: int, T: int) -> Prefill:
+def prefill_shapes(cfg: ModelConfig, P: int, T: int) -> Prefill:
     """The Prefill of P prompts of length T as ShapeDtypeStructs."""
     dtype = jnp.dtype(cfg.dtype)
     K, H, L = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
@@ -111,7 +111,7 @@ def prefill_shapes(cfg: model_lib.ModelConfig, P: int, T: int) -> Prefill:
     )
 
 
-def prefill_shardings(cfg: model_lib.ModelConfig, P: int, T: int, mesh: Mesh) -> Prefill:
+def prefill_shardings(cfg: ModelConfig, P: int, T: int, mesh: Mesh) -> Prefill:
     """Where a Prefill lives: prompts over the data axis, kv heads over the model axis (copied
     where they do not divide it), as the decode loop reads them."""
     L = cfg.num_layers
@@ -127,7 +127,7 @@ def prefill_shardings(cfg: model_lib.ModelConfig, P: int, T: int, mesh: Mesh) ->
     )
 
 
-def abstract_prefill(cfg: model_lib.ModelConfig, P: int, T: int, mesh: Mesh) -> Prefill:
+def abstract_prefill(cfg: ModelConfig, P: int, T: int, mesh: Mesh) -> Prefill:
     """The Prefill as sharded ShapeDtypeStructs: an argument of ahead-of-time compiles (plan)."""
     return jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -141,10 +141,10 @@ def abstract_prefill(cfg: model_lib.ModelConfig, P: int, T: int, mesh: Mesh) -> 
 
 def sample_groups(
     params: Any,
-    cfg: model_lib.ModelConfig,
+    cfg: ModelConfig,
     prefilled: Prefill,
     key: jax.Array,
-    sampling: sampler_lib.SamplingParams,
+    sampling: token_draw.SamplingParams,
     group_prompt_G: jax.Array,
     sample_index_GN: jax.Array,
     live_GN: jax.Array | None = None,
@@ -214,7 +214,7 @@ def sample_groups(
 
 
 def compiled_groups(
-    cfg: model_lib.ModelConfig,
+    cfg: ModelConfig,
     n_rows: int,
     max_new_tokens: int,
     stop_ids: Sequence[int],
@@ -274,7 +274,7 @@ def _groups_impl(
 
 
 def abstract_round_inputs(
-    cfg: model_lib.ModelConfig, mesh: Mesh, prompts: int, prompt_len: int, groups: int, rows: int
+    cfg: ModelConfig, mesh: Mesh, prompts: int, prompt_len: int, groups: int, rows: int
 ) -> tuple[Prefill, jax.ShapeDtypeStruct, jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
     """A round's arguments after (params, prefill, key, sampling) and the prefill itself, as
     sharded ShapeDtypeStructs: (prefill, group_prompt_G, sample_index_GN, live_GN). With them a

@@ -43,20 +43,9 @@ from jax.sharding import Mesh
 
 from ttrl_jax import sharding
 from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.model.config import ModelConfig
 from ttrl_jax.sampling import decode
 from ttrl_jax.sampling.token_draw import SamplingParams, sample_scaled, sample_token
-
-__all__ = [
-    "FINISH_LENGTH",
-    "FINISH_STOP",
-    "KV_BLOCK",
-    "Rollout",
-    "SamplingParams",
-    "compiled_sampler",
-    "row_keys",
-    "sample",
-    "sample_token",
-]
 
 FINISH_STOP = 0  # the row emitted a stop token
 FINISH_LENGTH = 1  # the row ran out of max_new_tokens
@@ -74,7 +63,7 @@ _VALUES = ("batch", "kv_heads", "cache_seq", "head_dim")
 class Rollout:
     """N sampled responses for each of P prompts (R = max_new_tokens response slots).
 
-    The prompts themselves are the caller's; `train.sequence_inputs(prompt, prompt_mask,
+    The prompts themselves are the caller's; `logprobs.sequence_inputs(prompt, prompt_mask,
     tokens, mask)` rebuilds full sequences with the same positions the sampler used.
     """
 
@@ -92,7 +81,7 @@ class Rollout:
 
 def sample(
     params: Any,
-    cfg: model_lib.ModelConfig,
+    cfg: ModelConfig,
     prompt_tokens_PT: jax.Array,
     prompt_mask_PT: jax.Array,
     key: jax.Array,
@@ -112,7 +101,7 @@ def sample(
 
     Compiles once per (cfg, n_samples, max_new_tokens, stop_ids, pad_id, mesh, prompt_chunk,
     kv_block) and prompt shape [P, T]; sampling values and indices are traced. With a mesh,
-    pass params in `sharding.param_shardings(cfg, mesh, SAMPLE_RULES)` and prompts in
+    pass params in `decoder.param_shardings(cfg, mesh, SAMPLE_RULES)` and prompts in
     `batch_sharding`; rows are split over 'data', heads and vocabulary over 'model'.
 
     Args:
@@ -170,7 +159,7 @@ def sample(
 
 
 def compiled_sampler(
-    cfg: model_lib.ModelConfig,
+    cfg: ModelConfig,
     n_samples: int,
     max_new_tokens: int,
     stop_ids: Sequence[int],

@@ -35,8 +35,13 @@ import optax
 from ttrl_jax.data import benchmarks as data_lib
 from ttrl_jax.data import prompts as prompts_lib
 from ttrl_jax.data import toy_task as task
+from ttrl_jax.hf import export as hf_export
+from ttrl_jax.hf import layout as hf_layout
 from ttrl_jax.hf import load as weights
 from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.model.config import ModelConfig
+from ttrl_jax.run import evaluate as evaluate_lib
+from ttrl_jax.run import rollout as rollout_lib
 from ttrl_jax.toy import tokenizer as toy_tokenizer
 
 # Every test-split question the default run could use (test_split(seed, n)[:k] equals
@@ -71,12 +76,12 @@ class PretrainConfig:
     weight_decay: float = 0.01
     log_every: int = 50
 
-    def model_config(self) -> model_lib.ModelConfig:
+    def model_config(self) -> ModelConfig:
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"embed_dim={self.embed_dim} is not a multiple of num_heads={self.num_heads}"
             )
-        return model_lib.ModelConfig(
+        return ModelConfig(
             model_type="qwen2",
             vocab_size=toy_tokenizer.VOCAB_SIZE,
             num_layers=self.num_layers,
@@ -218,7 +223,7 @@ def lr_schedule(lr: float, steps: int, warmup: int, decay: bool) -> optax.Schedu
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), 0.1 * lr)
 
 
-def build_update(cfg: model_lib.ModelConfig, weight_decay: float):
+def build_update(cfg: ModelConfig, weight_decay: float):
     """The jitted AdamW update; the learning rate is an argument, so phases share compiles."""
     tx = optax.chain(
         optax.clip_by_global_norm(1.0),
@@ -264,9 +269,7 @@ def run_phase(
     return params
 
 
-def pretrain(
-    pc: PretrainConfig, init: str | Path | None = None
-) -> tuple[model_lib.ModelConfig, dict]:
+def pretrain(pc: PretrainConfig, init: str | Path | None = None) -> tuple[ModelConfig, dict]:
     """Both phases, from a random init or from the weights of the HF folder `init`.
 
     Deterministic given `pc` and `init`. Each phase starts a fresh optimizer and draws its data
@@ -302,7 +305,7 @@ def pretrain(
 
 
 def save(
-    cfg: model_lib.ModelConfig,
+    cfg: ModelConfig,
     params,
     out_dir: str | Path,
     pc: PretrainConfig,
@@ -310,8 +313,8 @@ def save(
 ) -> Path:
     """The HF folder: weights, config.json, tokenizer files, generation and pretrain settings."""
     tokenizer = toy_tokenizer.build_tokenizer()
-    weights.check_tokenizer(tokenizer, cfg)
-    out = weights.save_hf(params, cfg, out_dir, overwrite=True)
+    hf_layout.check_tokenizer(tokenizer, cfg)
+    out = hf_export.save_hf(params, cfg, out_dir, overwrite=True)
     toy_tokenizer.save_tokenizer(out)
     hf_config = json.loads((out / "config.json").read_text())
     hf_config["pad_token_id"] = tokenizer.pad_token_id
@@ -331,7 +334,7 @@ def save(
 
 
 def measure(
-    cfg: model_lib.ModelConfig,
+    cfg: ModelConfig,
     params,
     n_prompts: int = data_lib.TOY_TEST_SIZE,
     k: int = 16,
@@ -340,9 +343,6 @@ def measure(
     seed: int = 0,
 ) -> dict[str, float]:
     """avg@k (pass@1), maj@k, pass@k and greedy accuracy on the default run's test split."""
-    from ttrl_jax.run import evaluate as evaluate_lib
-    from ttrl_jax.run import rollout as rollout_lib
-
     tokenizer = toy_tokenizer.build_tokenizer()
     items = task.test_split(data_lib.TOY_TEST_SEED, n_prompts)
     prompt_ids, items, _ = prompts_lib.build_prompts(items, tokenizer, None, 128, skip_long=False)
