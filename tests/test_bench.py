@@ -16,7 +16,7 @@ from ttrl_jax import bench
 from ttrl_jax.bench import forward, machine, models, profile, torch_peer
 from ttrl_jax.bench import train as bench_train
 from ttrl_jax.model import config as model_config
-from ttrl_jax.rl import grpo
+from ttrl_jax.rl import advantages, rewards, vote
 
 TINY = model_config.preset("HuggingFaceTB/SmolLM2-135M", num_layers=1, vocab_size=64)
 
@@ -37,8 +37,8 @@ def test_rollout_pads_like_a_real_batch_and_every_group_has_signal():
     # Left-padded prompts (padding first), right-padded responses (padding last).
     assert (np.diff(prompt_mask.astype(int), axis=1) >= 0).all() and prompt_mask[:, -1].all()
     assert (np.diff(response_mask.astype(int), axis=2) <= 0).all() and response_mask[..., 0].all()
-    majority_P, _ = grpo.majority_vote(batch.answer_id_PN)
-    advantage_PN = grpo.group_advantages(grpo.vote_reward(batch.answer_id_PN, majority_P))
+    majority_P, _ = vote.majority_vote(batch.answer_id_PN)
+    advantage_PN = advantages.group_advantages(rewards.vote_reward(batch.answer_id_PN, majority_P))
     assert (np.abs(np.asarray(advantage_PN)).max(axis=1) > 0.5).all()
 
 

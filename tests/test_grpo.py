@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ttrl_jax.rl import grpo
+from ttrl_jax.rl import advantages, losses, rewards, vote
 
 
 def _random_answer_ids(rng, num_p, num_n, num_clusters=4, p_none=0.2):
@@ -124,7 +124,7 @@ def _ref_evol(feature_PNE, ids_PN, majority_P):
     ],
 )
 def test_majority_vote_golden(ids, majority, ratio):
-    majority_P, ratio_P = grpo.majority_vote(jnp.array([ids], jnp.int32))
+    majority_P, ratio_P = vote.majority_vote(jnp.array([ids], jnp.int32))
     chex.assert_shape((majority_P, ratio_P), (1,))
     assert majority_P.dtype == jnp.int32 and ratio_P.dtype == jnp.float32
     assert int(majority_P[0]) == majority
@@ -135,7 +135,7 @@ def test_majority_vote_matches_counter_reference():
     rng = np.random.default_rng(0)
     for num_n, clusters in ((8, 3), (16, 6), (64, 12)):
         ids = _random_answer_ids(rng, 64, num_n, clusters, p_none=0.3)
-        majority_P, ratio_P = jax.jit(grpo.majority_vote)(jnp.asarray(ids))
+        majority_P, ratio_P = jax.jit(vote.majority_vote)(jnp.asarray(ids))
         ref_majority, ref_ratio = _ref_vote(ids)
         np.testing.assert_array_equal(np.asarray(majority_P), ref_majority)
         np.testing.assert_allclose(np.asarray(ratio_P), ref_ratio, rtol=0, atol=1e-7)
@@ -143,22 +143,22 @@ def test_majority_vote_matches_counter_reference():
 
 def test_vote_reward():
     ids = jnp.array([[0, 1, 0, -1], [-1, -1, -1, -1], [2, 2, 1, 0]], jnp.int32)
-    majority_P, _ = grpo.majority_vote(ids)
-    reward = grpo.vote_reward(ids, majority_P)
+    majority_P, _ = vote.majority_vote(ids)
+    reward = rewards.vote_reward(ids, majority_P)
     chex.assert_shape(reward, (3, 4))
     np.testing.assert_array_equal(np.asarray(reward), [[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 0, 0]])
     rng = np.random.default_rng(1)
     ids = _random_answer_ids(rng, 32, 16)
     ref_majority, _ = _ref_vote(ids)
     ref = np.array([[float(a >= 0 and a == m) for a in row] for row, m in zip(ids, ref_majority)])
-    reward = grpo.vote_reward(jnp.asarray(ids), jnp.asarray(ref_majority))
+    reward = rewards.vote_reward(jnp.asarray(ids), jnp.asarray(ref_majority))
     np.testing.assert_array_equal(np.asarray(reward), ref)
 
 
 def test_soft_frequency_reward():
     ids = jnp.array([[0, 0, 0, 1, 1, 2], [-1, -1, 0, -1, 0, 0]], jnp.int32)
     np.testing.assert_allclose(
-        np.asarray(grpo.soft_frequency_reward(ids)),
+        np.asarray(rewards.soft_frequency_reward(ids)),
         [[3 / 6, 3 / 6, 3 / 6, 2 / 6, 2 / 6, 1 / 6], [0, 0, 3 / 6, 0, 3 / 6, 3 / 6]],
         rtol=1e-6,
     )
@@ -167,28 +167,30 @@ def test_soft_frequency_reward():
     ref = np.array(
         [[(list(row).count(a) / len(row) if a >= 0 else 0.0) for a in row] for row in ids]
     )
-    got = jax.jit(grpo.soft_frequency_reward)(jnp.asarray(ids))
+    got = jax.jit(rewards.soft_frequency_reward)(jnp.asarray(ids))
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-6)
 
 
 def test_prompt_filter_mask():
     ratio = jnp.array([0.0, 0.25, 0.5, 0.75, 1.0])
-    np.testing.assert_array_equal(np.asarray(grpo.prompt_filter_mask(ratio, 0.5)), [0, 0, 1, 1, 1])
-    np.testing.assert_array_equal(np.asarray(grpo.prompt_filter_mask(ratio, 0.0)), [1] * 5)
+    np.testing.assert_array_equal(
+        np.asarray(advantages.prompt_filter_mask(ratio, 0.5)), [0, 0, 1, 1, 1]
+    )
+    np.testing.assert_array_equal(np.asarray(advantages.prompt_filter_mask(ratio, 0.0)), [1] * 5)
 
 
 # ----------------------------------------------------------------------------- selection
 
 
 def test_select_responses_first_k():
-    index = grpo.select_responses(jax.random.key(0), 3, 8, 4, random_subset=False)
+    index = advantages.select_responses(jax.random.key(0), 3, 8, 4, random_subset=False)
     chex.assert_shape(index, (3, 4))
     np.testing.assert_array_equal(np.asarray(index), np.tile(np.arange(4), (3, 1)))
 
 
 def test_select_responses_random_subset():
     num_p, num_n, num_k = 4000, 8, 3
-    index = np.asarray(grpo.select_responses(jax.random.key(7), num_p, num_n, num_k, True))
+    index = np.asarray(advantages.select_responses(jax.random.key(7), num_p, num_n, num_k, True))
     assert index.shape == (num_p, num_k) and index.dtype == np.int32
     assert ((index >= 0) & (index < num_n)).all()
     assert (np.diff(index, axis=1) > 0).all()  # ascending, so without replacement
@@ -197,28 +199,28 @@ def test_select_responses_random_subset():
     np.testing.assert_allclose(keep_frequency, num_k / num_n, atol=0.04)
     # Rows are drawn independently, and the same key gives the same draw.
     assert len({tuple(row) for row in index[:200]}) > 30
-    again = grpo.select_responses(jax.random.key(7), num_p, num_n, num_k, True)
+    again = advantages.select_responses(jax.random.key(7), num_p, num_n, num_k, True)
     np.testing.assert_array_equal(np.asarray(again), index)
-    other = grpo.select_responses(jax.random.key(8), num_p, num_n, num_k, True)
+    other = advantages.select_responses(jax.random.key(8), num_p, num_n, num_k, True)
     assert not np.array_equal(np.asarray(other), index)
 
 
 def test_select_responses_rejects_bad_sizes():
     with pytest.raises(ValueError, match="num_train"):
-        grpo.select_responses(jax.random.key(0), 2, 4, 5, True)
+        advantages.select_responses(jax.random.key(0), 2, 4, 5, True)
     with pytest.raises(ValueError, match="num_train"):
-        grpo.select_responses(jax.random.key(0), 2, 4, 0, False)
+        advantages.select_responses(jax.random.key(0), 2, 4, 0, False)
 
 
 def test_gather_responses():
     rng = np.random.default_rng(3)
     x_PNR = rng.normal(size=(5, 8, 6)).astype(np.float32)
-    index_PM = np.asarray(grpo.select_responses(jax.random.key(1), 5, 8, 3, True))
-    got = grpo.gather_responses(jnp.asarray(x_PNR), jnp.asarray(index_PM))
+    index_PM = np.asarray(advantages.select_responses(jax.random.key(1), 5, 8, 3, True))
+    got = advantages.gather_responses(jnp.asarray(x_PNR), jnp.asarray(index_PM))
     chex.assert_shape(got, (5, 3, 6))
     np.testing.assert_array_equal(np.asarray(got), x_PNR[np.arange(5)[:, None], index_PM])
     x_PN = x_PNR[..., 0]
-    got = grpo.gather_responses(jnp.asarray(x_PN), jnp.asarray(index_PM))
+    got = advantages.gather_responses(jnp.asarray(x_PN), jnp.asarray(index_PM))
     np.testing.assert_array_equal(np.asarray(got), x_PN[np.arange(5)[:, None], index_PM])
 
 
@@ -229,40 +231,42 @@ def test_group_advantages_matches_reference():
     rng = np.random.default_rng(4)
     reward = (rng.random((16, 8)) < 0.4).astype(np.float32)
     reward[:3] = rng.random((3, 8))  # soft rewards too
-    got = jax.jit(grpo.group_advantages)(jnp.asarray(reward))
+    got = jax.jit(advantages.group_advantages)(jnp.asarray(reward))
     chex.assert_shape(got, (16, 8))
     np.testing.assert_allclose(np.asarray(got), _ref_group_advantages(reward), rtol=1e-5, atol=1e-5)
 
 
 def test_group_advantages_unbiased_std_golden():
     # rewards [1, 0, 0, 0]: mean 0.25, unbiased std 0.5 -> (0.75 / 0.5, -0.25 / 0.5)
-    got = grpo.group_advantages(jnp.array([[1.0, 0.0, 0.0, 0.0]]), eps=0.0)
+    got = advantages.group_advantages(jnp.array([[1.0, 0.0, 0.0, 0.0]]), eps=0.0)
     np.testing.assert_allclose(np.asarray(got), [[1.5, -0.5, -0.5, -0.5]], rtol=1e-6)
-    unscaled = grpo.group_advantages(jnp.array([[1.0, 0.0, 0.0, 0.0]]), scale_by_std=False)
+    unscaled = advantages.group_advantages(jnp.array([[1.0, 0.0, 0.0, 0.0]]), scale_by_std=False)
     np.testing.assert_allclose(np.asarray(unscaled), [[0.75, -0.25, -0.25, -0.25]], rtol=1e-6)
 
 
 def test_group_advantages_zero_variance_is_exactly_zero():
     # 0.1 does not average back to exactly 0.1 in float32; the advantage must still be 0.
     reward = jnp.array([[1.0] * 6, [0.0] * 6, [0.1] * 6, [1 / 3] * 6])
-    got = grpo.group_advantages(reward)
+    got = advantages.group_advantages(reward)
     assert (np.asarray(got) == 0.0).all()
 
 
 def test_group_advantages_single_response_group():
-    got = grpo.group_advantages(jnp.array([[1.0], [0.0]]))
+    got = advantages.group_advantages(jnp.array([[1.0], [0.0]]))
     np.testing.assert_allclose(np.asarray(got), [[1 / (1 + 1e-6)], [0.0]], rtol=1e-7)
 
 
 def test_ettrl_reshape():
     adv = jnp.array([[1.0, -1.0, 2.0, -2.0]])
     entropy = jnp.array([[0.5, 1.0, 1.5, 5.0]])  # mean 2.0
-    got = grpo.ettrl_reshape(adv, entropy)
+    got = advantages.ettrl_reshape(adv, entropy)
     # factors 1 + (2 - H) / 2 = 1.75, 1.5, 1.25, -0.5 -> clamped to 0
     np.testing.assert_allclose(np.asarray(got), [[1.75, -1.5, 2.5, 0.0]], rtol=1e-6)
-    np.testing.assert_array_equal(np.asarray(grpo.ettrl_reshape(adv, entropy, alpha=0.0)), adv)
+    np.testing.assert_array_equal(
+        np.asarray(advantages.ettrl_reshape(adv, entropy, alpha=0.0)), adv
+    )
     # All-zero entropy (greedy decoding) leaves the advantage unchanged instead of NaN.
-    zero = grpo.ettrl_reshape(adv, jnp.zeros_like(entropy))
+    zero = advantages.ettrl_reshape(adv, jnp.zeros_like(entropy))
     np.testing.assert_array_equal(np.asarray(zero), adv)
 
     rng = np.random.default_rng(5)
@@ -274,20 +278,20 @@ def test_ettrl_reshape():
         mean = entropy[p].mean()
         for n in range(6):
             ref[p, n] = adv[p, n] * max(0.0, 1 + alpha * (mean - entropy[p, n]) / mean)
-    got = jax.jit(grpo.ettrl_reshape)(jnp.asarray(adv), jnp.asarray(entropy), alpha)
+    got = jax.jit(advantages.ettrl_reshape)(jnp.asarray(adv), jnp.asarray(entropy), alpha)
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_response_mean():
     x = jnp.array([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0], [1.0, 1.0, 1.0, 1.0]])
     mask = jnp.array([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
-    np.testing.assert_allclose(np.asarray(grpo.response_mean(x, mask)), [1.5, 6.5, 0.0])
+    np.testing.assert_allclose(np.asarray(advantages.response_mean(x, mask)), [1.5, 6.5, 0.0])
 
 
 def test_token_self_certainty():
     rng = np.random.default_rng(6)
     logits = rng.normal(scale=3.0, size=(2, 5, 11)).astype(np.float32)
-    got = jax.jit(grpo.token_self_certainty)(jnp.asarray(logits))
+    got = jax.jit(rewards.token_self_certainty)(jnp.asarray(logits))
     chex.assert_shape(got, (2, 5))
     ref = np.empty((2, 5))
     for b in range(2):
@@ -299,9 +303,9 @@ def test_token_self_certainty():
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
     assert (np.asarray(got) >= -1e-6).all()
     # Uniform distribution -> 0; a shift of the logits changes nothing.
-    uniform = grpo.token_self_certainty(jnp.zeros((3, 7)))
+    uniform = rewards.token_self_certainty(jnp.zeros((3, 7)))
     np.testing.assert_allclose(np.asarray(uniform), 0.0, atol=1e-6)
-    shifted = grpo.token_self_certainty(jnp.asarray(logits) + 5.0)
+    shifted = rewards.token_self_certainty(jnp.asarray(logits) + 5.0)
     np.testing.assert_allclose(np.asarray(shifted), np.asarray(got), rtol=1e-5, atol=1e-5)
 
 
@@ -316,7 +320,7 @@ def test_evol_novelty_reward_matches_reference():
     feature = rng.normal(size=(num_p, num_n, num_e)).astype(np.float32)
     feature[4] = 1.0  # identical features -> ties on both sides
     majority, _ = _ref_vote(ids)
-    got = jax.jit(grpo.evol_novelty_reward)(
+    got = jax.jit(rewards.evol_novelty_reward)(
         jnp.asarray(feature), jnp.asarray(ids), jnp.asarray(majority, jnp.int32)
     )
     chex.assert_shape(got, (num_p, num_n))
@@ -333,19 +337,19 @@ def test_evol_novelty_reward_matches_reference():
 def test_every_reward_option_changes_the_advantage():
     """Each option must vary within a group; a group-constant term would be normalised away."""
     ids = jnp.array([[0, 0, 0, 1, 1, 2, 0, 1]], jnp.int32)
-    majority, _ = grpo.majority_vote(ids)
-    base = grpo.group_advantages(grpo.vote_reward(ids, majority))
-    soft = grpo.group_advantages(grpo.soft_frequency_reward(ids))
+    majority, _ = vote.majority_vote(ids)
+    base = advantages.group_advantages(rewards.vote_reward(ids, majority))
+    soft = advantages.group_advantages(rewards.soft_frequency_reward(ids))
     assert not np.allclose(np.asarray(base), np.asarray(soft))
     feature = jax.random.normal(jax.random.key(0), (1, 8, 4))
-    evol = grpo.group_advantages(grpo.evol_novelty_reward(feature, ids, majority))
+    evol = advantages.group_advantages(rewards.evol_novelty_reward(feature, ids, majority))
     assert not np.allclose(np.asarray(base), np.asarray(evol))
     entropy = jnp.linspace(0.5, 1.5, 8)[None]
-    reshaped = grpo.ettrl_reshape(base, entropy)
+    reshaped = advantages.ettrl_reshape(base, entropy)
     assert not np.allclose(np.asarray(base), np.asarray(reshaped))
     logits = jax.random.normal(jax.random.key(1), (8, 3, 16)) * jnp.arange(1, 9)[:, None, None]
-    certainty = grpo.response_mean(grpo.token_self_certainty(logits), jnp.ones((8, 3)))
-    assert float(jnp.abs(grpo.group_advantages(certainty[None])).max()) > 0.5
+    certainty = advantages.response_mean(rewards.token_self_certainty(logits), jnp.ones((8, 3)))
+    assert float(jnp.abs(advantages.group_advantages(certainty[None])).max()) > 0.5
 
 
 # ----------------------------------------------------------------------------- losses
@@ -354,10 +358,10 @@ def test_every_reward_option_changes_the_advantage():
 def test_masked_token_mean():
     x = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     mask = jnp.array([[1, 1, 0], [1, 0, 0]])
-    assert float(grpo.masked_token_mean(x, mask)) == pytest.approx(7 / 3)
-    assert float(grpo.masked_token_mean(x, jnp.zeros_like(mask))) == 0.0
+    assert float(losses.masked_token_mean(x, mask)) == pytest.approx(7 / 3)
+    assert float(losses.masked_token_mean(x, jnp.zeros_like(mask))) == 0.0
     # Micro-batches divided by the whole mini-batch's token count add up to its mean.
-    parts = [grpo.masked_token_mean(x[i : i + 1], mask[i : i + 1], num_tokens=3) for i in (0, 1)]
+    parts = [losses.masked_token_mean(x[i : i + 1], mask[i : i + 1], num_tokens=3) for i in (0, 1)]
     assert float(sum(parts)) == pytest.approx(7 / 3)
 
 
@@ -367,7 +371,7 @@ def test_ppo_token_loss_matches_reference():
     logp_new = logp_old + rng.normal(scale=0.4, size=(6, 7)).astype(np.float32)
     adv = rng.normal(size=6).astype(np.float32)
     for clip_low, clip_high, dual_clip in ((0.2, 0.2, None), (0.2, 0.28, 3.0), (0.1, 0.3, 1.5)):
-        loss, aux = grpo.ppo_token_loss(
+        loss, aux = losses.ppo_token_loss(
             jnp.asarray(logp_new), jnp.asarray(logp_old), jnp.asarray(adv),
             clip_low, clip_high, dual_clip,
         )  # fmt: skip
@@ -380,7 +384,7 @@ def test_ppo_token_loss_matches_reference():
 
 def test_ppo_clip_higher_and_dual_clip_hand_cases():
     def one(ratio, adv, **kw):
-        loss, aux = grpo.ppo_token_loss(
+        loss, aux = losses.ppo_token_loss(
             jnp.log(jnp.array([[ratio]])), jnp.zeros((1, 1)), jnp.array([adv]), **kw
         )
         return float(loss[0, 0]), {k: float(v[0, 0]) for k, v in aux.items()}
@@ -408,14 +412,14 @@ def test_ppo_clip_higher_and_dual_clip_hand_cases():
 def test_k3_kl():
     rng = np.random.default_rng(9)
     logp = -rng.random((3, 5)).astype(np.float32)
-    assert (np.asarray(grpo.k3_kl(jnp.asarray(logp), jnp.asarray(logp))) == 0.0).all()
+    assert (np.asarray(losses.k3_kl(jnp.asarray(logp), jnp.asarray(logp))) == 0.0).all()
     ref_logp = logp + rng.normal(size=(3, 5)).astype(np.float32)
-    got = np.asarray(grpo.k3_kl(jnp.asarray(logp), jnp.asarray(ref_logp)))
+    got = np.asarray(losses.k3_kl(jnp.asarray(logp), jnp.asarray(ref_logp)))
     d = (ref_logp - logp).astype(np.float64)
     np.testing.assert_allclose(got, np.exp(d) - d - 1, rtol=1e-5, atol=1e-6)
     assert (got >= 0).all()
     # verl's clamp: a huge log-ratio gives at most 10.
-    assert float(grpo.k3_kl(jnp.array([-30.0]), jnp.array([0.0]))[0]) == 10.0
+    assert float(losses.k3_kl(jnp.array([-30.0]), jnp.array([0.0]))[0]) == 10.0
 
 
 def _loss_inputs(seed, num_b=6, num_t=9):
@@ -436,7 +440,7 @@ def _loss_inputs(seed, num_b=6, num_t=9):
 def test_grpo_loss_is_zero_when_advantages_are_zero():
     inputs = _loss_inputs(10)
     inputs["advantage_B"] = jnp.zeros_like(inputs["advantage_B"])
-    loss, aux = grpo.grpo_loss(**inputs, kl_coef=0.0, entropy_coef=0.0, dual_clip=3.0)
+    loss, aux = losses.grpo_loss(**inputs, kl_coef=0.0, entropy_coef=0.0, dual_clip=3.0)
     assert float(loss) == 0.0 and float(aux["pg_loss"]) == 0.0
     assert float(aux["kl"]) > 0 and float(aux["entropy"]) > 0  # still measured
 
@@ -447,7 +451,7 @@ def test_grpo_loss_on_policy():
     mask = np.asarray(inputs["mask_BR"])
     adv = np.asarray(inputs["advantage_B"])
     expected = -(adv[:, None] * mask).sum() / mask.sum()
-    loss, aux = grpo.grpo_loss(**inputs)
+    loss, aux = losses.grpo_loss(**inputs)
     assert float(loss) == pytest.approx(expected, rel=1e-6)
     assert float(aux["clip_frac"]) == 0.0 and float(aux["ratio_mean"]) == 1.0
     assert float(aux["approx_kl"]) == 0.0
@@ -455,7 +459,7 @@ def test_grpo_loss_on_policy():
     # d loss / d logp_new = -A * ratio / num_tokens = -A / num_tokens on unmasked tokens.
     def loss_of(logp_new):
         rest = (inputs[k] for k in ("logp_old_BR", "advantage_B", "mask_BR"))
-        return grpo.grpo_loss(logp_new, *rest)[0]
+        return losses.grpo_loss(logp_new, *rest)[0]
 
     grad = np.asarray(jax.grad(loss_of)(inputs["logp_old_BR"]))
     np.testing.assert_allclose(grad, -adv[:, None] * mask / mask.sum(), rtol=1e-6, atol=1e-9)
@@ -465,7 +469,7 @@ def test_grpo_loss_combines_terms():
     inputs = _loss_inputs(12)
     mask = np.asarray(inputs["mask_BR"])
     kw = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0)
-    loss, aux = grpo.grpo_loss(**inputs, kl_coef=0.05, entropy_coef=0.01, **kw)
+    loss, aux = losses.grpo_loss(**inputs, kl_coef=0.05, entropy_coef=0.01, **kw)
     pg_BR, _ = _ref_ppo(
         *(np.asarray(inputs[k]) for k in ("logp_new_BR", "logp_old_BR", "advantage_B")),
         0.2, 0.28, 3.0,
@@ -487,10 +491,12 @@ def test_grpo_loss_combines_terms():
 def test_grpo_loss_micro_batches_add_up():
     inputs = _loss_inputs(13, num_b=8)
     kw = dict(kl_coef=0.01, entropy_coef=0.001, dual_clip=3.0)
-    loss, aux = grpo.grpo_loss(**inputs, **kw)
+    loss, aux = losses.grpo_loss(**inputs, **kw)
     num_tokens = inputs["mask_BR"].sum()
     parts = [
-        grpo.grpo_loss(**{k: v[i : i + 4] for k, v in inputs.items()}, num_tokens=num_tokens, **kw)
+        losses.grpo_loss(
+            **{k: v[i : i + 4] for k, v in inputs.items()}, num_tokens=num_tokens, **kw
+        )
         for i in (0, 4)
     ]
     assert float(parts[0][0] + parts[1][0]) == pytest.approx(float(loss), rel=1e-5)
@@ -504,10 +510,10 @@ def test_grpo_loss_requires_arrays_for_nonzero_coefs():
     inputs = _loss_inputs(14)
     del inputs["logp_ref_BR"], inputs["entropy_BR"]
     with pytest.raises(ValueError, match="logp_ref_BR"):
-        grpo.grpo_loss(**inputs, kl_coef=0.001)
+        losses.grpo_loss(**inputs, kl_coef=0.001)
     with pytest.raises(ValueError, match="entropy_BR"):
-        grpo.grpo_loss(**inputs, entropy_coef=0.001)
-    _, aux = grpo.grpo_loss(**inputs)
+        losses.grpo_loss(**inputs, entropy_coef=0.001)
+    _, aux = losses.grpo_loss(**inputs)
     assert "kl" not in aux and "entropy" not in aux and "clip_frac_lower" not in aux
 
 
@@ -520,10 +526,10 @@ def test_traced_hyperparameters_do_not_recompile():
     @jax.jit
     def step(inputs, clip_low, clip_high, kl_coef, entropy_coef, alpha, threshold):
         traces.append(None)
-        adv = grpo.ettrl_reshape(inputs["adv_PN"], inputs["entropy_PN"], alpha)
-        keep = grpo.prompt_filter_mask(inputs["ratio_P"], threshold)
+        adv = advantages.ettrl_reshape(inputs["adv_PN"], inputs["entropy_PN"], alpha)
+        keep = advantages.prompt_filter_mask(inputs["ratio_P"], threshold)
         mask_BR = inputs["mask_BR"] * jnp.repeat(keep, adv.shape[1])[:, None]
-        return grpo.grpo_loss(
+        return losses.grpo_loss(
             inputs["logp_new_BR"], inputs["logp_old_BR"], adv.reshape(-1), mask_BR,
             logp_ref_BR=inputs["logp_ref_BR"], entropy_BR=inputs["entropy_BR"],
             clip_low=clip_low, clip_high=clip_high, dual_clip=3.0,
@@ -553,10 +559,10 @@ def test_vote_pipeline_under_jit():
 
     @jax.jit
     def pipeline(ids, key):
-        majority, ratio = grpo.majority_vote(ids)
-        reward = grpo.vote_reward(ids, majority)
-        index = grpo.select_responses(key, 4, 8, 4, True)
-        return grpo.group_advantages(grpo.gather_responses(reward, index)), ratio
+        majority, ratio = vote.majority_vote(ids)
+        reward = rewards.vote_reward(ids, majority)
+        index = advantages.select_responses(key, 4, 8, 4, True)
+        return advantages.group_advantages(advantages.gather_responses(reward, index)), ratio
 
     adv, ratio = pipeline(ids, jax.random.key(0))
     chex.assert_shape(adv, (4, 4))

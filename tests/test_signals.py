@@ -7,20 +7,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ttrl_jax.rl import grpo
+from ttrl_jax.rl import vote
 from ttrl_jax.run import signals
 
 
 def make_votes(answers_PN, index=None, length=None, entropy=None):
     """Votes from per-response answer strings (None = no answer, "-" = not drawn)."""
     P, N = len(answers_PN), len(answers_PN[0])
-    ids = np.full((P, N), grpo.NO_ANSWER, np.int32)
+    ids = np.full((P, N), vote.NO_ANSWER, np.int32)
     labels = []
     for p, row in enumerate(answers_PN):
         names: list[str] = []
         for n, a in enumerate(row):
             if a == "-":
-                ids[p, n] = grpo.NOT_DRAWN
+                ids[p, n] = vote.NOT_DRAWN
             elif a is not None:
                 if a not in names:
                     names.append(a)

@@ -11,6 +11,7 @@ from ttrl_jax import sharding as sharding_lib
 from ttrl_jax.model import decoder as model_lib
 from ttrl_jax.model.config import ModelConfig
 from ttrl_jax.rl import train
+from ttrl_jax.rl.batch import StepBatch
 
 # bfloat16 compute over float32 master params, as on TPU; heads and kv heads split over model=2.
 CFG = ModelConfig.tiny("qwen2", num_heads=4, num_kv_heads=2, dtype="bfloat16")
@@ -53,7 +54,7 @@ def compile_train_step(mesh, cfg=CFG, T=T, R=R):
     state = jax.eval_shape(lambda p: train.init_state(p, tx), params)
     rows = lambda *shape: sharding_lib.batch_sharding(mesh, len(shape), sharding_lib.TRAIN_RULES)
     spec = lambda dtype, *shape: jax.ShapeDtypeStruct(shape, dtype, sharding=rows(*shape))
-    batch = train.StepBatch(
+    batch = StepBatch(
         prompt_PT=spec(jnp.int32, P, T), prompt_mask_PT=spec(bool, P, T),
         response_PNR=spec(jnp.int32, P, N, R), response_mask_PNR=spec(bool, P, N, R),
         logp_PNR=spec(jnp.float32, P, N, R), entropy_PNR=spec(jnp.float32, P, N, R),

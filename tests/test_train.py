@@ -14,7 +14,8 @@ from ttrl_jax import sharding as sharding_lib
 from ttrl_jax.model import config as model_config
 from ttrl_jax.model import decoder as model_lib
 from ttrl_jax.model.config import ModelConfig
-from ttrl_jax.rl import grpo, logprobs, train
+from ttrl_jax.rl import advantages, logprobs, train, vote
+from ttrl_jax.rl.batch import StepBatch
 
 CFG = ModelConfig.tiny("qwen2", num_heads=8, num_kv_heads=4)
 P, N, T, R = 4, 6, 5, 4
@@ -30,7 +31,7 @@ def make_batch(seed=0, answer_id_PN=None, gold_id_P=None):
         )
     if gold_id_P is None:
         gold_id_P = np.array([0, 2, -1, 1])
-    return train.StepBatch(
+    return StepBatch(
         prompt_PT=jnp.asarray(rng.integers(0, CFG.vocab_size, (P, T)), jnp.int32),
         prompt_mask_PT=jnp.asarray(np.arange(T)[None] >= rng.integers(0, 3, (P, 1))),
         response_PNR=jnp.asarray(rng.integers(0, CFG.vocab_size, (P, N, R)), jnp.int32),
@@ -342,9 +343,9 @@ def test_ragged_groups_never_read_empty_slots(params, random_select):
     assert float(runs[0][1]["votes_drawn"]) == pytest.approx(np.mean(drawn_P))
     # The vote of a short group is the vote of its drawn answers alone.
     answer_PN = ragged(batch, drawn_P, 1).answer_id_PN
-    majority_P, ratio_P = grpo.majority_vote(answer_PN)
+    majority_P, ratio_P = vote.majority_vote(answer_PN)
     for p, n in enumerate(drawn_P):
-        m, r = grpo.majority_vote(batch.answer_id_PN[p : p + 1, :n])
+        m, r = vote.majority_vote(batch.answer_id_PN[p : p + 1, :n])
         assert int(majority_P[p]) == int(m[0]) and float(ratio_P[p]) == pytest.approx(float(r[0]))
-    index_PM = grpo.select_responses(key, P, N, 3, random_select, grpo.drawn(answer_PN))
+    index_PM = advantages.select_responses(key, P, N, 3, random_select, vote.drawn(answer_PN))
     assert all((np.asarray(index_PM)[p] < n).all() for p, n in enumerate(drawn_P))

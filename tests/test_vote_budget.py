@@ -5,10 +5,10 @@ import functools
 import numpy as np
 import pytest
 
-from ttrl_jax.rl import grpo
+from ttrl_jax.rl import vote
 from ttrl_jax.rl import vote_budget as vb
 
-ND = grpo.NOT_DRAWN
+ND = vote.NOT_DRAWN
 
 
 def ids(*rows, n_max):
@@ -80,7 +80,7 @@ def test_posterior_error_is_monotone_in_the_evidence():
         row = list(rng.choice([0, 0, 0, 1, 2, -1], size=rng.integers(1, 12)))
         row = _first_seen(row)
         base = vb.overturn_probability(ids(row, n_max=16), 16)[0]
-        lead = int(vb.majority(ids(row, n_max=16))[0])
+        lead = int(vote.majority_vote(ids(row, n_max=16))[0][0])
         if lead < 0:
             continue
         more_lead = vb.overturn_probability(ids(row + [lead], n_max=16), 16)[0]
@@ -153,12 +153,15 @@ def test_posterior_settles_wherever_the_lead_rule_does():
     assert vb.settled(batch, POSTERIOR).sum() > lead.sum()
 
 
-def test_majority_matches_the_device_vote():
+def test_the_vote_of_a_drawn_prefix_is_the_prefix_vote():
+    # Slots past a prompt's draws (NOT_DRAWN) change neither its winner nor its ratio.
     rng = np.random.default_rng(2)
-    batch = np.stack([ids(_first_seen(list(rng.integers(-1, 4, n))), n_max=12)[0]
-                      for n in rng.integers(1, 13, 50)])  # fmt: skip
-    majority, _ = grpo.majority_vote(batch)
-    np.testing.assert_array_equal(vb.majority(batch), np.asarray(majority))
+    for n in rng.integers(1, 13, 50):
+        row = _first_seen(list(rng.integers(-1, 4, n)))
+        padded = vote.majority_vote(ids(row, n_max=12))
+        alone = vote.majority_vote(np.asarray([row]))
+        assert int(padded[0][0]) == int(alone[0][0])
+        assert float(padded[1][0]) == pytest.approx(float(alone[1][0]))
 
 
 # ----------------------------------------------------------------------------- rounds
@@ -221,7 +224,8 @@ def test_label_agreement_across_numberings():
     # over more responses (here it sees answer "b" first in the same slot, "c" only later).
     adaptive = ids([0, 1, 0], [0, 1, 1], [-1, -1], n_max=5)
     full = np.array([[0, 1, 0, 1, 1], [0, 1, 1, 2, 2], [-1, -1, 0, -1, -1]])
-    agree = vb.label_agreement(adaptive, full, vb.majority(adaptive), vb.majority(full))
+    majority = lambda x: np.asarray(vote.majority_vote(x)[0])
+    agree = vb.label_agreement(adaptive, full, majority(adaptive), majority(full))
     np.testing.assert_array_equal(agree, [False, True, False])
     m = vb.audit_metrics(adaptive, np.array([0, 1, 0]), full, np.array([1, 1, 0]),
                          np.ones((3, 5), bool))  # fmt: skip

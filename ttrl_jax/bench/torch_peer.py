@@ -19,7 +19,7 @@ import numpy as np
 from ttrl_jax.bench import models
 from ttrl_jax.config.schema import Config
 from ttrl_jax.model.config import ModelConfig
-from ttrl_jax.rl import train
+from ttrl_jax.rl.batch import StepBatch
 
 # torch.optim.AdamW's implementations; on CPU the default is the per-tensor loop, several
 # times slower than the fused kernel over a large embedding.
@@ -102,7 +102,7 @@ def torch_optimizer(policy, opts: PeerOptions, adamw: str = "fused"):
     )  # fmt: skip
 
 
-def torch_rollout(batch: train.StepBatch, n_train: int) -> dict[str, Any]:
+def torch_rollout(batch: StepBatch, n_train: int) -> dict[str, Any]:
     """The rollout as verl's actor sees it: one row per trained response (the first n_train of
     each prompt), prompt + response joined; all answers are kept for the vote."""
     import torch

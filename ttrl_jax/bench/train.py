@@ -23,7 +23,8 @@ from ttrl_jax.bench.machine import si
 from ttrl_jax.config import load as config_lib
 from ttrl_jax.config.schema import Config
 from ttrl_jax.model.config import ModelConfig
-from ttrl_jax.rl import grpo, logprobs, train
+from ttrl_jax.rl import advantages, logprobs, losses, rewards, train, vote
+from ttrl_jax.rl.batch import StepBatch
 from ttrl_jax.run import from_config as parts
 
 
@@ -103,9 +104,7 @@ def train_flops(
     return flops
 
 
-def make_rollout(
-    cfg: ModelConfig, P: int, N: int, T: int, R: int, seed: int = 0
-) -> train.StepBatch:
+def make_rollout(cfg: ModelConfig, P: int, N: int, T: int, R: int, seed: int = 0) -> StepBatch:
     """A synthetic rollout batch with realistic padding and answers that split every group.
 
     Prompts are left-padded to T (real length in [T/2, T]), responses end somewhere in
@@ -117,7 +116,7 @@ def make_rollout(
     prompt_len_P1 = rng.integers(T // 2 + 1, T + 1, (P, 1))
     response_len_PN1 = rng.integers(R // 2 + 1, R + 1, (P, N, 1))
     answer_id_PN = np.broadcast_to(np.arange(N) >= N - max(N // 4, 1), (P, N))
-    return train.StepBatch(
+    return StepBatch(
         prompt_PT=jnp.asarray(rng.integers(0, cfg.vocab_size, (P, T)), jnp.int32),
         prompt_mask_PT=jnp.asarray(np.arange(T)[None] >= T - prompt_len_P1),
         response_PNR=jnp.asarray(rng.integers(0, cfg.vocab_size, (P, N, R)), jnp.int32),
@@ -130,7 +129,7 @@ def make_rollout(
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def with_rollout_logp(cfg, params, batch: train.StepBatch, temperature) -> train.StepBatch:
+def with_rollout_logp(cfg, params, batch: StepBatch, temperature) -> StepBatch:
     """The batch with the log-probs the sampler would have returned: the policy's own."""
     P, N, R = batch.response_PNR.shape
     prompt_BT = jnp.repeat(batch.prompt_PT, N, axis=0)
@@ -143,7 +142,7 @@ def with_rollout_logp(cfg, params, batch: train.StepBatch, temperature) -> train
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def our_first_minibatch(cfg, params, batch: train.StepBatch, step_cfg, rows_mini, hyper):
+def our_first_minibatch(cfg, params, batch: StepBatch, step_cfg, rows_mini, hyper):
     """Log-probs, loss and grad norm of the first mini-batch update, built from the pieces the
     train step uses (`response_logp`, the vote, `grpo_loss`) at the initial params, where the
     old and reference policies equal the policy."""
@@ -156,12 +155,12 @@ def our_first_minibatch(cfg, params, batch: train.StepBatch, step_cfg, rows_mini
         cfg, p, prompt_BT, pmask_BT, response_BR, rmask_BR, hyper.temperature
     )["logp_BR"]
     old_BR = jax.lax.stop_gradient(logp_fn(params))
-    majority_P, _ = grpo.majority_vote(batch.answer_id_PN)
-    reward_PN = grpo.vote_reward(batch.answer_id_PN, majority_P)
-    advantage_B = grpo.group_advantages(reward_PN[:, :M]).reshape(-1)[:rows_mini]
+    majority_P, _ = vote.majority_vote(batch.answer_id_PN)
+    reward_PN = rewards.vote_reward(batch.answer_id_PN, majority_P)
+    advantage_B = advantages.group_advantages(reward_PN[:, :M]).reshape(-1)[:rows_mini]
 
     def loss_fn(p):
-        loss, _ = grpo.grpo_loss(
+        loss, _ = losses.grpo_loss(
             logp_fn(p), old_BR, advantage_B, rmask_BR,
             logp_ref_BR=old_BR if step_cfg.use_kl else None,
             clip_low=hyper.clip_low, clip_high=hyper.clip_high, dual_clip=step_cfg.dual_clip,
@@ -173,7 +172,7 @@ def our_first_minibatch(cfg, params, batch: train.StepBatch, step_cfg, rows_mini
     return old_BR, loss, optax.tree.norm(grads)
 
 
-def compare_first_minibatch(ours, theirs, batch: train.StepBatch, opts) -> dict:
+def compare_first_minibatch(ours, theirs, batch: StepBatch, opts) -> dict:
     """Differences between the two sides' (log-probs, loss, grad norm) of the first mini-batch;
     log-probs are compared on real response tokens only."""
     (ours_logp, ours_loss, ours_norm), (theirs_logp, theirs_loss, theirs_norm) = ours, theirs

@@ -16,7 +16,8 @@ from ttrl_jax.data import benchmarks as data_lib
 from ttrl_jax.grading.answers import AnswerMode
 from ttrl_jax.grading.verifier import DEFAULT_TIMEOUT_S
 from ttrl_jax.model.config import Attention, Remat
-from ttrl_jax.rl.grpo import Reward
+from ttrl_jax.rl import losses
+from ttrl_jax.rl.rewards import Reward
 from ttrl_jax.rl.vote_budget import VoteRule
 from ttrl_jax.run.judge import GuardAction, KeepRule, StopRule
 
@@ -25,7 +26,7 @@ TOY_MODEL_DIR = Path(__file__).resolve().parents[1] / "toy" / "model"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy.yaml"
 
 # Choices are types: each list of allowed values is written once (here, or beside the code that
-# implements it: grpo.Reward, answers.AnswerMode) and OmegaConf checks values as it builds one.
+# implements it: rewards.Reward, answers.AnswerMode) and OmegaConf checks values as it builds one.
 Dtype = Literal["float32", "bfloat16"]
 Select = Literal["random", "first"]
 Schedule = Literal["cosine", "linear", "constant"]
@@ -220,7 +221,7 @@ class OptimSection:
         out.need(0 < self.clip_low < 1, f"optim.clip_low={self.clip_low} must be in (0, 1)")
         out.need(self.clip_high > 0, f"optim.clip_high={self.clip_high} must be > 0")
         out.need(
-            self.dual_clip is None or self.dual_clip > 1,
+            losses.valid_dual_clip(self.dual_clip),
             f"optim.dual_clip={self.dual_clip} must be > 1 or null (off)",
         )
         out.at_least("optim.kl_coef", self.kl_coef, 0)

@@ -23,6 +23,7 @@ from ttrl_jax.hf import load as weights
 from ttrl_jax.model import decoder as model_lib
 from ttrl_jax.model.config import PRESETS_HF, ModelConfig, preset
 from ttrl_jax.rl import train as train_lib
+from ttrl_jax.rl.batch import StepBatch
 from ttrl_jax.run import from_config as parts_lib
 from ttrl_jax.sampling import sampler as sampler_lib
 from ttrl_jax.sampling import token_draw
@@ -204,7 +205,7 @@ class TrainInputs:
 
     state: train_lib.TrainState
     ref_params: Any  # None without KL
-    batch: train_lib.StepBatch
+    batch: StepBatch
 
 
 def train_inputs(cfg: Config, mcfg: ModelConfig, shapes: Shapes, mesh: Mesh, tx) -> TrainInputs:
@@ -220,7 +221,7 @@ def train_inputs(cfg: Config, mcfg: ModelConfig, shapes: Shapes, mesh: Mesh, tx)
         sh = sharding_lib.batch_sharding(mesh, len(shape), sharding_lib.TRAIN_RULES)
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
 
-    batch = train_lib.StepBatch(
+    batch = StepBatch(
         prompt_PT=rows((P, T), jnp.int32),
         prompt_mask_PT=rows((P, T), jnp.bool_),
         response_PNR=rows((P, N, R), jnp.int32),

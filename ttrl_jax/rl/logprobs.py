@@ -15,7 +15,7 @@ import numpy as np
 
 from ttrl_jax.model import decoder as model_lib
 from ttrl_jax.model.config import ModelConfig
-from ttrl_jax.rl import grpo
+from ttrl_jax.rl import rewards
 
 
 def sequence_inputs(prompt_BT, prompt_mask_BT, response_BR, response_mask_BR):
@@ -82,7 +82,7 @@ def response_logp(
         if with_entropy:
             out["entropy"] = -(jnp.exp(logp_BcV) * logp_BcV).sum(-1)
         if with_self_certainty:
-            out["self_certainty"] = grpo.token_self_certainty(logits_BcV)
+            out["self_certainty"] = rewards.token_self_certainty(logits_BcV)
         return out
 
     outs = jax.lax.map(lambda xs: one_chunk(*xs), (h_CBcD, target_CBc))

@@ -1,14 +1,24 @@
 """The compiled TTRL train step: vote → rewards → select → advantages → GRPO mini-batch updates.
 
 One jit does all of it, so a step is one dispatch: the host's only work between sampling and
-the update is turning response text into answer ids (rewards.py).
+the update is turning response text into answer ids (grading/clustering.py). In the order of a
+step, with the pure functions of vote.py, rewards.py, advantages.py and losses.py:
+
+    majority_P, ratio_P = majority_vote(answer_id_PN)            # over the N_vote group
+    reward_PN = vote_reward(answer_id_PN, majority_P)            # or another reward
+    index_PM = select_responses(key, P, N_vote, N_train, True)   # M = N_train
+    reward_PM = gather_responses(reward_PN, index_PM)
+    advantage_PM = group_advantages(reward_PM)                   # then optional reshaping
+    loss, aux = grpo_loss(logp_new_BR, logp_old_BR, advantage_B, mask_BR, ...)
+
+Shape suffixes: the package's alphabet (ttrl_jax/__init__.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -18,7 +28,8 @@ import optax
 from ttrl_jax import sharding as sharding_lib
 from ttrl_jax.model import decoder as model_lib
 from ttrl_jax.model.config import ModelConfig
-from ttrl_jax.rl import grpo
+from ttrl_jax.rl import advantages, losses, rewards, vote
+from ttrl_jax.rl.batch import StepBatch
 from ttrl_jax.rl.logprobs import response_logp
 
 
@@ -29,7 +40,7 @@ class StepConfig:
     n_train: int  # responses per prompt used for the update (N_train <= N_vote)
     mini_batch_prompts: int = 1  # prompts per optimizer update (upstream: 1 × 32 responses)
     micro_batch_rows: int = 0  # rows per gradient-accumulation slice; 0 = whole mini-batch
-    reward: grpo.Reward = "majority"
+    reward: rewards.Reward = "majority"
     random_select: bool = True  # random N_train subset (default) or the first N_train
     use_kl: bool = True  # k3 KL to the initial policy (needs ref params)
     use_entropy_bonus: bool = False
@@ -39,9 +50,9 @@ class StepConfig:
     logit_chunk: int = 512  # positions unembedded at once (bounds the B×R×V logits)
 
     def __post_init__(self):
-        if self.reward not in grpo.REWARDS:
-            raise ValueError(f"unknown reward {self.reward!r}; choose one of {grpo.REWARDS}")
-        if self.dual_clip is not None and self.dual_clip <= 1.0:
+        if self.reward not in rewards.REWARDS:
+            raise ValueError(f"unknown reward {self.reward!r}; choose one of {rewards.REWARDS}")
+        if not losses.valid_dual_clip(self.dual_clip):
             raise ValueError(f"dual_clip={self.dual_clip} must be > 1 or None")
 
 
@@ -65,20 +76,6 @@ class StepHyper:
         f = lambda v: jnp.asarray(v, jnp.float32)
         return cls(f(temperature), f(clip_low), f(clip_high), f(kl_coef), f(entropy_coef),
                    f(min_majority_ratio), f(ettrl_alpha), f(lr_scale))  # fmt: skip
-
-
-@flax.struct.dataclass
-class StepBatch:
-    """One rollout batch as the train step consumes it (R = response length)."""
-
-    prompt_PT: jax.Array  # int32, left-padded
-    prompt_mask_PT: jax.Array  # bool
-    response_PNR: jax.Array  # int32, padded after the stop token
-    response_mask_PNR: jax.Array  # bool, True up to and including the stop token
-    logp_PNR: jax.Array  # float32, rollout log-probs of the sampled tokens
-    entropy_PNR: jax.Array  # float32, rollout per-token entropies
-    answer_id_PN: jax.Array  # int32, -1 = no answer
-    gold_id_P: jax.Array  # int32, -1 = no gold label (metrics only, never trained on)
 
 
 @flax.struct.dataclass
@@ -132,6 +129,30 @@ def _rows(x_PM, n_groups: int):
     return flat.reshape((n_groups, -1) + flat.shape[1:])
 
 
+def _split(P: int, sc: StepConfig) -> tuple[int, int, int]:
+    """(mini-batches, micro-batches per mini-batch, rows per micro-batch) of a P-prompt batch."""
+    if P % sc.mini_batch_prompts:
+        raise ValueError(
+            f"batch of {P} prompts does not split into mini-batches of {sc.mini_batch_prompts}"
+        )
+    rows_mini = sc.mini_batch_prompts * sc.n_train
+    rows_micro = sc.micro_batch_rows or rows_mini
+    if rows_mini % rows_micro:
+        raise ValueError(
+            f"mini-batch of {rows_mini} rows does not split into micro-batches of {rows_micro}"
+        )
+    return P // sc.mini_batch_prompts, rows_mini // rows_micro, rows_micro
+
+
+class _Trained(NamedTuple):
+    """The M responses per prompt the update trains on, each with its prompt."""
+
+    prompt_PMT: jax.Array
+    prompt_mask_PMT: jax.Array
+    response_PMR: jax.Array
+    response_mask_PMR: jax.Array
+
+
 def train_step(
     state: TrainState,
     ref_params: Any,
@@ -162,24 +183,13 @@ def train_step(
     sc = step_cfg
     P, N = batch.answer_id_PN.shape
     M = sc.n_train
-    if P % sc.mini_batch_prompts:
-        raise ValueError(
-            f"batch of {P} prompts does not split into mini-batches of {sc.mini_batch_prompts}"
-        )
-    n_mini = P // sc.mini_batch_prompts
-    rows_mini = sc.mini_batch_prompts * M
-    rows_micro = sc.micro_batch_rows or rows_mini
-    if rows_mini % rows_micro:
-        raise ValueError(
-            f"mini-batch of {rows_mini} rows does not split into micro-batches of {rows_micro}"
-        )
-    n_micro = rows_mini // rows_micro
+    n_mini, n_micro, rows_micro = _split(P, sc)
 
     # 1. Vote over all N_vote responses, then choose the N_train to learn from.
-    majority_P, ratio_P = grpo.majority_vote(batch.answer_id_PN)
-    drawn_PN = grpo.drawn(batch.answer_id_PN)
-    index_PM = grpo.select_responses(key, P, N, M, sc.random_select, drawn_PN)
-    take = functools.partial(grpo.gather_responses, index_PM=index_PM)
+    majority_P, ratio_P = vote.majority_vote(batch.answer_id_PN)
+    drawn_PN = vote.drawn(batch.answer_id_PN)
+    index_PM = advantages.select_responses(key, P, N, M, sc.random_select, drawn_PN)
+    take = functools.partial(advantages.gather_responses, index_PM=index_PM)
     answer_PM = take(batch.answer_id_PN)
     response_PMR = take(batch.response_PNR)
     rmask_PMR = take(batch.response_mask_PNR)
@@ -187,61 +197,98 @@ def train_step(
     pmask_PMT = jnp.broadcast_to(
         batch.prompt_mask_PT[:, None], (P, M) + batch.prompt_mask_PT.shape[1:]
     )
+    trained = _Trained(prompt_PMT, pmask_PMT, response_PMR, rmask_PMR)
 
     # 2. Old (rollout-policy) and reference log-probs, one forward per micro-batch, no grad.
-    # (Named scopes label the pieces in profiles: `python -m ttrl_jax.bench train`.)
-    def forward_rows(params, with_extras):
-        def one(xs):
-            p, pm, r, rm = xs
-            return response_logp(
-                cfg, params, p, pm, r, rm, hyper.temperature,
-                with_self_certainty=with_extras and sc.reward == "self_certainty",
-                with_features=with_extras and sc.reward == "evol_novelty",
-                logit_chunk=sc.logit_chunk,
-            )  # fmt: skip
-
-        n = P * M // rows_micro
-        xs = tuple(_rows(x, n) for x in (prompt_PMT, pmask_PMT, response_PMR, rmask_PMR))
-        out = jax.lax.map(one, xs)
-        return {k: v.reshape((P, M) + v.shape[2:]) for k, v in out.items()}
-
-    with jax.named_scope("old_logp"):
-        if sc.recompute_old_logp:
-            old = forward_rows(state.params, with_extras=True)
-            logp_old_PMR = old["logp_BR"]
-        else:
-            old = forward_rows(state.params, with_extras=True) if sc.reward in (
-                "self_certainty", "evol_novelty") else {}  # fmt: skip
-            logp_old_PMR = take(batch.logp_PNR)
-    logp_old_PMR = jax.lax.stop_gradient(logp_old_PMR)
-    if sc.use_kl:
-        with jax.named_scope("ref_logp"):
-            logp_ref_PMR = jax.lax.stop_gradient(forward_rows(ref_params, False)["logp_BR"])
-    else:
-        logp_ref_PMR = jnp.zeros_like(logp_old_PMR)
+    old, logp_old_PMR, logp_ref_PMR = _old_and_ref_logp(
+        state.params, ref_params, batch, trained, take, hyper, cfg, sc, rows_micro
+    )
 
     # 3. Rewards and advantages.
-    if sc.reward == "majority":
-        reward_PM = take(grpo.vote_reward(batch.answer_id_PN, majority_P))
-    elif sc.reward == "soft_frequency":
-        reward_PM = take(grpo.soft_frequency_reward(batch.answer_id_PN))
-    elif sc.reward == "self_certainty":
-        reward_PM = grpo.response_mean(old["self_certainty_BR"], rmask_PMR)
-    else:
-        reward_PM = grpo.evol_novelty_reward(old["feature_BD"], answer_PM, majority_P)
-    advantage_PM = grpo.group_advantages(reward_PM)
+    reward_PM = _rewards(batch, majority_P, answer_PM, rmask_PMR, old, take, sc.reward)
+    advantage_PM = advantages.group_advantages(reward_PM)
     if sc.ettrl:
-        entropy_PM = grpo.response_mean(take(batch.entropy_PNR), rmask_PMR)
-        advantage_PM = grpo.ettrl_reshape(advantage_PM, entropy_PM, hyper.ettrl_alpha)
-    keep_P = grpo.prompt_filter_mask(ratio_P, hyper.min_majority_ratio)
+        entropy_PM = advantages.response_mean(take(batch.entropy_PNR), rmask_PMR)
+        advantage_PM = advantages.ettrl_reshape(advantage_PM, entropy_PM, hyper.ettrl_alpha)
+    keep_P = advantages.prompt_filter_mask(ratio_P, hyper.min_majority_ratio)
     loss_mask_PMR = rmask_PMR & (keep_P[:, None, None] > 0)
 
     # 4. Mini-batch updates; old log-probs stay those of the rollout policy throughout.
     minis = tuple(
         _rows(x, n_mini)
-        for x in (prompt_PMT, pmask_PMT, response_PMR, rmask_PMR, loss_mask_PMR,
-                  logp_old_PMR, logp_ref_PMR, advantage_PM)
-    )  # fmt: skip
+        for x in (*trained, loss_mask_PMR, logp_old_PMR, logp_ref_PMR, advantage_PM)
+    )
+    update = _mini_update(cfg, sc, hyper, tx, n_micro, rows_micro)
+    (params, opt_state), mini_metrics = jax.lax.scan(update, (state.params, state.opt_state), minis)
+    new_state = TrainState(step=state.step + n_mini, params=params, opt_state=opt_state)
+
+    # 5. Metrics (gold ids are used here only).
+    metrics = {k: v.mean() for k, v in mini_metrics.items()}
+    metrics["ratio_first_minibatch"] = mini_metrics["ratio_mean"][0]
+    metrics["lr"] = lr_fn(new_state.step - 1) * hyper.lr_scale
+    # Non-finite if any parameter is: the run checks it before saving (one reduction).
+    metrics["param_norm"] = optax.tree.norm(params)
+    metrics.update(rollout_metrics(batch, majority_P, ratio_P, reward_PM, advantage_PM, keep_P))
+    return new_state, metrics
+
+
+def _logp_rows(params, trained: _Trained, hyper, cfg, sc: StepConfig, rows_micro, extras):
+    """`response_logp` of the trained rows under `params`, one micro-batch at a time; the
+    self-certainty or the features too when `extras` and the reward needs them."""
+
+    def one(xs):
+        p, pm, r, rm = xs
+        return response_logp(
+            cfg, params, p, pm, r, rm, hyper.temperature,
+            with_self_certainty=extras and sc.reward == "self_certainty",
+            with_features=extras and sc.reward == "evol_novelty",
+            logit_chunk=sc.logit_chunk,
+        )  # fmt: skip
+
+    P, M = trained.response_PMR.shape[:2]
+    out = jax.lax.map(one, tuple(_rows(x, P * M // rows_micro) for x in trained))
+    return {k: v.reshape((P, M) + v.shape[2:]) for k, v in out.items()}
+
+
+def _old_and_ref_logp(params, ref_params, batch, trained, take, hyper, cfg, sc, rows_micro):
+    """(the rollout policy's extras, its log-probs, the reference's log-probs), no gradient.
+
+    (Named scopes label the pieces in profiles: `python -m ttrl_jax.bench train`.)
+    """
+    logp = functools.partial(
+        _logp_rows, trained=trained, hyper=hyper, cfg=cfg, sc=sc, rows_micro=rows_micro
+    )
+    with jax.named_scope("old_logp"):
+        if sc.recompute_old_logp:
+            old = logp(params, extras=True)
+            logp_old_PMR = old["logp_BR"]
+        else:
+            needs_extras = sc.reward in ("self_certainty", "evol_novelty")
+            old = logp(params, extras=True) if needs_extras else {}
+            logp_old_PMR = take(batch.logp_PNR)
+    logp_old_PMR = jax.lax.stop_gradient(logp_old_PMR)
+    if sc.use_kl:
+        with jax.named_scope("ref_logp"):
+            logp_ref_PMR = jax.lax.stop_gradient(logp(ref_params, extras=False)["logp_BR"])
+    else:
+        logp_ref_PMR = jnp.zeros_like(logp_old_PMR)
+    return old, logp_old_PMR, logp_ref_PMR
+
+
+def _rewards(batch, majority_P, answer_PM, rmask_PMR, old, take, reward: str) -> jax.Array:
+    """reward_PM of the trained responses, by the step's reward."""
+    if reward == "majority":
+        return take(rewards.vote_reward(batch.answer_id_PN, majority_P))
+    if reward == "soft_frequency":
+        return take(rewards.soft_frequency_reward(batch.answer_id_PN))
+    if reward == "self_certainty":
+        return advantages.response_mean(old["self_certainty_BR"], rmask_PMR)
+    return rewards.evol_novelty_reward(old["feature_BD"], answer_PM, majority_P)
+
+
+def _mini_update(cfg, sc: StepConfig, hyper, tx, n_micro: int, rows_micro: int):
+    """The scan body of the mini-batch updates: gradients accumulated over micro-batches, one
+    optimizer update, the mini-batch's loss and aux values."""
 
     def micro_loss(params, micro, num_tokens):
         p, pm, r, rm, lm, lo, lr, adv = micro
@@ -249,7 +296,7 @@ def train_step(
             cfg, params, p, pm, r, rm, hyper.temperature,
             with_entropy=sc.use_entropy_bonus, logit_chunk=sc.logit_chunk,
         )  # fmt: skip
-        return grpo.grpo_loss(
+        return losses.grpo_loss(
             out["logp_BR"], lo, adv, lm,
             logp_ref_BR=lr if sc.use_kl else None,
             entropy_BR=out.get("entropy_BR"),
@@ -285,19 +332,7 @@ def train_step(
             params = optax.apply_updates(params, updates)
         return (params, opt_state), {"loss": loss, "grad_norm": grad_norm, **aux}
 
-    (params, opt_state), mini_metrics = jax.lax.scan(
-        mini_update, (state.params, state.opt_state), minis
-    )
-    new_state = TrainState(step=state.step + n_mini, params=params, opt_state=opt_state)
-
-    # 5. Metrics (gold ids are used here only).
-    metrics = {k: v.mean() for k, v in mini_metrics.items()}
-    metrics["ratio_first_minibatch"] = mini_metrics["ratio_mean"][0]
-    metrics["lr"] = lr_fn(new_state.step - 1) * hyper.lr_scale
-    # Non-finite if any parameter is: the run checks it before saving (one reduction).
-    metrics["param_norm"] = optax.tree.norm(params)
-    metrics.update(rollout_metrics(batch, majority_P, ratio_P, reward_PM, advantage_PM, keep_P))
-    return new_state, metrics
+    return mini_update
 
 
 # The step's metrics that compare with gold labels (measured only; absent without gold).
@@ -308,12 +343,12 @@ def rollout_metrics(batch: StepBatch, majority_P, ratio_P, reward_PM, advantage_
     """Per-step TTRL measurements over the drawn responses; gold-dependent ones average over
     prompts with a label."""
     answer_PN = batch.answer_id_PN
-    drawn_PN = grpo.drawn(answer_PN)
+    drawn_PN = vote.drawn(answer_PN)
     n_drawn_P = jnp.maximum(drawn_PN.sum(-1), 1)
     has_gold_P = batch.gold_id_P >= 0
     n_gold = jnp.maximum(has_gold_P.sum(), 1)
     correct_PN = (answer_PN == batch.gold_id_P[:, None]) & has_gold_P[:, None]
-    vote_PN = grpo.vote_reward(answer_PN, majority_P) > 0
+    vote_PN = rewards.vote_reward(answer_PN, majority_P) > 0
     length_PN = batch.response_mask_PNR.sum(-1)
     gold_mean = lambda x_P: jnp.where(has_gold_P, x_P, 0.0).sum() / n_gold
     group_mean = lambda x_PN: jnp.where(drawn_PN, x_PN, 0).sum(-1) / n_drawn_P
@@ -329,7 +364,7 @@ def rollout_metrics(batch: StepBatch, majority_P, ratio_P, reward_PM, advantage_
         "advantage_abs_mean": jnp.abs(advantage_PM).mean(),
         "prompts_kept": keep_P.mean(),
         "votes_drawn": drawn_PN.sum(-1).mean(dtype=jnp.float32),
-        "entropy": grpo.masked_token_mean(
+        "entropy": losses.masked_token_mean(
             batch.entropy_PNR, batch.response_mask_PNR & drawn_PN[..., None]
         ),
         "response_length": jnp.where(drawn_PN, length_PN, 0).sum() / n_drawn_P.sum(),

@@ -1,7 +1,7 @@
 """The adaptive vote budget: when a prompt's vote is settled, and what the next round draws.
 
 Host numpy, pure functions of the answer ids. A prompt's responses are drawn in sample-index
-order, so its drawn answers are a prefix of its full draw (`answer_id_PN` holds grpo.NOT_DRAWN
+order, so its drawn answers are a prefix of its full draw (`answer_id_PN` holds vote.NOT_DRAWN
 after them), and a vote stopped after n responses is the vote over the first n responses the
 fixed budget would have drawn (the sampler's per-response random streams make them the same).
 
@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 from scipy import special
 
-from ttrl_jax.rl.grpo import NOT_DRAWN
+from ttrl_jax.rl.vote import NOT_DRAWN, majority_vote
 
 VoteRule = Literal["fixed", "lead", "posterior"]
 VOTE_RULES: tuple[str, ...] = typing.get_args(VoteRule)
@@ -272,16 +272,6 @@ def label_agreement(
     return np.array(out, bool)
 
 
-def majority(answer_id_PN: np.ndarray) -> np.ndarray:
-    """grpo.majority_vote's winner on the host: the most frequent id >= 0, ties to the first
-    seen (smallest id), -1 without any answer."""
-    out = []
-    for ids in np.asarray(answer_id_PN):
-        counts, _, _ = _tally(ids)
-        out.append(int(np.argmax(counts)) if counts.sum() else -1)
-    return np.array(out, np.int32)
-
-
 def audit_metrics(
     adaptive_id_PN: np.ndarray, adaptive_gold_P: np.ndarray, full_id_PN: np.ndarray,
     full_gold_P: np.ndarray, same_PN: np.ndarray,
@@ -293,7 +283,7 @@ def audit_metrics(
       full_id_PN, full_gold_P: the full draw's ids.
       same_PN: whether each drawn adaptive response equals the full draw's in its slot.
     """
-    adaptive, full = majority(adaptive_id_PN), majority(full_id_PN)
+    adaptive, full = (np.asarray(majority_vote(ids)[0]) for ids in (adaptive_id_PN, full_id_PN))
     drawn_PN = np.asarray(adaptive_id_PN) != NOT_DRAWN
     out = {
         "audit/label_agreement": float(

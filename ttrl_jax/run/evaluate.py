@@ -15,7 +15,7 @@ import numpy as np
 from ttrl_jax.config.schema import EvalSection, TTRLSection
 from ttrl_jax.data import prompts as prompts_lib
 from ttrl_jax.grading import verifier
-from ttrl_jax.rl import grpo
+from ttrl_jax.rl import vote
 from ttrl_jax.run import rollout as rollout_lib
 from ttrl_jax.run import signals as signals_lib
 from ttrl_jax.sampling import token_draw
@@ -34,7 +34,7 @@ def score(answer_id_PN: np.ndarray, gold_id_P: np.ndarray) -> dict[str, float]:
         raise ValueError("no prompt has a gold answer: nothing to evaluate against")
     a_PN, g_P = answer_id_PN[has_gold_P], gold_id_P[has_gold_P]
     correct_PN = a_PN == g_P[:, None]
-    majority_P, ratio_P = (np.asarray(x) for x in grpo.majority_vote(a_PN))
+    majority_P, ratio_P = (np.asarray(x) for x in vote.majority_vote(a_PN))
     k = a_PN.shape[1]
     return {
         f"avg@{k}": float(correct_PN.mean()),

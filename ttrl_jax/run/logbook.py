@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ttrl_jax.rl import grpo
+from ttrl_jax.rl import vote
 from ttrl_jax.run import signals as signals_lib
 
 # Every vote's answers, per prompt (Logbook.answers).
@@ -114,7 +114,7 @@ class Logbook:
         if not self.active:
             return
         prompts = [
-            {"index": int(i), "labels": labels, "ids": [int(a) for a in ids if a != grpo.NOT_DRAWN]}
+            {"index": int(i), "labels": labels, "ids": [int(a) for a in ids if a != vote.NOT_DRAWN]}
             for i, labels, ids in zip(votes.prompt_index_P, votes.labels_P, votes.answer_id_PN)
         ]
         with open(self.answers_path, "a") as f:

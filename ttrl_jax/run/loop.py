@@ -33,8 +33,8 @@ from ttrl_jax import sharding as sharding_lib
 from ttrl_jax.config import load as config_lib
 from ttrl_jax.config.schema import Config, ConfigError
 from ttrl_jax.hf import export as hf_export
-from ttrl_jax.rl import grpo
 from ttrl_jax.rl import train as train_lib
+from ttrl_jax.rl import vote
 from ttrl_jax.rl import vote_budget as vote_budget_lib
 from ttrl_jax.run import baseline as baseline_lib
 from ttrl_jax.run import checkpoint as checkpoint_lib
@@ -343,7 +343,7 @@ def ttrl_step(
     if not (gold_id_P >= 0).any():  # no gold label in this batch: nothing to measure against
         metrics = {k: v for k, v in metrics.items() if k not in train_lib.GOLD_METRICS}
     t_end = time.perf_counter()
-    drawn_PN = grpo.drawn(answer_id_PN)
+    drawn_PN = vote.drawn(answer_id_PN)
     tokens = int(gen.length_PN.sum())
     metrics.update(
         episode=job.schedule.position(step)[0], time_sample=t_sample - t0,
@@ -372,7 +372,7 @@ def _audit(job, gen, answer_id_PN, gold_id_P, params, prompts, golds, key, answe
         return {}
     full = job.generator(params, prompts, key, job.parts.sampling, s.n_vote, s.max_new_tokens)
     full_id_PN, full_gold_P = rollout_lib.answer_ids(full, golds, **answers)
-    drawn_PN = grpo.drawn(answer_id_PN)[gen.prompts]
+    drawn_PN = vote.drawn(answer_id_PN)[gen.prompts]
     same_PN = (gen.rollout.tokens_PNR == full.rollout.tokens_PNR).all(-1) | ~drawn_PN
     out = vote_budget_lib.audit_metrics(
         answer_id_PN, gold_id_P, full_id_PN, full_gold_P, sharding_lib.gather_rows(same_PN)

@@ -4,7 +4,7 @@ The seam between the sampler and the train step, shared by the TTRL loop and eva
 `Generator` samples a batch and decodes its texts, `answer_ids` scores them on the host, and
 `Generation.train_batch` turns the rollout and its answer ids into the train step's input.
 `Generator.vote_in_rounds` does the first two in rounds for an adaptive vote (vote_budget.py):
-it returns groups of varying size, `grpo.NOT_DRAWN` marking the slots it did not draw.
+it returns groups of varying size, `vote.NOT_DRAWN` marking the slots it did not draw.
 
 Multi-host: every process is given the whole batch of prompts, but owns only the prompt groups
 whose rows the mesh places on its own devices (`sharding.process_rows`). It feeds those prompts
@@ -30,9 +30,9 @@ from ttrl_jax.data import prompts as prompts_lib
 from ttrl_jax.grading import clustering, verifier
 from ttrl_jax.grading.answers import extract_answer
 from ttrl_jax.model.config import ModelConfig
-from ttrl_jax.rl import grpo
-from ttrl_jax.rl import train as train_lib
+from ttrl_jax.rl import vote
 from ttrl_jax.rl import vote_budget as vote_budget_lib
+from ttrl_jax.rl.batch import StepBatch
 from ttrl_jax.run import signals as signals_lib
 from ttrl_jax.sampling import rounds as rounds_lib
 from ttrl_jax.sampling import sampler as sampler_lib
@@ -83,7 +83,7 @@ class Generation:
         gold_id_P: np.ndarray,
         max_new_tokens: int,
         mesh: Mesh | None = None,
-    ) -> train_lib.StepBatch:
+    ) -> StepBatch:
         """The train step's input: this process's rows, trimmed to the response bucket.
 
         Args:
@@ -93,7 +93,7 @@ class Generation:
         """
         R = response_bucket(int(self.length_PN.max()), max_new_tokens)
         r, mine = self.rollout, self.prompts
-        batch = train_lib.StepBatch(
+        batch = StepBatch(
             prompt_PT=self.prompt_PT,
             prompt_mask_PT=self.prompt_mask_PT,
             response_PNR=np.asarray(r.tokens_PNR)[..., :R],
@@ -267,7 +267,7 @@ class Voted:
     """An adaptive vote on the host: ragged groups and their answer ids (every prompt's)."""
 
     gen: Generation  # [P, n_max] slots; prompt p's first votes_P[p] are drawn, the rest empty
-    answer_id_PN: np.ndarray  # int32, grpo.NOT_DRAWN on the empty slots
+    answer_id_PN: np.ndarray  # int32, vote.NOT_DRAWN on the empty slots
     gold_id_P: np.ndarray
     round_groups: list[int]  # each round's group count G (a round is G x n_min or n_step rows)
     row_steps: int  # rows x decode steps of the rounds' programs (idle and stopped rows too)
@@ -325,8 +325,8 @@ class PrefixScorer:
             self._ids[int(p)] = None
 
     def ids(self, n_max: int) -> tuple[np.ndarray, np.ndarray]:
-        """(answer_id_PN with grpo.NOT_DRAWN past each prompt's draws, gold_id_P)."""
-        answer_id_PN = np.full((len(self.golds), n_max), grpo.NOT_DRAWN, np.int32)
+        """(answer_id_PN with vote.NOT_DRAWN past each prompt's draws, gold_id_P)."""
+        answer_id_PN = np.full((len(self.golds), n_max), vote.NOT_DRAWN, np.int32)
         gold_id_P = np.full((len(self.golds),), -1, np.int32)
         for p, (answers, gold) in enumerate(zip(self._answers, self.golds)):
             if len(answers) and sorted(answers) != list(range(len(answers))):

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ttrl_jax.grading import answers as answers_lib
-from ttrl_jax.rl import grpo
+from ttrl_jax.rl import vote
 
 # Numbers as a question writes them: 12, 3.5, 1,000 (not a sign: "x - 3" holds 3, not -3).
 _NUMBER_RE = re.compile(r"\d{1,3}(?:,\d{3})+(?!\d)|\d+(?:\.\d+)?")
@@ -100,14 +100,14 @@ class Votes:
     """One sampling of some prompts of a task, as the vote sees it (host arrays)."""
 
     prompt_index_P: np.ndarray  # int; each prompt's index in its task
-    answer_id_PN: np.ndarray  # int32; grpo.NO_ANSWER, grpo.NOT_DRAWN or a cluster id
+    answer_id_PN: np.ndarray  # int32; vote.NO_ANSWER, vote.NOT_DRAWN or a cluster id
     labels_P: list[list[str]]  # the canonical answer of each cluster id, per prompt
     length_PN: np.ndarray  # response tokens
     entropy_PN: np.ndarray  # mean per-token entropy of each response
 
     def majority_labels(self) -> list[str | None]:
         """Each prompt's majority answer (ties to the first seen), None without an answer."""
-        majority_P, _ = grpo.majority_vote(self.answer_id_PN)
+        majority_P, _ = vote.majority_vote(self.answer_id_PN)
         majority_P = np.asarray(majority_P)
         return [labels[m] if m >= 0 else None for labels, m in zip(self.labels_P, majority_P)]
 
@@ -116,7 +116,7 @@ class Votes:
         responses count in the denominator only)."""
         out = []
         for labels, ids in zip(self.labels_P, np.asarray(self.answer_id_PN)):
-            drawn = ids[ids != grpo.NOT_DRAWN]
+            drawn = ids[ids != vote.NOT_DRAWN]
             counts = np.bincount(drawn[drawn >= 0], minlength=len(labels))
             out.append({a: c / max(len(drawn), 1) for a, c in zip(labels, counts) if c})
         return out
@@ -135,7 +135,7 @@ def prompt_signals(votes: Votes) -> dict[str, np.ndarray]:
     """Per-prompt values of the signals that need no earlier visit."""
     answer_PN = np.asarray(votes.answer_id_PN)
     P, N = answer_PN.shape
-    drawn_PN = answer_PN != grpo.NOT_DRAWN
+    drawn_PN = answer_PN != vote.NOT_DRAWN
     n_drawn_P = np.maximum(drawn_PN.sum(1), 1)
     count_PA = np.zeros((P, N), np.int64)
     p_idx, n_idx = np.nonzero(answer_PN >= 0)
@@ -165,7 +165,7 @@ def leave_one_out(votes: Votes) -> dict[str, np.ndarray]:
     samples of the same policy score against this sampling's vote and answers."""
     answer_PN = np.asarray(votes.answer_id_PN)
     P, N = answer_PN.shape
-    n_drawn_P = (answer_PN != grpo.NOT_DRAWN).sum(1)
+    n_drawn_P = (answer_PN != vote.NOT_DRAWN).sum(1)
     count_PA = np.zeros((P, N), np.int64)
     p_idx, n_idx = np.nonzero(answer_PN >= 0)
     np.add.at(count_PA, (p_idx, answer_PN[p_idx, n_idx]), 1)
