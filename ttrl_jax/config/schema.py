@@ -19,7 +19,6 @@ from ttrl_jax.model.config import Attention, Remat
 from ttrl_jax.rl import losses
 from ttrl_jax.rl.rewards import Reward
 from ttrl_jax.rl.vote_budget import VoteRule
-from ttrl_jax.run.judge import GuardAction, KeepRule, StopRule
 
 TOY_MODEL = "toy"  # model.name_or_path for the tiny model shipped in ttrl_jax/toy/model
 TOY_MODEL_DIR = Path(__file__).resolve().parents[1] / "toy" / "model"
@@ -31,6 +30,10 @@ Dtype = Literal["float32", "bfloat16"]
 Select = Literal["random", "first"]
 Schedule = Literal["cosine", "linear", "constant"]
 LastBatch = Literal["drop", "wrap"]
+# The label-free judgement's (run/judge.py, which sits above the config and reads them here).
+KeepRule = Literal["last", "best"]
+StopRule = Literal["off", "plateau"]
+GuardAction = Literal["off", "lr", "rollback"]
 _MESH_RE = re.compile(r"^(\d+)x(\d+)$")
 
 

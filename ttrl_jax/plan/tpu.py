@@ -24,8 +24,8 @@ GIB = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
-class Generation:
-    """One TPU generation: its per-chip figures and how its slices are named and shaped."""
+class Chip:
+    """The chip of one TPU generation: its figures and how its slices are named and shaped."""
 
     hbm_gib: float
     peak_flops: float  # bf16 FLOP/s per chip
@@ -39,11 +39,11 @@ class Generation:
 _2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 _3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8"}
 
-GENERATIONS: dict[str, Generation] = {
-    "v4": Generation(32, 275e12, 1200e9, 2, "megacore", _3D, 4),
-    "v5e": Generation(16, 197e12, 819e9, 1, "default", _2D, 8),
-    "v5p": Generation(95, 459e12, 2765e9, 2, "megacore", _3D, 4),
-    "v6e": Generation(32, 918e12, 1638e9, 1, "default", _2D, 8),
+GENERATIONS: dict[str, Chip] = {
+    "v4": Chip(32, 275e12, 1200e9, 2, "megacore", _3D, 4),
+    "v5e": Chip(16, 197e12, 819e9, 1, "default", _2D, 8),
+    "v5p": Chip(95, 459e12, 2765e9, 2, "megacore", _3D, 4),
+    "v6e": Chip(32, 918e12, 1638e9, 1, "default", _2D, 8),
 }
 
 
@@ -57,7 +57,7 @@ class Slice:
     topology: str  # libtpu's topology name, e.g. "v5e:4x4"
 
     @property
-    def spec(self) -> Generation:
+    def spec(self) -> Chip:
         return GENERATIONS[self.generation]
 
     @property

@@ -124,7 +124,7 @@ def evaluate_votes(
         chunk_golds = list(golds[start : start + real])
         gen = generator(params, chunk, jax.random.fold_in(key, b), sampling, k, max_new_tokens)
         # With several processes each scores its own prompts; all get every prompt's ids.
-        answer_PN, gold_id_P = rollout_lib.answer_ids(gen, chunk_golds, real=real, **answers)
+        answer_PN, gold_id_P = rollout_lib.grade(gen, chunk_golds, real=real, **answers)
         found.append(rollout_lib.votes(
             gen, answer_PN, range(start, start + real), mode=answer_mode,
             last_number_fallback=last_number_fallback,
@@ -134,7 +134,7 @@ def evaluate_votes(
         if greedy:
             g = generator(params, chunk, key, greedy_sampling, 1, max_new_tokens)
             # Greedy answers join the gold's id space through one clustering call per prompt.
-            g_ids, g_gold = rollout_lib.answer_ids(g, chunk_golds, real=real, **answers)
+            g_ids, g_gold = rollout_lib.grade(g, chunk_golds, real=real, **answers)
             greedy_ok.append(np.where(g_gold >= 0, g_ids[:, 0] == g_gold, False)[g_gold >= 0])
             tokens += int(g.length_PN[:real].sum())
         if bar is not None:

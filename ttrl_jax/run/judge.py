@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
-KeepRule = Literal["last", "best"]
-StopRule = Literal["off", "plateau"]
+from ttrl_jax.config.schema import GuardAction, StopRule
+
 STOP_RULES: tuple[str, ...] = typing.get_args(StopRule)
 SCORE = "base_vote_share"  # the signal the judge scores an evaluation by (signals.SIGNALS)
 
@@ -162,7 +162,6 @@ class Judge:
         )
 
 
-GuardAction = Literal["off", "lr", "rollback"]
 GUARD_ACTIONS: tuple[str, ...] = typing.get_args(GuardAction)
 
 

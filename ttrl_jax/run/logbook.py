@@ -197,18 +197,14 @@ def plot_curves(records: Sequence[dict[str, Any]], png_path: str, title: str = "
 
 
 def majority_labels(answers_record: dict[str, Any]) -> dict[int, str | None]:
-    """Each prompt's majority answer in one answers.jsonl record (ties to the first seen)."""
-    out = {}
-    for prompt in answers_record["prompts"]:
-        counts: dict[int, int] = {}
-        for a in prompt["ids"]:
-            if a >= 0:
-                counts[a] = counts.get(a, 0) + 1
-        top = max(counts.values(), default=0)
-        out[prompt["index"]] = (
-            prompt["labels"][min(a for a, c in counts.items() if c == top)] if top else None
-        )
-    return out
+    """Each prompt's majority answer in one answers.jsonl record (`vote.majority_vote`)."""
+    prompts = answers_record["prompts"]
+    n = max([len(p["ids"]) for p in prompts] + [1])
+    answer_id_PN = np.full((len(prompts), n), vote.NOT_DRAWN, np.int32)
+    for row, prompt in zip(answer_id_PN, prompts):
+        row[: len(prompt["ids"])] = prompt["ids"]
+    majority_P = np.asarray(vote.majority_vote(answer_id_PN)[0])
+    return {p["index"]: p["labels"][m] if m >= 0 else None for p, m in zip(prompts, majority_P)}
 
 
 # The label-free rows of the summary (signals.SIGNALS, in a reading order) and the gold rows.

@@ -328,7 +328,7 @@ def ttrl_step(
         gen = job.generator(params, prompts, key, job.parts.sampling, s.n_vote, s.max_new_tokens)
         t_sample = time.perf_counter()
         # Their final answers as ids, on the host (each process scores its own prompts).
-        answer_id_PN, gold_id_P = rollout_lib.answer_ids(gen, golds, **answers)
+        answer_id_PN, gold_id_P = rollout_lib.grade(gen, golds, **answers)
         t_reward = time.perf_counter()
         chunk = min(s.prompt_chunk or len(idx), len(idx))
         groups, row_steps = [len(idx)], chunk * s.n_vote * int(gen.rollout.num_steps)
@@ -371,7 +371,7 @@ def _audit(job, gen, answer_id_PN, gold_id_P, params, prompts, golds, key, answe
     if not job.cfg.ttrl.vote_audit:
         return {}
     full = job.generator(params, prompts, key, job.parts.sampling, s.n_vote, s.max_new_tokens)
-    full_id_PN, full_gold_P = rollout_lib.answer_ids(full, golds, **answers)
+    full_id_PN, full_gold_P = rollout_lib.grade(full, golds, **answers)
     drawn_PN = vote.drawn(answer_id_PN)[gen.prompts]
     same_PN = (gen.rollout.tokens_PNR == full.rollout.tokens_PNR).all(-1) | ~drawn_PN
     out = vote_budget_lib.audit_metrics(

@@ -1,7 +1,8 @@
 """Prompts in, scored responses out: bucket and pad, sample on device, decode text, answer ids.
 
 The seam between the sampler and the train step, shared by the TTRL loop and evaluation:
-`Generator` samples a batch and decodes its texts, `answer_ids` scores them on the host, and
+`Generator` samples a batch and decodes its texts, `grade` turns them into answer ids on the
+host (grading/clustering.py's `answer_ids`, each process its own prompts), and
 `Generation.train_batch` turns the rollout and its answer ids into the train step's input.
 `Generator.vote_in_rounds` does the first two in rounds for an adaptive vote (vote_budget.py):
 it returns groups of varying size, `vote.NOT_DRAWN` marking the slots it did not draw.
@@ -87,7 +88,7 @@ class Generation:
         """The train step's input: this process's rows, trimmed to the response bucket.
 
         Args:
-          answer_id_PN, gold_id_P: every prompt's ids (from `answer_ids`).
+          answer_id_PN, gold_id_P: every prompt's ids (from `grade`).
           max_new_tokens: the rollout's response slots (sets the trimming buckets).
           mesh: with several processes, rows become global arrays over its 'data' axis.
         """
@@ -188,7 +189,7 @@ class Generator:
         The prompts are prefilled once; a first round draws samples 0 .. n_min - 1 of each, and
         every later round gives its P groups of n_step rows to the prompts not yet settled.
         Each round's responses are decoded and scored as they come (`PrefixScorer`; golds and
-        the answer settings as for `answer_ids`), every prompt's drawn answers clustered
+        the answer settings as for `grade`), every prompt's drawn answers clustered
         together. Slot n of a prompt holds its sample n: the drawn
         responses of a prompt are slots 0 .. votes - 1, the same responses one call of
         `__call__` with n_samples = n_max gives there.
@@ -341,7 +342,7 @@ class PrefixScorer:
         return answer_id_PN, gold_id_P
 
 
-def answer_ids(
+def grade(
     gen: Generation,
     golds: Sequence[str | None],
     *,
@@ -395,7 +396,7 @@ def votes(
 
     Args:
       gen: this process's generation.
-      answer_id_PN: every prompt's ids (from `answer_ids` or a round vote), at least
+      answer_id_PN: every prompt's ids (from `grade` or a round vote), at least
         len(prompt_index) rows.
       prompt_index: the prompts' indices in their task.
       mode, last_number_fallback: the answer extraction settings the ids were made with.
