@@ -30,8 +30,9 @@ def same_weights(a, b):
 SIGTERM_IN = """
 import os, signal, sys
 from ttrl_jax.run import loop as run
+from ttrl_jax.run import step
 phase, at = os.environ["SIGTERM_IN"].split(":")
-train_step, eval_tasks, evals = run.ttrl_step, run.evaluate_lib.evaluate_tasks, []
+train_step, eval_tasks, evals = step.ttrl_step, run.evaluate_lib.evaluate_tasks, []
 def ttrl_step(job, root, step):
     if phase == "train" and step + 1 == int(at):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -41,7 +42,7 @@ def evaluate_tasks(*args):
     if phase == "eval" and len(evals) == int(at):
         os.kill(os.getpid(), signal.SIGTERM)
     return eval_tasks(*args)
-run.ttrl_step, run.evaluate_lib.evaluate_tasks = ttrl_step, evaluate_tasks
+step.ttrl_step, run.evaluate_lib.evaluate_tasks = ttrl_step, evaluate_tasks
 run.main(sys.argv[1:])
 """
 

@@ -1,4 +1,4 @@
-"""Run configuration: the sections of config_schema.py, from YAML files and dotted overrides.
+"""Run configuration: the sections of schema.py, from YAML files and dotted overrides.
 
 The dataclass defaults are the paper's settings; `configs/toy.yaml` holds the small built-in
 CPU run. A YAML file is a partial

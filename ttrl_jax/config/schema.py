@@ -2,7 +2,7 @@
 
 The defaults are the paper's settings (Qwen2.5-Math, arXiv 2504.16084, and the upstream
 scripts). Each section checks its own ranges in `problems()`; checks that span sections, and
-reading YAML files and overrides, are config.py's.
+reading YAML files and overrides, are load.py's.
 """
 
 from __future__ import annotations

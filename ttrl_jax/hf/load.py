@@ -2,7 +2,7 @@
 
 Loading reads one tensor at a time, stacks the L per-layer tensors of a parameter on the host and
 places the stack straight onto its target sharding, so host memory peaks at about one stacked
-parameter (a 7B model never sits whole on the host). Saving (`save_hf`, from hf_export.py)
+parameter (a 7B model never sits whole on the host). Saving (`save_hf`, from export.py)
 gathers one parameter at a time and writes safetensors shards that transformers and vLLM load.
 """
 

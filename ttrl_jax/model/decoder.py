@@ -1,7 +1,7 @@
 """One decoder for the Llama 3.x, Qwen2/Qwen2.5 and Qwen3 families, with a KV cache.
 
 Read top-down: KV cache → Transformer → Block → Attention → MLP → norms and RoPE. The
-architecture (ModelConfig, presets) is in model_config.py and the attention maths by backend in
+architecture (ModelConfig, presets) is in config.py and the attention maths by backend in
 attention.py; both are re-exported here. Layers are scanned (params stacked on a leading 'layers'
 axis) so compile time does not grow with depth.
 """

@@ -1,5 +1,6 @@
 """The programs the plan compiles: a config's model and batch shapes, and the sampler and the
-train step as a run builds them (parts.py), jitted, with abstract (sharded, data-free) arguments.
+train step as a run builds them (run/from_config.py), jitted, with abstract (sharded,
+data-free) arguments.
 
 Everything here follows from shapes and shardings alone; nothing touches a device or the network.
 """

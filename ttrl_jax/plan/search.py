@@ -3,7 +3,8 @@
     python -m ttrl_jax.plan --config configs/qwen2.5-math-7b_aime24.yaml --tpu v5e-16 [--json]
 
 Both phases of a TTRL step are compiled by XLA:TPU for the slice's abstract devices (libtpu, no
-TPU needed; see tpu.py), from shapes and shardings alone, exactly as a run builds them (parts.py):
+TPU needed; see tpu.py), from shapes and shardings alone, exactly as a run builds them
+(run/from_config.py):
 
 - **sampling**: the rollout sampler, with the train state (params, optimizer state, reference
   params) resident as arguments it does not read, and its params resharded to the sample layout;
@@ -16,7 +17,7 @@ it; a program it refuses is reported with the figure from its out-of-memory mess
 phase does not fit as configured, the plan searches what a config can change (`KNOBS`): the
 micro-batch (optim.micro_batch_size), rematerialisation (model.remat) and any other knob the
 config has, each a parameter of the compiled programs; it reports the largest micro-batch that
-fits. Seconds per phase come from the compiler's cost analysis (plan_time.py).
+fits. Seconds per phase come from the compiler's cost analysis (timing.py).
 
 Without libtpu the programs are compiled by XLA:CPU for fake devices instead, and the report
 says so: XLA:CPU lays out, fuses and rematerialises differently, so its temporaries are only an
@@ -326,7 +327,7 @@ def make_plan(
       headroom: fraction of HBM left unplanned.
       search: when a phase does not fit as configured, try the KNOBS the config has; the
         micro-batch is searched either way when the step fits (the largest that fits).
-      estimate_time: compile the small programs of plan_time for the seconds per phase.
+      estimate_time: compile the small programs of timing.py for the seconds per phase.
       model_cfg: the architecture (default: from cfg.model via `model_config`).
       config_name: a label for reports (e.g. the YAML file name).
       log: optional callable taking progress strings.
@@ -338,87 +339,28 @@ def make_plan(
     """
     if not 0 <= headroom < 1:
         raise ValueError(f"headroom={headroom} must be in [0, 1)")
-    log = log or (lambda _: None)
     s = tpu_lib.slice_spec(tpu)
     base = model_cfg or model_config(cfg)
-    if mesh is None:
-        mesh = tpu_lib.default_mesh(s, base.num_kv_heads, cfg.data.batch_prompts)
-    D, M = sharding_lib.parse_mesh_shape(mesh) if isinstance(mesh, str) else mesh
-    if s.chips != D * M:
-        raise ValueError(
-            f"mesh {D}x{M} needs {D * M} devices but {s.name} has {s.chips} chips; choose D and M "
-            f"with D*M = {s.chips}"
-        )
+    D, M = _mesh_shape(cfg, s, base, mesh)
     where = target(s, devices)
     device_mesh = sharding_lib.make_mesh((D, M), where.devices)
-    config_lib.validate_config(cfg, data_axis_size=D)
-    if cfg.data.batch_prompts % D:
-        raise ConfigError(
-            f"data.batch_prompts={cfg.data.batch_prompts} prompts do not split over the mesh's "
-            f"data axis ({D}): the sampler prefills each prompt on one data shard; choose a "
-            f"mesh whose data size divides {cfg.data.batch_prompts}"
-        )
+    _check_batch(cfg, D)
     usable = int(s.hbm_bytes * (1 - headroom))
     limit = usable if where.compiler == "tpu" else None
-    fits = lambda phase: (
-        phase.total is not None and not phase.memory.refused and phase.total <= usable
-    )
-
-    def configured(settings: dict[str, Any]):
-        c = programs.with_settings(cfg, settings)
-        config_lib.validate_config(c, data_axis_size=D)
-        return c, base.replace(**model_settings(c))
-
-    def sample_with(settings):
-        return sample_phase(*configured(settings), device_mesh, limit, log)
-
+    trials = _Trials(cfg, base, device_mesh, D, usable, limit, log or (lambda _: None))
     changed: dict[str, Any] = {}
-    sample = sample_with({})
-    if search and not fits(sample) and has_key(cfg, "sample.prompt_chunk"):
-        # Fewer prompts per pass, until one fits; when none does, the smallest need is reported.
-        P = cfg.data.batch_prompts
-        for chunk in (c for c in range(P - 1, 0, -1) if P % c == 0 and c % D == 0):
-            trial = sample_with({"sample.prompt_chunk": chunk})
-            if (trial.total or usable + 1) < (sample.total or usable + 2):
-                sample, changed["sample.prompt_chunk"] = trial, chunk
-            if fits(trial):
-                break
-
+    sample = trials.fitting_sample(changed) if search else trials.sample({})
     shapes = plan_shapes(cfg)
-    candidates = programs.micro_batch_candidates(shapes.mini_batch_rows, D)
-    tried: dict[tuple, Phase] = {}
-
-    def train_with(remat, rows):
-        if (remat, rows) not in tried:
-            settings = {**changed, "model.remat": remat, "optim.micro_batch_size": rows}
-            tried[remat, rows] = train_phase(*configured(settings), device_mesh, limit, log)
-        return tried[remat, rows]
-
-    remat0, rows0 = remat_choices(cfg)[0], cfg.optim.micro_batch_size or shapes.mini_batch_rows
-    remat, rows = remat0, rows0
-    for option in remat_choices(cfg) if search else [remat0]:
-        best = largest_fitting(
-            candidates if search else [rows0], lambda r, o=option: train_with(o, r).total, usable
-        )
-        if best is not None:
-            remat, rows = option, best
-            break
-    else:
-        if search:  # nothing fits: report the setting that needs least, and by how much
-            need = lambda item: float("inf") if item[1].total is None else item[1].total
-            remat, rows = min(tried.items(), key=need)[0]
-    train = train_with(remat, rows)
-    if remat != remat0:
-        changed["model.remat"] = remat
-    if rows != rows0:
-        changed["optim.micro_batch_size"] = rows
-
-    final, final_mcfg = configured(
+    remat, rows = trials.fitting_train(changed, shapes, search)
+    train = trials.train(changed, remat, rows)
+    final, final_mcfg = trials.configured(
         {**changed, "model.remat": remat, "optim.micro_batch_size": rows}
     )
     estimate = None
     if estimate_time:
-        estimate = plan_time.estimate(final, final_mcfg, plan_shapes(final), device_mesh, s, log)
+        estimate = plan_time.estimate(
+            final, final_mcfg, plan_shapes(final), device_mesh, s, trials.log
+        )
     return Plan(
         config=config_name,
         model=cfg.model.name_or_path,
@@ -433,9 +375,107 @@ def make_plan(
         changed=changed,
         sample=sample,
         train=train,
-        micro_batches={r: p.total for (o, r), p in tried.items() if o == remat},
+        micro_batches={r: p.total for (o, r), p in trials.tried.items() if o == remat},
         time=estimate,
     )
+
+
+def _mesh_shape(cfg: Config, s: tpu_lib.Slice, base: ModelConfig, mesh) -> tuple[int, int]:
+    """(D, M) of the mesh asked for, or of the slice's default; it must use every chip."""
+    if mesh is None:
+        mesh = tpu_lib.default_mesh(s, base.num_kv_heads, cfg.data.batch_prompts)
+    D, M = sharding_lib.parse_mesh_shape(mesh) if isinstance(mesh, str) else mesh
+    if s.chips != D * M:
+        raise ValueError(
+            f"mesh {D}x{M} needs {D * M} devices but {s.name} has {s.chips} chips; choose D and M "
+            f"with D*M = {s.chips}"
+        )
+    return D, M
+
+
+def _check_batch(cfg: Config, D: int) -> None:
+    config_lib.validate_config(cfg, data_axis_size=D)
+    if cfg.data.batch_prompts % D:
+        raise ConfigError(
+            f"data.batch_prompts={cfg.data.batch_prompts} prompts do not split over the mesh's "
+            f"data axis ({D}): the sampler prefills each prompt on one data shard; choose a "
+            f"mesh whose data size divides {cfg.data.batch_prompts}"
+        )
+
+
+@dataclasses.dataclass
+class _Trials:
+    """The phases of one config under changed settings, each train setting compiled once."""
+
+    cfg: Config
+    base: ModelConfig
+    mesh: Mesh
+    D: int
+    usable: int  # bytes per device the plan may promise
+    limit: int | None  # the compiler's memory limit (XLA:TPU only)
+    log: Callable[[str], None]
+    tried: dict[tuple, Phase] = dataclasses.field(default_factory=dict)  # (remat, rows) -> train
+
+    def fits(self, phase: Phase) -> bool:
+        return phase.total is not None and not phase.memory.refused and phase.total <= self.usable
+
+    def configured(self, settings: dict[str, Any]) -> tuple[Config, ModelConfig]:
+        c = programs.with_settings(self.cfg, settings)
+        config_lib.validate_config(c, data_axis_size=self.D)
+        return c, self.base.replace(**model_settings(c))
+
+    def sample(self, settings: dict[str, Any]) -> Phase:
+        return sample_phase(*self.configured(settings), self.mesh, self.limit, self.log)
+
+    def train(self, changed: dict[str, Any], remat, rows: int) -> Phase:
+        if (remat, rows) not in self.tried:
+            settings = {**changed, "model.remat": remat, "optim.micro_batch_size": rows}
+            self.tried[remat, rows] = train_phase(
+                *self.configured(settings), self.mesh, self.limit, self.log
+            )
+        return self.tried[remat, rows]
+
+    def fitting_sample(self, changed: dict[str, Any]) -> Phase:
+        """The sampling phase, with fewer prompts per pass (`changed` records it) until one
+        fits; when none does, the one that needs least."""
+        sample = self.sample({})
+        if self.fits(sample) or not has_key(self.cfg, "sample.prompt_chunk"):
+            return sample
+        P, usable = self.cfg.data.batch_prompts, self.usable
+        for chunk in (c for c in range(P - 1, 0, -1) if P % c == 0 and c % self.D == 0):
+            trial = self.sample({"sample.prompt_chunk": chunk})
+            if (trial.total or usable + 1) < (sample.total or usable + 2):
+                sample, changed["sample.prompt_chunk"] = trial, chunk
+            if self.fits(trial):
+                break
+        return sample
+
+    def fitting_train(self, changed: dict[str, Any], shapes: Shapes, search: bool):
+        """(remat, micro-batch rows) of the train phase: the first remat choice with a
+        micro-batch that fits, its largest (`changed` records what differs from the config);
+        when nothing fits, the setting that needs least."""
+        cfg = self.cfg
+        candidates = programs.micro_batch_candidates(shapes.mini_batch_rows, self.D)
+        remat0, rows0 = remat_choices(cfg)[0], cfg.optim.micro_batch_size or shapes.mini_batch_rows
+        remat, rows = remat0, rows0
+        for option in remat_choices(cfg) if search else [remat0]:
+            best = largest_fitting(
+                candidates if search else [rows0],
+                lambda r, o=option: self.train(changed, o, r).total,
+                self.usable,
+            )
+            if best is not None:
+                remat, rows = option, best
+                break
+        else:
+            if search:  # nothing fits: report the setting that needs least, and by how much
+                need = lambda item: float("inf") if item[1].total is None else item[1].total
+                remat, rows = min(self.tried.items(), key=need)[0]
+        if remat != remat0:
+            changed["model.remat"] = remat
+        if rows != rows0:
+            changed["optim.micro_batch_size"] = rows
+        return remat, rows
 
 
 def _get(cfg: Config, key: str) -> Any:

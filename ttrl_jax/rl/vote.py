@@ -27,7 +27,7 @@ def majority_vote(answer_id_PN: jax.Array) -> tuple[jax.Array, jax.Array]:
     Args:
       answer_id_PN: int answer cluster ids per response, NO_ANSWER (-1) for "no answer",
         NOT_DRAWN (-2) for an empty slot, otherwise in [0, N). Ids must be numbered in order of
-        first appearance within the prompt (as `rewards.py` does) for ties to go to the
+        first appearance within the prompt (as grading/clustering.py does) for ties to go to the
         first-seen answer, as upstream's `Counter.most_common` does.
 
     Returns:

@@ -22,35 +22,25 @@ import math
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from ttrl_jax import sharding as sharding_lib
 from ttrl_jax.config import load as config_lib
 from ttrl_jax.config.schema import Config, ConfigError
 from ttrl_jax.hf import export as hf_export
-from ttrl_jax.rl import train as train_lib
-from ttrl_jax.rl import vote
-from ttrl_jax.rl import vote_budget as vote_budget_lib
 from ttrl_jax.run import baseline as baseline_lib
 from ttrl_jax.run import checkpoint as checkpoint_lib
 from ttrl_jax.run import evaluate as evaluate_lib
-from ttrl_jax.run import from_config as parts_lib
 from ttrl_jax.run import judge as judge_lib
 from ttrl_jax.run import logbook as logbook_lib
 from ttrl_jax.run import preemption
-from ttrl_jax.run import rollout as rollout_lib
 from ttrl_jax.run import rundir as rundir_lib
 from ttrl_jax.run import setup as job_lib
 from ttrl_jax.run import signals as signals_lib
-from ttrl_jax.sampling import sampler as sampler_lib
-
-# Streams of the root key: each purpose folds its own constant, then the step.
-_SAMPLE, _SELECT, _EVAL, _BASELINE = 1, 2, 3, 4
+from ttrl_jax.run import step as step_lib
 
 
 def maybe_initialize_distributed() -> None:
@@ -69,7 +59,7 @@ def run(cfg: Config) -> dict[str, Any]:
     """Runs (or resumes) a TTRL job and returns its summary.
 
     Args:
-      cfg: the resolved configuration (see ttrl_jax/config.py and configs/).
+      cfg: the resolved configuration (see ttrl_jax/config/schema.py and configs/).
 
     Returns:
       dict with the evaluation before and after training and the last train metrics.
@@ -148,7 +138,7 @@ class _Loop:
         )
         self.progress = _progress(self.total, self.steps_done)
         for step in range(self.steps_done, self.total):
-            metrics, votes = ttrl_step(job, self.root, step)
+            metrics, votes = step_lib.ttrl_step(job, self.root, step)
             done = step + 1
             self.tokens += int(metrics["sample_tokens"])
             metrics.update(self.tracker.observe(votes, "train"))
@@ -180,12 +170,13 @@ class _Loop:
 
     def evaluate(self, done: int) -> judge_lib.Verdict | None:
         """Evaluates the current policy; the judge scores it from its label-free signals (when
-        the base model was evaluated: without it there is no score, and config.py refuses the
+        the base model was evaluated: without it there is no score, and config/load.py refuses the
         rules that need one)."""
         cfg, job = self.cfg, self.job
+        key = jax.random.fold_in(self.root, step_lib.EVAL)
         result, votes = evaluate_lib.evaluate_tasks(
-            job.generator, job.sample_params(), job.eval_tasks,
-            jax.random.fold_in(self.root, _EVAL), cfg.eval, cfg.ttrl, cfg.data.batch_prompts,
+            job.generator, job.sample_params(), job.eval_tasks, key, cfg.eval, cfg.ttrl,
+            cfg.data.batch_prompts,
         )  # fmt: skip
         found = self.tracker.observe(votes, "eval", is_base=done == 0)
         result.update({f"eval/{k}": v for k, v in found.items()})
@@ -281,7 +272,7 @@ class _Loop:
         e = cfg.eval
         base = baseline_lib.matched_vote(
             job.generator, job.base_params(), job.task.prompt_ids, job.task.golds,
-            jax.random.fold_in(self.root, _BASELINE), self.tokens, round_votes=e.k,
+            jax.random.fold_in(self.root, step_lib.BASELINE), self.tokens, round_votes=e.k,
             temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
             batch_prompts=min(cfg.data.batch_prompts, len(job.task.prompt_ids)),
             answer_mode=cfg.ttrl.answer_mode, timeout_s=cfg.ttrl.answer_timeout_s,
@@ -298,89 +289,6 @@ def _kept_steps(cfg: Config, judges: list[judge_lib.Judge]) -> list[int]:
     if cfg.run.keep != "best" or not judges or judges[0].best_step is None:
         return []
     return [judges[0].best_step]
-
-
-def ttrl_step(
-    job: job_lib.Job, root: jax.Array, step: int
-) -> tuple[dict[str, float], signals_lib.Votes]:
-    """One TTRL step on the job's state: sample, score, update; returns its metrics and vote."""
-    cfg, s, t = job.cfg, job.cfg.sample, job.cfg.ttrl
-    budget = parts_lib.vote_budget(cfg)
-    idx = job.schedule.batch_indices(step)
-    prompts, golds = [job.task.prompt_ids[i] for i in idx], [job.task.golds[i] for i in idx]
-    key, params = _stream(root, _SAMPLE, step), job.sample_params()
-    answers = dict(
-        mode=t.answer_mode, timeout_s=t.answer_timeout_s,
-        last_number_fallback=t.last_number_fallback,
-    )  # fmt: skip
-    t0 = time.perf_counter()
-    if budget.adaptive:
-        # Sample in rounds, scoring each round's answers, until every prompt's vote is settled.
-        voted = job.generator.vote_in_rounds(
-            params, prompts, key, job.parts.sampling, budget, s.max_new_tokens, golds, **answers
-        )
-        gen, answer_id_PN, gold_id_P = voted.gen, voted.answer_id_PN, voted.gold_id_P
-        t_reward = time.perf_counter()
-        t_sample = t_reward - voted.time_reward
-        groups, row_steps = voted.round_groups, voted.row_steps
-    else:
-        # Sample n_vote responses per prompt with the current policy.
-        gen = job.generator(params, prompts, key, job.parts.sampling, s.n_vote, s.max_new_tokens)
-        t_sample = time.perf_counter()
-        # Their final answers as ids, on the host (each process scores its own prompts).
-        answer_id_PN, gold_id_P = rollout_lib.grade(gen, golds, **answers)
-        t_reward = time.perf_counter()
-        chunk = min(s.prompt_chunk or len(idx), len(idx))
-        groups, row_steps = [len(idx)], chunk * s.n_vote * int(gen.rollout.num_steps)
-    audit = _audit(job, gen, answer_id_PN, gold_id_P, params, prompts, golds, key, answers)
-    t_audit = time.perf_counter()
-    # Vote, rewards, advantages and the GRPO updates: one compiled step.
-    batch = gen.train_batch(answer_id_PN, gold_id_P, s.max_new_tokens, job.mesh)
-    job.state, metrics = job.step_fn(
-        job.state, job.ref_params, batch, _stream(root, _SELECT, step), job.parts.hyper
-    )
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not (gold_id_P >= 0).any():  # no gold label in this batch: nothing to measure against
-        metrics = {k: v for k, v in metrics.items() if k not in train_lib.GOLD_METRICS}
-    t_end = time.perf_counter()
-    drawn_PN = vote.drawn(answer_id_PN)
-    tokens = int(gen.length_PN.sum())
-    metrics.update(
-        episode=job.schedule.position(step)[0], time_sample=t_sample - t0,
-        time_reward=t_reward - t_sample, time_train=t_end - t_audit,
-        sample_tokens_per_s=tokens / (t_sample - t0),
-        truncated=float((gen.finish_PN == sampler_lib.FINISH_LENGTH)[drawn_PN].mean()),
-        sample_tokens=tokens, sample_row_steps=row_steps, vote_rounds=len(groups),
-        vote_round_groups=groups,
-        votes_saved=1.0 - float(drawn_PN.mean()),
-        votes_per_prompt=vote_budget_lib.votes_drawn(answer_id_PN).tolist(),
-        **audit,
-    )  # fmt: skip
-    if audit:
-        metrics["time_audit"] = t_audit - t_reward
-    votes = rollout_lib.votes(
-        gen, answer_id_PN, idx, mode=t.answer_mode, last_number_fallback=t.last_number_fallback
-    )
-    return metrics, votes
-
-
-def _audit(job, gen, answer_id_PN, gold_id_P, params, prompts, golds, key, answers) -> dict:
-    """With ttrl.vote_audit: the full budget drawn too (the same key, so the adaptive responses
-    are its prefixes), its fixed-budget vote against the adaptive one. Not trained on."""
-    s = job.cfg.sample
-    if not job.cfg.ttrl.vote_audit:
-        return {}
-    full = job.generator(params, prompts, key, job.parts.sampling, s.n_vote, s.max_new_tokens)
-    full_id_PN, full_gold_P = rollout_lib.grade(full, golds, **answers)
-    drawn_PN = vote.drawn(answer_id_PN)[gen.prompts]
-    same_PN = (gen.rollout.tokens_PNR == full.rollout.tokens_PNR).all(-1) | ~drawn_PN
-    out = vote_budget_lib.audit_metrics(
-        answer_id_PN, gold_id_P, full_id_PN, full_gold_P, sharding_lib.gather_rows(same_PN)
-    )
-    full_tokens = int(full.length_PN.sum())
-    out["audit/sample_tokens_full"] = full_tokens
-    out["audit/tokens_saved"] = 1.0 - int(gen.length_PN.sum()) / max(full_tokens, 1)
-    return out
 
 
 class TrainingDiverged(RuntimeError):
@@ -444,11 +352,6 @@ def _export(job: job_lib.Job, cfg: Config, ckpt) -> None:
         ) from None
 
 
-def _stream(root: jax.Array, purpose: int, step: int) -> jax.Array:
-    """The key of one purpose at one step: independent of every other (purpose, step)."""
-    return jax.random.fold_in(jax.random.fold_in(root, purpose), step)
-
-
 def _every(done: int, period: int) -> bool:
     return bool(period) and done % period == 0
 
@@ -502,7 +405,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
-            "Main options (as key=value; see configs/ and ttrl_jax/config.py for all):\n"
+            "Main options (as key=value; see configs/ and ttrl_jax/config/schema.py for all):\n"
             "  model.name_or_path=Qwen/Qwen2.5-Math-1.5B   HF hub id, local folder or 'toy'\n"
             "  data.name=aime24 | amc | math500 | toy       or data.path=FILE_OR_FOLDER\n"
             "  sample.n_vote=64 sample.n_train=32 sample.temperature=1.0\n"

@@ -1,0 +1,110 @@
+"""One TTRL step on the host: sample (at once, or in rounds until each vote is settled), grade
+the answers, run the compiled update (rl/train.py), and gather the step's metrics and vote.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+
+from ttrl_jax import sharding as sharding_lib
+from ttrl_jax.rl import train as train_lib
+from ttrl_jax.rl import vote
+from ttrl_jax.rl import vote_budget as vote_budget_lib
+from ttrl_jax.run import from_config as parts_lib
+from ttrl_jax.run import rollout as rollout_lib
+from ttrl_jax.run import setup as job_lib
+from ttrl_jax.run import signals as signals_lib
+from ttrl_jax.sampling import sampler as sampler_lib
+
+# Streams of the root key: each purpose folds its own constant, then the step.
+SAMPLE, SELECT, EVAL, BASELINE = 1, 2, 3, 4
+
+
+def stream(root: jax.Array, purpose: int, step: int) -> jax.Array:
+    """The key of one purpose at one step: independent of every other (purpose, step)."""
+    return jax.random.fold_in(jax.random.fold_in(root, purpose), step)
+
+
+def ttrl_step(
+    job: job_lib.Job, root: jax.Array, step: int
+) -> tuple[dict[str, float], signals_lib.Votes]:
+    """One TTRL step on the job's state: sample, score, update; returns its metrics and vote."""
+    cfg, s, t = job.cfg, job.cfg.sample, job.cfg.ttrl
+    budget = parts_lib.vote_budget(cfg)
+    idx = job.schedule.batch_indices(step)
+    prompts, golds = [job.task.prompt_ids[i] for i in idx], [job.task.golds[i] for i in idx]
+    key, params = stream(root, SAMPLE, step), job.sample_params()
+    answers = dict(
+        mode=t.answer_mode, timeout_s=t.answer_timeout_s,
+        last_number_fallback=t.last_number_fallback,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    if budget.adaptive:
+        # Sample in rounds, scoring each round's answers, until every prompt's vote is settled.
+        voted = job.generator.vote_in_rounds(
+            params, prompts, key, job.parts.sampling, budget, s.max_new_tokens, golds, **answers
+        )
+        gen, answer_id_PN, gold_id_P = voted.gen, voted.answer_id_PN, voted.gold_id_P
+        t_reward = time.perf_counter()
+        t_sample = t_reward - voted.time_reward
+        groups, row_steps = voted.round_groups, voted.row_steps
+    else:
+        # Sample n_vote responses per prompt with the current policy.
+        gen = job.generator(params, prompts, key, job.parts.sampling, s.n_vote, s.max_new_tokens)
+        t_sample = time.perf_counter()
+        # Their final answers as ids, on the host (each process scores its own prompts).
+        answer_id_PN, gold_id_P = rollout_lib.grade(gen, golds, **answers)
+        t_reward = time.perf_counter()
+        chunk = min(s.prompt_chunk or len(idx), len(idx))
+        groups, row_steps = [len(idx)], chunk * s.n_vote * int(gen.rollout.num_steps)
+    audit = _audit(job, gen, answer_id_PN, gold_id_P, params, prompts, golds, key, answers)
+    t_audit = time.perf_counter()
+    # Vote, rewards, advantages and the GRPO updates: one compiled step.
+    batch = gen.train_batch(answer_id_PN, gold_id_P, s.max_new_tokens, job.mesh)
+    job.state, metrics = job.step_fn(
+        job.state, job.ref_params, batch, stream(root, SELECT, step), job.parts.hyper
+    )
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not (gold_id_P >= 0).any():  # no gold label in this batch: nothing to measure against
+        metrics = {k: v for k, v in metrics.items() if k not in train_lib.GOLD_METRICS}
+    t_end = time.perf_counter()
+    drawn_PN = vote.drawn(answer_id_PN)
+    tokens = int(gen.length_PN.sum())
+    metrics.update(
+        episode=job.schedule.position(step)[0], time_sample=t_sample - t0,
+        time_reward=t_reward - t_sample, time_train=t_end - t_audit,
+        sample_tokens_per_s=tokens / (t_sample - t0),
+        truncated=float((gen.finish_PN == sampler_lib.FINISH_LENGTH)[drawn_PN].mean()),
+        sample_tokens=tokens, sample_row_steps=row_steps, vote_rounds=len(groups),
+        vote_round_groups=groups,
+        votes_saved=1.0 - float(drawn_PN.mean()),
+        votes_per_prompt=vote_budget_lib.votes_drawn(answer_id_PN).tolist(),
+        **audit,
+    )  # fmt: skip
+    if audit:
+        metrics["time_audit"] = t_audit - t_reward
+    votes = rollout_lib.votes(
+        gen, answer_id_PN, idx, mode=t.answer_mode, last_number_fallback=t.last_number_fallback
+    )
+    return metrics, votes
+
+
+def _audit(job, gen, answer_id_PN, gold_id_P, params, prompts, golds, key, answers) -> dict:
+    """With ttrl.vote_audit: the full budget drawn too (the same key, so the adaptive responses
+    are its prefixes), its fixed-budget vote against the adaptive one. Not trained on."""
+    s = job.cfg.sample
+    if not job.cfg.ttrl.vote_audit:
+        return {}
+    full = job.generator(params, prompts, key, job.parts.sampling, s.n_vote, s.max_new_tokens)
+    full_id_PN, full_gold_P = rollout_lib.grade(full, golds, **answers)
+    drawn_PN = vote.drawn(answer_id_PN)[gen.prompts]
+    same_PN = (gen.rollout.tokens_PNR == full.rollout.tokens_PNR).all(-1) | ~drawn_PN
+    out = vote_budget_lib.audit_metrics(
+        answer_id_PN, gold_id_P, full_id_PN, full_gold_P, sharding_lib.gather_rows(same_PN)
+    )
+    full_tokens = int(full.length_PN.sum())
+    out["audit/sample_tokens_full"] = full_tokens
+    out["audit/tokens_saved"] = 1.0 - int(gen.length_PN.sum()) / max(full_tokens, 1)
+    return out
