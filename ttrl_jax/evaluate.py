@@ -79,32 +79,39 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-greedy", action="store_true")
     ap.add_argument("--system-prompt", default=None)
     ap.add_argument(
-        "--prompt-template", default="{question}",
+        "--prompt-template",
+        default="{question}",
         help="the user turn; '{question}' is replaced by the question (as data.prompt_template)",
-    )  # fmt: skip
+    )
     ap.add_argument(
-        "--last-number", action="store_true",
+        "--last-number",
+        action="store_true",
         help="a response without a boxed or stated answer answers with its last number",
-    )  # fmt: skip
+    )
     ap.add_argument("--answer-mode", default="math", choices=typing.get_args(AnswerMode))
     ap.add_argument(
-        "--timeout", type=at_least(0.001, float), default=None,
+        "--timeout",
+        type=at_least(0.001, float),
+        default=None,
         help="math-verify seconds per answer (default: as a run's ttrl.answer_timeout_s)",
-    )  # fmt: skip
+    )
     ap.add_argument("--mesh", default="auto", help="DxM device mesh")
     ap.add_argument("--dtype", default="float32", choices=typing.get_args(Dtype))
     ap.add_argument("--seed", type=at_least(0), default=0)
     ap.add_argument("--limit", type=at_least(1), default=None, help="the first LIMIT items")
     ap.add_argument(
-        "--match-tokens", type=at_least(1), default=None,
+        "--match-tokens",
+        type=at_least(1),
+        default=None,
         help="instead: the model's majority vote over as many responses per prompt as spend "
         "this many sampled tokens (maj@N, the token-matched baseline of a TTRL run)",
-    )  # fmt: skip
+    )
     ap.add_argument(
-        "--match-run", default=None,
+        "--match-run",
+        default=None,
         help="instead: the token-matched baseline of the TTRL run in this folder (its sampled "
         "tokens from metrics.jsonl), printed with the run's kept evaluation",
-    )  # fmt: skip
+    )
     return ap.parse_args(argv)
 
 
@@ -135,17 +142,24 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
         )
     buckets = (2 ** math.ceil(math.log2(longest)),)
     generator = rollout_lib.Generator(
-        cfg, tokenizer, parts_lib.stop_ids(cfg, tokenizer=tokenizer, model_dir=folder),
+        cfg,
+        tokenizer,
+        parts_lib.stop_ids(cfg, tokenizer=tokenizer, model_dir=folder),
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        buckets, mesh,
-    )  # fmt: skip
+        buckets,
+        mesh,
+    )
     timeout = args.timeout or TTRLSection().answer_timeout_s
     golds, key = [it["answer"] for it in items], jax.random.key(args.seed)
     settings = dict(
-        temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new,
-        batch_prompts=min(args.batch_prompts, len(prompt_ids)), answer_mode=args.answer_mode,
-        timeout_s=timeout, last_number_fallback=args.last_number,
-    )  # fmt: skip
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=max_new,
+        batch_prompts=min(args.batch_prompts, len(prompt_ids)),
+        answer_mode=args.answer_mode,
+        timeout_s=timeout,
+        last_number_fallback=args.last_number,
+    )
     if args.match_tokens or args.match_run:
         return _matched(args, generator, params, prompt_ids, golds, key, settings)
     return evaluate_lib.evaluate(

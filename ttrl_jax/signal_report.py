@@ -46,10 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for path in args.run_dirs:
         records = logbook_lib.read_records(os.path.join(path, "metrics.jsonl"))
-        if not any(r.get("eval") and any(k.startswith(f"eval/{args.gold}") for k in r)
-                   for r in records):  # fmt: skip
-            print(f"error: {path} has no evaluation with eval/{args.gold} (no run directory, or "
-                  "a run without gold labels)", file=sys.stderr)  # fmt: skip
+        if not any(
+            r.get("eval") and any(k.startswith(f"eval/{args.gold}") for k in r) for r in records
+        ):
+            print(
+                f"error: {path} has no evaluation with eval/{args.gold} (no run directory, or "
+                "a run without gold labels)",
+                file=sys.stderr,
+            )
             return 2
         runs[os.path.basename(os.path.normpath(path))] = records
     print(table(runs, args.gold))

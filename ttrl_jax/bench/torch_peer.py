@@ -97,9 +97,13 @@ def torch_optimizer(policy, opts: PeerOptions, adamw: str = "fused"):
     import torch
 
     return torch.optim.AdamW(
-        policy.parameters(), lr=opts.lr, betas=opts.betas, eps=opts.eps,
-        weight_decay=opts.weight_decay, **TORCH_ADAMW[adamw],
-    )  # fmt: skip
+        policy.parameters(),
+        lr=opts.lr,
+        betas=opts.betas,
+        eps=opts.eps,
+        weight_decay=opts.weight_decay,
+        **TORCH_ADAMW[adamw],
+    )
 
 
 def torch_rollout(batch: StepBatch, n_train: int) -> dict[str, Any]:
@@ -210,9 +214,13 @@ def torch_train_step(policy, ref, optimizer, rollout: dict[str, Any], opts: Peer
     for i, (mini, adv_B) in enumerate(zip(minis, advantage_B.split(opts.rows_mini))):
         optimizer.zero_grad(set_to_none=True)
         loss = torch_grpo_loss(
-            torch_response_logp(policy, mini, temperature), old[i], refs[i], adv_B,
-            mini["response_mask"], opts,
-        )  # fmt: skip
+            torch_response_logp(policy, mini, temperature),
+            old[i],
+            refs[i],
+            adv_B,
+            mini["response_mask"],
+            opts,
+        )
         loss.backward()
         with torch.profiler.record_function("optimizer"):
             max_norm = float("inf") if opts.grad_clip is None else opts.grad_clip
@@ -236,10 +244,13 @@ def torch_first_minibatch(policy, ref, rollout: dict[str, Any], opts: PeerOption
         old_BR = torch_response_logp(policy, first, temperature)
     policy.zero_grad(set_to_none=True)
     loss = torch_grpo_loss(
-        torch_response_logp(policy, first, temperature), old_BR, None if ref is None else old_BR,
+        torch_response_logp(policy, first, temperature),
+        old_BR,
+        None if ref is None else old_BR,
         torch_advantages(rollout["answer_id_PN"], opts.n_train)[: opts.rows_mini],
-        first["response_mask"], opts,
-    )  # fmt: skip
+        first["response_mask"],
+        opts,
+    )
     loss.backward()
     norm = sum(float(p.grad.double().square().sum()) for p in policy.parameters()) ** 0.5
     policy.zero_grad(set_to_none=True)

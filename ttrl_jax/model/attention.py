@@ -163,9 +163,11 @@ def _flash_fwd(cq, ck, q_BTKGH, k_BSKH, v_BSKH, valid_BS, offset):
             p_BKGts = jnp.exp(s_BKGts - m_new[..., None])
             rescale = jnp.exp(m_BKGt - m_new)
             pv_BKGtH = jnp.einsum(
-                "BKGts,BsKH->BKGtH", p_BKGts.astype(dtype), v_BsKH,
+                "BKGts,BsKH->BKGtH",
+                p_BKGts.astype(dtype),
+                v_BsKH,
                 preferred_element_type=jnp.float32,
-            )  # fmt: skip
+            )
             acc_BKGtH = acc_BKGtH * rescale[..., None] + pv_BKGtH
             return m_new, l_BKGt * rescale + p_BKGts.sum(-1), acc_BKGtH
 
@@ -310,6 +312,10 @@ def _splash_kernel(T: int, Q: int, interpret: bool):
     )  # fmt: skip
     mask = splash.MultiHeadMask([splash.CausalMask((T, T))] * Q)
     return splash.make_splash_mha(
-        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-        residual_checkpoint_name=CHECKPOINT_NAME, interpret=interpret,
-    )  # fmt: skip
+        mask,
+        block_sizes=sizes,
+        head_shards=1,
+        q_seq_shards=1,
+        residual_checkpoint_name=CHECKPOINT_NAME,
+        interpret=interpret,
+    )

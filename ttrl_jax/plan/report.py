@@ -201,9 +201,11 @@ def main(argv: Sequence[str] | None = None) -> list[Any]:
     )
     ap.add_argument("--config", action="append", required=True, help="YAML run config (repeatable)")
     ap.add_argument(
-        "--tpu", action="append", required=True,
+        "--tpu",
+        action="append",
+        required=True,
         help=f"TPU slice as rented (repeatable): {', '.join(tpu_lib.known_slices())}",
-    )  # fmt: skip
+    )
     ap.add_argument("--mesh", default=None, help="DxM (data x model); default: chosen per model")
     ap.add_argument(
         "--headroom", type=float, default=plan_lib.DEFAULT_HEADROOM, help="HBM share left unplanned"

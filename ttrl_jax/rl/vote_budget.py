@@ -103,9 +103,12 @@ def _beta_binomial(n_S: np.ndarray, a: float, b: float) -> np.ndarray:
         return (k == 0).astype(np.float64)
     kk = np.where(inside, k, 0)
     log = (
-        special.gammaln(n + 1) - special.gammaln(kk + 1) - special.gammaln(n - kk + 1)
-        + special.betaln(kk + a, n - kk + b) - special.betaln(a, b)
-    )  # fmt: skip
+        special.gammaln(n + 1)
+        - special.gammaln(kk + 1)
+        - special.gammaln(n - kk + 1)
+        + special.betaln(kk + a, n - kk + b)
+        - special.betaln(a, b)
+    )
     return np.where(inside, np.exp(log), 0.0)
 
 
@@ -254,9 +257,11 @@ def next_round(
 
 
 def label_agreement(
-    adaptive_id_PN: np.ndarray, full_id_PN: np.ndarray, majority_P: np.ndarray,
+    adaptive_id_PN: np.ndarray,
+    full_id_PN: np.ndarray,
+    majority_P: np.ndarray,
     full_majority_P: np.ndarray,
-) -> np.ndarray:  # fmt: skip
+) -> np.ndarray:
     """Whether each prompt's adaptive pseudo-label is the full budget's, across numberings.
 
     The adaptive ids number the drawn prefix, the full ids the whole draw; a label is carried
@@ -273,9 +278,12 @@ def label_agreement(
 
 
 def audit_metrics(
-    adaptive_id_PN: np.ndarray, adaptive_gold_P: np.ndarray, full_id_PN: np.ndarray,
-    full_gold_P: np.ndarray, same_PN: np.ndarray,
-) -> dict[str, float]:  # fmt: skip
+    adaptive_id_PN: np.ndarray,
+    adaptive_gold_P: np.ndarray,
+    full_id_PN: np.ndarray,
+    full_gold_P: np.ndarray,
+    same_PN: np.ndarray,
+) -> dict[str, float]:
     """The adaptive vote against the fixed budget's vote over the same full draw.
 
     Args:

@@ -292,9 +292,12 @@ def summary(
             f"{base['base_maj@N/n_votes']} responses per prompt spends "
             f"{base['base_maj@N/tokens']:,} sampled tokens against the run's "
             f"{base['run_tokens']:,} (training and evaluation)"
-            + (f"; the kept policy's majority answer agrees with it on {agree:.0%} of prompts."
-               if agree is not None else ".")
-        )  # fmt: skip
+            + (
+                f"; the kept policy's majority answer agrees with it on {agree:.0%} of prompts."
+                if agree is not None
+                else "."
+            )
+        )
     if trains:
         lines += ["", "| train (first / last step) | first | last |", "|---|---|---|"]
         for k in (

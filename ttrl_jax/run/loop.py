@@ -73,9 +73,10 @@ def run(cfg: Config) -> dict[str, Any]:
     with rundir_lib.lock(out_dir), preemption.StopRequests() as stop:
         judge_box: list[judge_lib.Judge] = []  # the judge names the kept step to the manager
         ckpt = checkpoint_lib.Checkpointer(
-            os.path.join(out_dir, "checkpoints"), keep=cfg.run.keep_checkpoints,
+            os.path.join(out_dir, "checkpoints"),
+            keep=cfg.run.keep_checkpoints,
             kept=lambda: _kept_steps(cfg, judge_box),
-        )  # fmt: skip
+        )
         try:
             resume = _check_start(cfg, ckpt)
             job = job_lib.build(cfg)
@@ -117,10 +118,12 @@ class _Loop:
         self.tokens = int(record.get("tokens", 0))  # sampled so far, training and evaluation
         self.total = steps_done if self.judge.stopped else job.total_steps
         self.logbook = logbook_lib.Logbook(
-            cfg.run.out_dir, keep_upto=steps_done or None, tensorboard=cfg.run.tensorboard,
+            cfg.run.out_dir,
+            keep_upto=steps_done or None,
+            tensorboard=cfg.run.tensorboard,
             wandb_project=cfg.run.wandb_project if cfg.run.wandb else None,
             config=config_lib.config_to_dict(cfg),
-        )  # fmt: skip
+        )
         self.last_eval: dict[str, float] = {}
         self.progress = None
 
@@ -220,10 +223,14 @@ class _Loop:
     def save(self, done: int, final: bool, eval_pending: bool) -> None:
         """Checkpoints step `done`; a failed periodic save warns and training goes on."""
         record = {
-            "steps_done": done, "seed": self.cfg.run.seed, "eval_pending": eval_pending,
-            "tracker": self.tracker.state(), "judge": self.judge.state(), "tokens": self.tokens,
+            "steps_done": done,
+            "seed": self.cfg.run.seed,
+            "eval_pending": eval_pending,
+            "tracker": self.tracker.state(),
+            "judge": self.judge.state(),
+            "tokens": self.tokens,
             "guard": self.guard.state(),
-        }  # fmt: skip
+        }
         try:
             self.ckpt.save(done, self.job.state, record)
             if final:

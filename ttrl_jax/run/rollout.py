@@ -148,19 +148,24 @@ class Generator:
         )  # fmt: skip
         rollout = sharding_lib.local_rows(rollout)
         return Generation(
-            prompt_PT, prompt_mask_PT, rollout, self.decode(rollout), mine.start,
+            prompt_PT,
+            prompt_mask_PT,
+            rollout,
+            self.decode(rollout),
+            mine.start,
             length_PN=sharding_lib.gather_rows(rollout.length_PN),
             finish_PN=sharding_lib.gather_rows(rollout.finish_PN),
-        )  # fmt: skip
+        )
 
     def decode(self, rollout: sampler_lib.Rollout) -> list[list[str]]:
         """Response texts; the stop token and padding are dropped, special tokens skipped."""
         length_PN = np.asarray(rollout.length_PN)
         P, N = length_PN.shape
         texts = self._texts(
-            np.asarray(rollout.tokens_PNR).reshape(P * N, -1), length_PN.reshape(-1),
+            np.asarray(rollout.tokens_PNR).reshape(P * N, -1),
+            length_PN.reshape(-1),
             np.asarray(rollout.finish_PN).reshape(-1),
-        )  # fmt: skip
+        )
         return [texts[p * N : (p + 1) * N] for p in range(P)]
 
     def _texts(self, tokens_BR, length_B, finish_B) -> list[str]:
@@ -216,8 +221,11 @@ class Generator:
             # This process's groups: they draw for its own prompts (vote_budget.next_round).
             held = sharding_lib.process_rows(self.mesh, len(plan.group_prompt_G))
             block = [x[held] for x in (plan.group_prompt_G, plan.sample_index_GN, plan.live_GN)]
-            args = block if jax.process_count() == 1 else sharding_lib.global_rows(
-                tuple(block), self.mesh, sharding_lib.SAMPLE_RULES)  # fmt: skip
+            args = (
+                block
+                if jax.process_count() == 1
+                else sharding_lib.global_rows(tuple(block), self.mesh, sharding_lib.SAMPLE_RULES)
+            )
             got = rounds_lib.sample_groups(
                 params, self.cfg, prefilled, key, sampling, *args, max_new_tokens=R,
                 stop_ids=self.stop_ids, pad_id=self.pad_id, mesh=self.mesh,
@@ -233,9 +241,10 @@ class Generator:
             p, n = block[0][g] - mine.start, block[1][g, j]
             out.put(p, n, got, g, j)
             texts = self._texts(
-                np.asarray(got.tokens_PNR)[g, j], np.asarray(got.length_PN)[g, j],
+                np.asarray(got.tokens_PNR)[g, j],
+                np.asarray(got.length_PN)[g, j],
                 np.asarray(got.finish_PN)[g, j],
-            )  # fmt: skip
+            )
             t0 = time.perf_counter()
             scorer.add(p, n, texts)
             answer_id_PN, gold_id_P = scorer.ids(N)
@@ -244,14 +253,21 @@ class Generator:
             gold_id_P = sharding_lib.gather_rows(gold_id_P)
             plan = vote_budget_lib.next_round(
                 vote_budget_lib.votes_drawn(answer_id_PN),
-                vote_budget_lib.settled(answer_id_PN, budget), N, budget.n_step, shards,
-            )  # fmt: skip
+                vote_budget_lib.settled(answer_id_PN, budget),
+                N,
+                budget.n_step,
+                shards,
+            )
         rollout = out.rollout()
         gen = Generation(
-            prompt_PT, prompt_mask_PT, rollout, out.texts, mine.start,
+            prompt_PT,
+            prompt_mask_PT,
+            rollout,
+            out.texts,
+            mine.start,
             length_PN=sharding_lib.gather_rows(rollout.length_PN),
             finish_PN=sharding_lib.gather_rows(rollout.finish_PN),
-        )  # fmt: skip
+        )
         return Voted(gen, answer_id_PN, gold_id_P, sizes, row_steps, time_score)
 
 
@@ -367,9 +383,12 @@ def grade(
     if jax.process_count() == 1:
         real = held.stop if real is None else real
         return clustering.answer_ids(
-            gen.texts_PN[:real], list(golds[:real]), mode=mode, timeout_s=timeout_s,
+            gen.texts_PN[:real],
+            list(golds[:real]),
+            mode=mode,
+            timeout_s=timeout_s,
             last_number_fallback=last_number_fallback,
-        )  # fmt: skip
+        )
     P, N = len(gen.texts_PN), len(gen.texts_PN[0])
     real = P * jax.process_count() if real is None else real  # process_rows splits evenly
     n_real = max(0, min(real, held.stop) - held.start)
@@ -377,9 +396,12 @@ def grade(
     gold_id_P = np.full((P,), -1, np.int32)
     if n_real:
         answer_id_PN[:n_real], gold_id_P[:n_real] = clustering.answer_ids(
-            gen.texts_PN[:n_real], list(golds[held.start : held.start + n_real]),
-            mode=mode, timeout_s=timeout_s, last_number_fallback=last_number_fallback,
-        )  # fmt: skip
+            gen.texts_PN[:n_real],
+            list(golds[held.start : held.start + n_real]),
+            mode=mode,
+            timeout_s=timeout_s,
+            last_number_fallback=last_number_fallback,
+        )
     gather = sharding_lib.gather_rows
     return gather(answer_id_PN)[:real], gather(gold_id_P)[:real]
 

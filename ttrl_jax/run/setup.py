@@ -62,9 +62,12 @@ class Job:
         if self.ref_params is not None:
             return sharding_lib.reshard(self.ref_params, self.sample_shardings)
         _, params = weights.load_hf(
-            self.model_dir, mesh=self.mesh, rules=sharding_lib.SAMPLE_RULES,
-            dtype=self.model_cfg.dtype, param_dtype=self.model_cfg.dtype,
-        )  # fmt: skip
+            self.model_dir,
+            mesh=self.mesh,
+            rules=sharding_lib.SAMPLE_RULES,
+            dtype=self.model_cfg.dtype,
+            param_dtype=self.model_cfg.dtype,
+        )
         return params
 
     def sample_params(self) -> Any:
@@ -86,10 +89,14 @@ def build(cfg: Config) -> Job:
         config_lib.resolve_model_path(cfg.model.name_or_path), cfg.model.revision
     )
     model_cfg, params = weights.load_hf(
-        folder, mesh=mesh, rules=sharding_lib.TRAIN_RULES,
-        param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype, remat=cfg.model.remat,
+        folder,
+        mesh=mesh,
+        rules=sharding_lib.TRAIN_RULES,
+        param_dtype=cfg.model.param_dtype,
+        dtype=cfg.model.dtype,
+        remat=cfg.model.remat,
         attention=cfg.model.attention,
-    )  # fmt: skip
+    )
     config_lib.check_context_length(cfg, model_cfg.max_position_embeddings)
     tokenizer = weights.load_tokenizer(folder)
     hf_layout.check_tokenizer(tokenizer, model_cfg)
@@ -111,9 +118,13 @@ def build(cfg: Config) -> Job:
         prompts_lib.load_task(b, tokenizer, cfg.data) for b in cfg.eval.benchmarks
     ]
     schedule = schedule_lib.PromptSchedule(
-        len(task.items), cfg.data.batch_prompts, cfg.data.episodes, cfg.run.seed,
-        cfg.data.shuffle, cfg.data.last_batch,
-    )  # fmt: skip
+        len(task.items),
+        cfg.data.batch_prompts,
+        cfg.data.episodes,
+        cfg.run.seed,
+        cfg.data.shuffle,
+        cfg.data.last_batch,
+    )
     total_steps = min(schedule.total_steps, cfg.run.max_steps or schedule.total_steps)
     for t in eval_tasks:
         sharding_lib.process_rows(mesh, min(cfg.data.batch_prompts, len(t.prompt_ids)))

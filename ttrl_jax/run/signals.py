@@ -126,9 +126,12 @@ class Votes:
         """The prompts of several samplings with the same N, in order."""
         cat = lambda name: np.concatenate([getattr(v, name) for v in parts])
         return Votes(
-            cat("prompt_index_P"), cat("answer_id_PN"), [x for v in parts for x in v.labels_P],
-            cat("length_PN"), cat("entropy_PN"),
-        )  # fmt: skip
+            cat("prompt_index_P"),
+            cat("answer_id_PN"),
+            [x for v in parts for x in v.labels_P],
+            cat("length_PN"),
+            cat("entropy_PN"),
+        )
 
 
 def prompt_signals(votes: Votes) -> dict[str, np.ndarray]:
@@ -230,9 +233,11 @@ class Tracker:
 
     def state(self) -> dict[str, Any]:
         return {
-            "last": self.last, "base": self.base, "base_shares": self.base_shares,
+            "last": self.last,
+            "base": self.base,
+            "base_shares": self.base_shares,
             "base_length": self.base_length,
-        }  # fmt: skip
+        }
 
     def observe(self, votes: Votes, kind: str, is_base: bool = False) -> dict[str, float]:
         """Every signal of `votes` (kind "train" or "eval"); `is_base` marks the evaluation
@@ -264,11 +269,13 @@ class Tracker:
                 np.mean([q.get(self.base[k], 0.0) if self.base[k] else 0.0 for k, q in in_base])
             )
             out["base_collision"] = float(
-                np.mean([
-                    sum(v * self.base_shares[k].get(a, 0.0) for a, v in q.items())
-                    for k, q in in_base
-                ])
-            )  # fmt: skip
+                np.mean(
+                    [
+                        sum(v * self.base_shares[k].get(a, 0.0) for a, v in q.items())
+                        for k, q in in_base
+                    ]
+                )
+            )
         echo_share = echo(votes, self.numbers)
         if echo_share is not None:
             out["echo"] = echo_share

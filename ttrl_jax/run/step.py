@@ -37,9 +37,10 @@ def ttrl_step(
     prompts, golds = [job.task.prompt_ids[i] for i in idx], [job.task.golds[i] for i in idx]
     key, params = stream(root, SAMPLE, step), job.sample_params()
     answers = dict(
-        mode=t.answer_mode, timeout_s=t.answer_timeout_s,
+        mode=t.answer_mode,
+        timeout_s=t.answer_timeout_s,
         last_number_fallback=t.last_number_fallback,
-    )  # fmt: skip
+    )
     t0 = time.perf_counter()
     if budget.adaptive:
         # Sample in rounds, scoring each round's answers, until every prompt's vote is settled.
@@ -73,16 +74,20 @@ def ttrl_step(
     drawn_PN = vote.drawn(answer_id_PN)
     tokens = int(gen.length_PN.sum())
     metrics.update(
-        episode=job.schedule.position(step)[0], time_sample=t_sample - t0,
-        time_reward=t_reward - t_sample, time_train=t_end - t_audit,
+        episode=job.schedule.position(step)[0],
+        time_sample=t_sample - t0,
+        time_reward=t_reward - t_sample,
+        time_train=t_end - t_audit,
         sample_tokens_per_s=tokens / (t_sample - t0),
         truncated=float((gen.finish_PN == sampler_lib.FINISH_LENGTH)[drawn_PN].mean()),
-        sample_tokens=tokens, sample_row_steps=row_steps, vote_rounds=len(groups),
+        sample_tokens=tokens,
+        sample_row_steps=row_steps,
+        vote_rounds=len(groups),
         vote_round_groups=groups,
         votes_saved=1.0 - float(drawn_PN.mean()),
         votes_per_prompt=vote_budget_lib.votes_drawn(answer_id_PN).tolist(),
         **audit,
-    )  # fmt: skip
+    )
     if audit:
         metrics["time_audit"] = t_audit - t_reward
     votes = rollout_lib.votes(

@@ -65,9 +65,11 @@ def decode_params(cfg, params, fuse: bool) -> dict[str, Any]:
         out["lm_head_DV"] = prep(p["lm_head"], logical["lm_head"])
     if not fuse and all(x.dtype == dtype for x in jax.tree.leaves(p["layers"])):
         out["stacked_layers"] = jax.tree.map(
-            lambda x, n: constrain(x, tuple(n)), p["layers"], logical["layers"],
+            lambda x, n: constrain(x, tuple(n)),
+            p["layers"],
+            logical["layers"],
             is_leaf=lambda x: isinstance(x, PartitionSpec),
-        )  # fmt: skip
+        )
         return out
     layers = []
     for i in range(cfg.num_layers):
@@ -216,7 +218,7 @@ def _attention(
 
 def _whole_attention(
     cfg, q_BKGH, slot, k_BKHS, v_BKSH, k_PKHT, v_PKTH, prompt_mask_PT, N, kv_block
-):  # fmt: skip
+):
     """`_attention`'s softmax over the prompt and every response slot (those past `slot`
     masked), in one pass: for caches of at most `kv_block` slots."""
     B, K, G, H = q_BKGH.shape
@@ -237,9 +239,7 @@ def _whole_attention(
     return (out_BKGH / denom_BKG[..., None].astype(dtype)).reshape(B, K * G, H)
 
 
-def _blocked_attention(
-    cfg, q_BKGH, slot, k_BKHS, v_BKSH, k_PKHT, v_PKTH, prompt_mask_PT, N, c
-):  # fmt: skip
+def _blocked_attention(cfg, q_BKGH, slot, k_BKHS, v_BKSH, k_PKHT, v_PKTH, prompt_mask_PT, N, c):
     """`_attention`'s softmax over the prompt and the filled response slots, the response cache
     read in blocks of c slots (only those up to `slot`), combined by the online softmax.
 

@@ -176,10 +176,14 @@ def compiled_sampler(
     if prompt_chunk is not None and int(prompt_chunk) < 0:
         raise ValueError(f"prompt_chunk={prompt_chunk} must be >= 0 (0 or None = all prompts)")
     static = dict(
-        cfg=cfg, n_samples=int(n_samples), max_new_tokens=int(max_new_tokens),
-        stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id),
-        prompt_chunk=int(prompt_chunk or 0), kv_block=int(kv_block),
-    )  # fmt: skip
+        cfg=cfg,
+        n_samples=int(n_samples),
+        max_new_tokens=int(max_new_tokens),
+        stop_ids=tuple(int(s) for s in stop_ids),
+        pad_id=int(pad_id),
+        prompt_chunk=int(prompt_chunk or 0),
+        kv_block=int(kv_block),
+    )
     return _build(mesh, **static)
 
 

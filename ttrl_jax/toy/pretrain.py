@@ -367,15 +367,18 @@ def parse_args(argv: Sequence[str] | None) -> tuple[PretrainConfig, argparse.Nam
     )
     ap.add_argument("--out", default="ttrl_jax/toy/model", help="output HF folder (replaced)")
     ap.add_argument(
-        "--eval-prompts", type=int, default=data_lib.TOY_TEST_SIZE,
+        "--eval-prompts",
+        type=int,
+        default=data_lib.TOY_TEST_SIZE,
         help="test-split prompts to measure pass@1 / maj@k on after training; 0 = skip",
-    )  # fmt: skip
+    )
     ap.add_argument("--eval-k", type=int, default=16, help="samples per prompt for avg@k, maj@k")
     ap.add_argument(
-        "--init", default=None,
+        "--init",
+        default=None,
         help="HF folder to start from instead of a random init (e.g. a clean-phase-only model, "
         "continued with --clean-steps 0)",
-    )  # fmt: skip
+    )
     for field in dataclasses.fields(PretrainConfig):
         ap.add_argument(
             "--" + field.name.replace("_", "-"), type=type(field.default), default=field.default
