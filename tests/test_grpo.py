@@ -70,7 +70,7 @@ def _ref_ppo(logp_new, logp_old, adv, clip_low, clip_high, dual_clip):
     return loss, clipped
 
 
-def _ref_evol(feature_PNE, ids_PN, majority_P):
+def _ref_evol(feature_PND, ids_PN, majority_P):
     """Loop version of the EVOL-RL reward manager's novelty reward (see grpo docstring)."""
     out = np.zeros(ids_PN.shape, np.float64)
     for p in range(ids_PN.shape[0]):
@@ -78,7 +78,7 @@ def _ref_evol(feature_PNE, ids_PN, majority_P):
         valid = [i for i in range(len(ids)) if ids[i] >= 0]
         correct = [i for i in valid if ids[i] == maj]
         wrong = [i for i in valid if ids[i] != maj]
-        f = feature_PNE[p].astype(np.float64)
+        f = feature_PND[p].astype(np.float64)
         f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-8)
         sim = np.clip(f @ f.T, 0.0, 1.0)
         novelty = {}

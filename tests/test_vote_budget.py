@@ -169,8 +169,8 @@ def test_the_vote_of_a_drawn_prefix_is_the_prefix_vote():
 
 def test_first_round():
     plan = vb.first_round(3, 4)
-    np.testing.assert_array_equal(plan.group_prompt_G, [0, 1, 2])
-    np.testing.assert_array_equal(plan.sample_index_GN, np.tile(np.arange(4), (3, 1)))
+    np.testing.assert_array_equal(plan.group_prompt_U, [0, 1, 2])
+    np.testing.assert_array_equal(plan.sample_index_UN, np.tile(np.arange(4), (3, 1)))
     assert plan.live_rows == 12
 
 
@@ -182,17 +182,17 @@ def test_next_round_gives_freed_rows_to_unsettled_prompts():
     settled = np.ones(8, bool)
     settled[[1, 2, 6]] = False
     plan = vb.next_round(drawn, settled, n_max=16, n_step=4, shards=2)
-    np.testing.assert_array_equal(plan.group_prompt_G, [1, 2, 6, 6])
-    np.testing.assert_array_equal(plan.sample_index_GN, [[8, 9, 10, 11]] * 2 + [
+    np.testing.assert_array_equal(plan.group_prompt_U, [1, 2, 6, 6])
+    np.testing.assert_array_equal(plan.sample_index_UN, [[8, 9, 10, 11]] * 2 + [
         [8, 9, 10, 11], [12, 13, 14, 15]])  # fmt: skip
-    assert plan.live_GN.all()
+    assert plan.live_UN.all()
     # Needs smaller than a group leave rows idle; past n_max nothing is drawn.
     plan = vb.next_round(np.array([14, 8, 16, 8]), np.zeros(4, bool), 16, n_step=4)
-    assert len(plan.group_prompt_G) == 4  # three prompts need rows
-    np.testing.assert_array_equal(plan.group_prompt_G, [0, 1, 3, 1])
-    np.testing.assert_array_equal(plan.live_GN.sum(1), [2, 4, 4, 4])
-    np.testing.assert_array_equal(plan.sample_index_GN[0, :2], [14, 15])
-    np.testing.assert_array_equal(plan.sample_index_GN[3], [12, 13, 14, 15])
+    assert len(plan.group_prompt_U) == 4  # three prompts need rows
+    np.testing.assert_array_equal(plan.group_prompt_U, [0, 1, 3, 1])
+    np.testing.assert_array_equal(plan.live_UN.sum(1), [2, 4, 4, 4])
+    np.testing.assert_array_equal(plan.sample_index_UN[0, :2], [14, 15])
+    np.testing.assert_array_equal(plan.sample_index_UN[3], [12, 13, 14, 15])
     assert vb.next_round(np.full(4, 8), np.ones(4, bool), 16, 4) is None
     assert vb.next_round(np.full(4, 16), np.zeros(4, bool), 16, 4) is None
 
@@ -207,12 +207,12 @@ def test_round_plans_cover_each_prompt_once_per_sample():
         seen = [list(range(4)) for _ in range(P)]
         settled = np.zeros(P, bool)
         while (plan := vb.next_round(drawn, settled, n_max, n_step, shards)) is not None:
-            G = len(plan.group_prompt_G)
+            G = len(plan.group_prompt_U)
             assert G in vb.round_sizes(P, shards)
             home = np.arange(G) // (G // shards)
-            assert (plan.group_prompt_G // (P // shards) == home).all()
-            for g, j in zip(*np.nonzero(plan.live_GN)):
-                seen[plan.group_prompt_G[g]].append(int(plan.sample_index_GN[g, j]))
+            assert (plan.group_prompt_U // (P // shards) == home).all()
+            for g, j in zip(*np.nonzero(plan.live_UN)):
+                seen[plan.group_prompt_U[g]].append(int(plan.sample_index_UN[g, j]))
             drawn = np.array([len(s) for s in seen])
             settled |= rng.random(P) < 0.3
         for s in seen:

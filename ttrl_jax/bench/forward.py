@@ -1,4 +1,7 @@
-"""`bench forward`: prefill throughput of our jitted forward vs transformers, same weights."""
+"""`bench forward`: prefill throughput of our jitted forward vs transformers, same weights.
+
+Shape suffixes: ttrl_jax/__init__.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""`bench sample`: grouped-rollout tokens/s of our sampler vs transformers' `generate`."""
+"""`bench sample`: grouped-rollout tokens/s of our sampler vs transformers' `generate`.
+
+Shape suffixes: ttrl_jax/__init__.py.
+"""
 
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ GRPO advantage, PPO dual-clip loss with the k3 KL term, and one AdamW update per
 written the way verl writes them (Counter vote, `log_softmax` then `gather`, `clip_grad_norm_`,
 `torch.optim.AdamW`). The pieces are labelled with `torch.profiler.record_function` (old_logp,
 ref_logp, unembed, optimizer) so a profile says where its time goes.
+
+Shape suffixes: ttrl_jax/__init__.py.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Our step is built from a run `Config` through `parts.train_parts`, so it is the program a run
 compiles; the peer (torch_peer.py) follows the same config. Each size is a rollout of
 P prompts × M trained responses × (T prompt + R response) tokens.
+
+Shape suffixes: ttrl_jax/__init__.py.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 The question is the user turn of the tokenizer's chat template (with the template's default
 system turn unless data.system_prompt replaces it). A prompt longer than data.max_prompt_tokens
 is an error naming the item, or is skipped and counted with data.skip_long_prompts.
+
+Shape suffixes: ttrl_jax/__init__.py.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ go to math-verify in a killable worker process (verifier.py), with a time limit 
 per group. The partition depends only on the multiset of answers, not on their order: the
 equivalence is symmetric, and the distinct forms are clustered in a fixed order (shortest
 first) before the ids are numbered by first appearance.
+
+Shape suffixes: ttrl_jax/__init__.py.
 """
 
 from __future__ import annotations

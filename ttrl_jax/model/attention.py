@@ -22,6 +22,8 @@ no gradient, so it cannot reach a real row's gradients.
   (cached decode) it uses "chunked"; off TPU it runs in Pallas's interpreter (slow; for tests).
 - "auto": "pallas" on TPU; elsewhere "plain" while T and S fit one chunk (then plain *is* one
   chunk, and its rounding is kept), else "chunked".
+
+Shape suffixes: ttrl_jax/__init__.py.
 """
 
 from __future__ import annotations

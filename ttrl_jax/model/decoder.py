@@ -4,6 +4,8 @@ Read top-down: KV cache → Transformer → Block → Attention → MLP → norm
 architecture (ModelConfig, presets) is in config.py and the attention maths by backend in
 attention.py; both are re-exported here. Layers are scanned (params stacked on a leading 'layers'
 axis) so compile time does not grow with depth.
+
+Shape suffixes: ttrl_jax/__init__.py.
 """
 
 from __future__ import annotations
@@ -307,12 +309,12 @@ def rope_tables(positions_BT, head_dim, theta, scaling):
     return jnp.cos(angles_BTH), jnp.sin(angles_BTH)
 
 
-def apply_rope(x_BTNH, cos_BTH, sin_BTH):
+def apply_rope(x_BTEH, cos_BTH, sin_BTH):
     """Rotates query/key heads by their positions (rotate-half convention)."""
-    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    x1, x2 = jnp.split(x_BTEH.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    out = x_BTNH.astype(jnp.float32) * cos_BTH[:, :, None] + rotated * sin_BTH[:, :, None]
-    return out.astype(x_BTNH.dtype)
+    out = x_BTEH.astype(jnp.float32) * cos_BTH[:, :, None] + rotated * sin_BTH[:, :, None]
+    return out.astype(x_BTEH.dtype)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -3,6 +3,8 @@ train step as a run builds them (run/from_config.py), jitted, with abstract (sha
 data-free) arguments.
 
 Everything here follows from shapes and shardings alone; nothing touches a device or the network.
+
+Shape suffixes: ttrl_jax/__init__.py.
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ Each piece's flops and bytes become seconds at the chip's peak (`tpu.roofline_se
 larger of flops / peak bf16 rate and bytes / HBM bandwidth). The figures are lower bounds:
 collectives and host work are not counted, and a step at 40-60 % of peak takes about twice as
 long.
+
+Shape suffixes: ttrl_jax/__init__.py.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ response, then the vocabulary projection in chunks of positions.
 
 The projection is the largest matmul of a step on large-vocabulary models; its chunks are
 recomputed in the backward pass, so no B×R×V logits are kept for it.
+
+Shape suffixes: ttrl_jax/__init__.py (C chunks of c positions).
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ def token_self_certainty(logits_BRV: jax.Array) -> jax.Array:
 
 
 def evol_novelty_reward(
-    feature_PNE: jax.Array, answer_id_PN: jax.Array, majority_P: jax.Array
+    feature_PND: jax.Array, answer_id_PN: jax.Array, majority_P: jax.Array
 ) -> jax.Array:
     """EVOL-RL reward: the majority anchor with a novelty bonus inside each side of the vote.
 
@@ -81,7 +81,7 @@ def evol_novelty_reward(
     its anchor value (1.0 if it is the majority).
 
     Args:
-      feature_PNE: float per-response features, E any width.
+      feature_PND: float per-response features (the mean hidden state; any width D).
       answer_id_PN: answer ids as for `majority_vote`, -1 for no answer.
       majority_P: from `majority_vote` over the vote group.
 
@@ -93,10 +93,10 @@ def evol_novelty_reward(
     majority_PN = vote_reward(answer_id_PN, majority_P) > 0
     minority_PN = valid_PN & ~majority_PN
 
-    feature_PNE = feature_PNE.astype(jnp.float32)
-    norm_PN1 = jnp.linalg.norm(feature_PNE, axis=-1, keepdims=True)
-    unit_PNE = feature_PNE / jnp.maximum(norm_PN1, 1e-8)
-    sim_PNN = jnp.clip(jnp.einsum("pne,pme->pnm", unit_PNE, unit_PNE), 0.0, 1.0)
+    feature_PND = feature_PND.astype(jnp.float32)
+    norm_PN1 = jnp.linalg.norm(feature_PND, axis=-1, keepdims=True)
+    unit_PND = feature_PND / jnp.maximum(norm_PN1, 1e-8)
+    sim_PNN = jnp.clip(jnp.einsum("pnd,pmd->pnm", unit_PND, unit_PND), 0.0, 1.0)
 
     other_PNN = valid_PN[:, None, :] & ~jnp.eye(num_n, dtype=bool)
     same_side_PNN = other_PNN & (majority_PN[:, :, None] == majority_PN[:, None, :])

@@ -18,6 +18,8 @@ Stopping rules, for a budget of at most `n_max` responses per prompt:
     answers not seen yet pooled into one competitor), so the true error is below `error` too.
 Both rules see "no answer" as a category that absorbs draws but never wins; a prompt without
 any answer yet is settled only at `n_max`.
+
+Shape suffixes: ttrl_jax/__init__.py.
 """
 
 from __future__ import annotations
@@ -92,10 +94,11 @@ def lead_settled(answer_id_PN: np.ndarray, n_max: int) -> np.ndarray:
     return np.array(out, bool)
 
 
-def _beta_binomial(n_S: np.ndarray, a: float, b: float) -> np.ndarray:
-    """pmf [S, max n + 1] of BetaBinomial(n_S[s], a, b) over k = 0 .. max n (0 past n_S[s])."""
-    k = np.arange(int(n_S.max()) + 1)[None, :]
-    n = n_S[:, None].astype(np.float64)
+def _beta_binomial(sizes: np.ndarray, a: float, b: float) -> np.ndarray:
+    """pmf [len(sizes), max n + 1] of BetaBinomial(n, a, b) for each n of `sizes`, over
+    k = 0 .. max n (0 past n)."""
+    k = np.arange(int(sizes.max()) + 1)[None, :]
+    n = sizes[:, None].astype(np.float64)
     inside = k <= n
     if b == 0:  # every draw goes the a-way
         return (k == n).astype(np.float64)
@@ -179,15 +182,15 @@ def settled(answer_id_PN: np.ndarray, budget: VoteBudget) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class RoundPlan:
-    """One round of G groups x n rows: group g draws for prompt group_prompt_G[g]."""
+    """One round of U groups x n rows: group g draws for prompt group_prompt_U[g]."""
 
-    group_prompt_G: np.ndarray  # int32
-    sample_index_GN: np.ndarray  # int32: each row's sample index within its prompt
-    live_GN: np.ndarray  # bool: False = an idle row (its response is discarded)
+    group_prompt_U: np.ndarray  # int32
+    sample_index_UN: np.ndarray  # int32: each row's sample index within its prompt
+    live_UN: np.ndarray  # bool: False = an idle row (its response is discarded)
 
     @property
     def live_rows(self) -> int:
-        return int(self.live_GN.sum())
+        return int(self.live_UN.sum())
 
 
 def first_round(num_prompts: int, n_min: int) -> RoundPlan:
@@ -213,9 +216,9 @@ def next_round(
 ) -> RoundPlan | None:
     """The next round's groups for the unsettled prompts, or None when every vote is settled.
 
-    The prompts and the round's G groups are split into `shards` equal blocks (the mesh's data
+    The prompts and the round's U groups are split into `shards` equal blocks (the mesh's data
     axis): a group draws only for a prompt of its own block, whose prompt keys and values sit
-    on the same devices. G is the smallest of `round_sizes` that gives every unsettled prompt
+    on the same devices. U is the smallest of `round_sizes` that gives every unsettled prompt
     one group; the slots left over go round-robin to the unsettled prompts still short of
     n_max (rows freed by settled prompts go to unsettled ones: a static round shape computes
     them anyway). A group's rows past its prompt's need, and unused groups, are idle.

@@ -6,6 +6,8 @@ base model: maj@N with N chosen so that the base model's sampled tokens equal th
 that does not beat that vote bought nothing with its updates. `matched_vote` draws it, in
 rounds of k responses per prompt until the run's tokens are spent (the last round sized to
 land on them), and clusters each prompt's N answers together.
+
+Shape suffixes: ttrl_jax/__init__.py.
 """
 
 from __future__ import annotations

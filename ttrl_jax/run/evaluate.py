@@ -1,6 +1,8 @@
 """Evaluation: avg@k (the paper's pass@1), maj@k, pass@k and greedy accuracy on a benchmark.
 
 The command `python -m ttrl_jax.evaluate` (ttrl_jax/evaluate.py) runs it on a checkpoint.
+
+Shape suffixes: ttrl_jax/__init__.py.
 """
 
 from __future__ import annotations

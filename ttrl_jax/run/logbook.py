@@ -2,6 +2,8 @@
 
 Only process 0 writes. Every record carries `step` = optimizer rollout steps completed, so
 evaluations (step 0 = before training) and train steps share one axis.
+
+Shape suffixes: ttrl_jax/__init__.py.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ whose rows the mesh places on its own devices (`sharding.process_rows`). It feed
 into the global prompt arrays, reads back, decodes and scores only their responses, and shares
 the small arrays (answer ids, lengths) with the other processes, so the vote, the metrics and
 the evaluation are the same on every process.
+
+Shape suffixes: ttrl_jax/__init__.py.
 """
 
 from __future__ import annotations
@@ -219,8 +221,8 @@ class Generator:
         time_score, sizes = 0.0, []
         while plan is not None:
             # This process's groups: they draw for its own prompts (vote_budget.next_round).
-            held = sharding_lib.process_rows(self.mesh, len(plan.group_prompt_G))
-            block = [x[held] for x in (plan.group_prompt_G, plan.sample_index_GN, plan.live_GN)]
+            held = sharding_lib.process_rows(self.mesh, len(plan.group_prompt_U))
+            block = [x[held] for x in (plan.group_prompt_U, plan.sample_index_UN, plan.live_UN)]
             args = (
                 block
                 if jax.process_count() == 1
@@ -229,13 +231,13 @@ class Generator:
             got = rounds_lib.sample_groups(
                 params, self.cfg, prefilled, key, sampling, *args, max_new_tokens=R,
                 stop_ids=self.stop_ids, pad_id=self.pad_id, mesh=self.mesh,
-                group_chunk=_round_chunk(len(plan.group_prompt_G), self.prompt_chunk, shards),
+                group_chunk=_round_chunk(len(plan.group_prompt_U), self.prompt_chunk, shards),
             )  # fmt: skip
             got = sharding_lib.local_rows(got)
             # num_steps adds up the passes of prompt_chunk groups each.
-            G, n = plan.sample_index_GN.shape
-            sizes.append(G)
-            rows_per_pass = (_round_chunk(G, self.prompt_chunk, shards) or G) * n
+            U, n = plan.sample_index_UN.shape
+            sizes.append(U)
+            rows_per_pass = (_round_chunk(U, self.prompt_chunk, shards) or U) * n
             row_steps += rows_per_pass * int(got.num_steps)
             g, j = np.nonzero(block[2])
             p, n = block[0][g] - mine.start, block[1][g, j]
@@ -286,7 +288,7 @@ class Voted:
     gen: Generation  # [P, n_max] slots; prompt p's first votes_P[p] are drawn, the rest empty
     answer_id_PN: np.ndarray  # int32, vote.NOT_DRAWN on the empty slots
     gold_id_P: np.ndarray
-    round_groups: list[int]  # each round's group count G (a round is G x n_min or n_step rows)
+    round_groups: list[int]  # each round's group count U (a round is U x n_min or n_step rows)
     row_steps: int  # rows x decode steps of the rounds' programs (idle and stopped rows too)
     time_reward: float  # seconds of it spent scoring answers
 

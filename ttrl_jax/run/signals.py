@@ -5,6 +5,8 @@ samples of every prompt. Each is a mean over prompts of a per-prompt value; `Tra
 ones that compare a prompt with an earlier visit of it. None reads a gold label. What each means,
 and which way is bad, is the table SIGNALS (also in the README); which of them track accuracy is
 measured, not assumed (README, "Knowing without labels").
+
+Shape suffixes: ttrl_jax/__init__.py.
 """
 
 from __future__ import annotations

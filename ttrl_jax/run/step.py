@@ -1,5 +1,7 @@
 """One TTRL step on the host: sample (at once, or in rounds until each vote is settled), grade
 the answers, run the compiled update (rl/train.py), and gather the step's metrics and vote.
+
+Shape suffixes: ttrl_jax/__init__.py.
 """
 
 from __future__ import annotations

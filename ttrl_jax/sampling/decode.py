@@ -18,10 +18,10 @@ laid out for one new token per row:
     blocks filled so far, combined with the prompt part by the online softmax: a step costs
     what its response length needs, not max_new_tokens.
 
-Shape letters are the package's (B = P·N rows, T prompt length, S response-cache slots, Q/K/G/H
-heads); besides them, J = N·G is the number of queries of a prompt's group at one kv head, E the
-heads of one projection (Q, K, or Q + 2K fused), I the gate/up pair of the fused MLP and c the
-slots of one block of the response cache.
+Shape letters are the package's (ttrl_jax/__init__.py: B = P·N rows, T prompt length, S
+response-cache slots, Q/K/G/H heads, E the heads of one projection, here also Q + 2K fused);
+besides them, J = N·G is the number of queries of a prompt's group at one kv head, I the
+gate/up pair of the fused MLP and c the slots of one block of the response cache.
 """
 
 from __future__ import annotations

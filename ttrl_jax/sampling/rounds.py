@@ -1,24 +1,26 @@
 """Sampling in rounds from one prefill: the prompts are prefilled once (`prefill`), then every
 round decodes groups of rows from the stored keys and values (`sample_groups`).
 
-A round is G groups x n rows. Group g draws the samples `sample_index_GN[g]` of prompt
-`group_prompt_G[g]` and reads that prompt's prefilled keys and values; several groups may draw
+A round is U groups x n rows. Group g draws the samples `sample_index_UN[g]` of prompt
+`group_prompt_U[g]` and reads that prompt's prefilled keys and values; several groups may draw
 for the same prompt, so rows freed by one prompt can go to another. The per-response random
 streams (see sampler.py) make every response the one `sampler.sample` gives for the same prompt
-and sample index, whichever round and group draw it. Rows not `live_GN` are idle: they start
+and sample index, whichever round and group draw it. Rows not `live_UN` are idle: they start
 stopped, so they never hold the loop up, and come out empty (mask False, length 0).
 
-Static shapes: one program per (G, n, max_new_tokens) and prompt shape, whatever the groups are
+Static shapes: one program per (U, n, max_new_tokens) and prompt shape, whatever the groups are
 assigned to; an adaptive vote compiles its first round [P x n_vote_min] and its later rounds
-[G x n_vote_step] once each.
+[U x n_vote_step] once each.
 
 Memory: the prefill (T slots per prompt and layer) stays on the devices across the rounds; a
-round holds a gathered copy for its G groups (T slots each) and the response caches of its G·n
+round holds a gathered copy for its U groups (T slots each) and the response caches of its U·n
 rows (R - 1 slots each), against P·N rows for the fixed budget in one call.
 
 With a mesh, prompts and groups are both split over the data axis in contiguous blocks; a group
 draws only for a prompt of its own block, so the gather of its keys and values stays on the
 devices that hold them (and, across hosts, a process samples only its own prompts).
+
+Shape suffixes: ttrl_jax/__init__.py; besides its letters, Z counts the data shards.
 """
 
 from __future__ import annotations
@@ -145,9 +147,9 @@ def sample_groups(
     prefilled: Prefill,
     key: jax.Array,
     sampling: token_draw.SamplingParams,
-    group_prompt_G: jax.Array,
-    sample_index_GN: jax.Array,
-    live_GN: jax.Array | None = None,
+    group_prompt_U: jax.Array,
+    sample_index_UN: jax.Array,
+    live_UN: jax.Array | None = None,
     *,
     max_new_tokens: int,
     stop_ids: Sequence[int],
@@ -156,7 +158,7 @@ def sample_groups(
     group_chunk: int | None = None,
     kv_block: int = sampler_lib.KV_BLOCK,
 ) -> sampler_lib.Rollout:
-    """One round: n responses for each of G groups, decoded from the prefill.
+    """One round: n responses for each of U groups, decoded from the prefill.
 
     Compiles once per (cfg, n, max_new_tokens, stop_ids, pad_id, mesh, group_chunk, kv_block)
     and shapes; the group assignment, indices and sampling values are traced.
@@ -168,41 +170,41 @@ def sample_groups(
       key: the same PRNG key for every round of a step: response n of prompt p is the same
         whichever round draws it.
       sampling: temperature / top-p / top-k / min-p (traced).
-      group_prompt_G: int, the prompt (row of the prefill) each group draws for; with a mesh,
+      group_prompt_U: int, the prompt (row of the prefill) each group draws for; with a mesh,
         a prompt of the group's own data shard (groups and prompts split in contiguous blocks).
-      sample_index_GN: int, each row's sample index within its prompt.
-      live_GN: bool, rows that draw (default all); the others come out empty.
+      sample_index_UN: int, each row's sample index within its prompt.
+      live_UN: bool, rows that draw (default all); the others come out empty.
       max_new_tokens, stop_ids, pad_id, kv_block: as for `sampler.sample`.
       mesh: optional (data, model) device mesh.
       group_chunk: groups per decode pass (0 or None = all), as `prompt_chunk` in `sample`.
 
     Returns:
-      A Rollout with [G, n, max_new_tokens] tokens, mask, log-probs and entropies.
+      A Rollout with [U, n, max_new_tokens] tokens, mask, log-probs and entropies.
     """
     P = prefilled.prompt_mask_PT.shape[0]
-    G, n = sample_index_GN.shape
+    U, n = sample_index_UN.shape
     shards = sharding.data_size(mesh)
-    if tuple(group_prompt_G.shape) != (G,):
-        raise ValueError(f"group_prompt_G has shape {tuple(group_prompt_G.shape)}; want ({G},)")
-    if live_GN is not None and tuple(live_GN.shape) != (G, n):
-        raise ValueError(f"live_GN has shape {tuple(live_GN.shape)}; want {(G, n)}")
-    if P % shards or G % shards:
+    if tuple(group_prompt_U.shape) != (U,):
+        raise ValueError(f"group_prompt_U has shape {tuple(group_prompt_U.shape)}; want ({U},)")
+    if live_UN is not None and tuple(live_UN.shape) != (U, n):
+        raise ValueError(f"live_UN has shape {tuple(live_UN.shape)}; want {(U, n)}")
+    if P % shards or U % shards:
         raise ValueError(
-            f"{P} prompts and {G} groups must both split over the mesh's data axis ({shards})"
+            f"{P} prompts and {U} groups must both split over the mesh's data axis ({shards})"
         )
-    if isinstance(group_prompt_G, np.ndarray):
-        home = np.arange(G) // (G // shards)
-        if ((group_prompt_G < 0) | (group_prompt_G >= P)).any() or (
-            (group_prompt_G // (P // shards)) != home
+    if isinstance(group_prompt_U, np.ndarray):
+        home = np.arange(U) // (U // shards)
+        if ((group_prompt_U < 0) | (group_prompt_U >= P)).any() or (
+            (group_prompt_U // (P // shards)) != home
         ).any():
             raise ValueError(
-                f"group_prompt_G={group_prompt_G.tolist()} must name, for each group, one of the "
+                f"group_prompt_U={group_prompt_U.tolist()} must name, for each group, one of the "
                 f"{P} prompts of its own data shard (prompts and groups split in {shards} blocks)"
             )
-    if live_GN is None:
-        live_GN = np.ones((G, n), bool)
+    if live_UN is None:
+        live_UN = np.ones((U, n), bool)
     fn = compiled_groups(cfg, n, max_new_tokens, stop_ids, pad_id, mesh, group_chunk, kv_block)
-    args = (group_prompt_G, sample_index_GN, live_GN)
+    args = (group_prompt_U, sample_index_UN, live_UN)
     if mesh is not None:
         args = tuple(
             jax.device_put(x, sharding.batch_sharding(mesh, np.ndim(x)))
@@ -223,8 +225,8 @@ def compiled_groups(
     group_chunk: int | None = None,
     kv_block: int = sampler_lib.KV_BLOCK,
 ):
-    """The jitted round `(params, prefill, key, sampling, group_prompt_G, sample_index_GN,
-    live_GN) -> Rollout` for static settings; with a mesh, what the memory plan compiles for
+    """The jitted round `(params, prefill, key, sampling, group_prompt_U, sample_index_UN,
+    live_UN) -> Rollout` for static settings; with a mesh, what the memory plan compiles for
     abstract arguments (see `abstract_prefill`)."""
     if int(kv_block) < 1:
         raise ValueError(f"kv_block={kv_block} must be >= 1")
@@ -241,20 +243,20 @@ def _build_groups(mesh, **static):
 
 
 def _groups_impl(
-    params, prefilled: Prefill, key, sampling, group_prompt_G, sample_index_GN, live_GN, *,
+    params, prefilled: Prefill, key, sampling, group_prompt_U, sample_index_UN, live_UN, *,
     cfg, N, R, stop_ids, pad_id, chunk, kv_block,
 ) -> sampler_lib.Rollout:  # fmt: skip
     dparams = decode.decode_params(cfg, params, fuse=decode.split_size("heads") == 1)
-    P, G = prefilled.prompt_mask_PT.shape[0], group_prompt_G.shape[0]
+    P, U = prefilled.prompt_mask_PT.shape[0], group_prompt_U.shape[0]
     shards = decode.split_size("batch")
     # Each group's prompt, as an index into its own data shard's block of prompts.
-    local_DG = (group_prompt_G.astype(jnp.int32) % (P // shards)).reshape(shards, G // shards)
+    local_ZU = (group_prompt_U.astype(jnp.int32) % (P // shards)).reshape(shards, U // shards)
 
     def gather(x_P, names=None):
-        x_DP = x_P.reshape((shards, P // shards) + x_P.shape[1:])
-        x_DG = jax.vmap(lambda x, i: jnp.take(x, i, axis=0))(x_DP, local_DG)
-        x_G = x_DG.reshape((G,) + x_P.shape[1:])
-        return x_G if names is None else decode.constrain(x_G, names)
+        x_ZP = x_P.reshape((shards, P // shards) + x_P.shape[1:])
+        x_ZU = jax.vmap(lambda x, i: jnp.take(x, i, axis=0))(x_ZP, local_ZU)
+        x_U = x_ZU.reshape((U,) + x_P.shape[1:])
+        return x_U if names is None else decode.constrain(x_U, names)
 
     per_group = (
         gather(prefilled.logits_PV, ("batch", "vocab")),
@@ -264,8 +266,8 @@ def _groups_impl(
         ),
         gather(prefilled.prompt_mask_PT),
         gather(prefilled.prompt_index_P),
-        sample_index_GN.astype(jnp.int32),
-        live_GN.astype(bool),
+        sample_index_UN.astype(jnp.int32),
+        live_UN.astype(bool),
     )
     return sampler_lib.decode_groups(
         dparams, key, sampling, per_group, cfg=cfg, N=N, R=R, stop_ids=stop_ids, pad_id=pad_id,
@@ -277,7 +279,7 @@ def abstract_round_inputs(
     cfg: ModelConfig, mesh: Mesh, prompts: int, prompt_len: int, groups: int, rows: int
 ) -> tuple[Prefill, jax.ShapeDtypeStruct, jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
     """A round's arguments after (params, prefill, key, sampling) and the prefill itself, as
-    sharded ShapeDtypeStructs: (prefill, group_prompt_G, sample_index_GN, live_GN). With them a
+    sharded ShapeDtypeStructs: (prefill, group_prompt_U, sample_index_UN, live_UN). With them a
     memory plan compiles `compiled_groups(cfg, rows, ...)` for a round of `groups` x `rows`."""
 
     def per_group(shape, dtype):

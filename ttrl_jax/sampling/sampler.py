@@ -26,6 +26,8 @@ Log-prob convention: `Rollout.logp_PNR` is log softmax(logits / temperature) at 
 recomputes it (verl divides by the rollout temperature the same way). It is NOT the log-prob under
 the top-k/top-p/min-p-filtered distribution. `entropy_PNR` is the entropy of that same
 (unfiltered, temperature-scaled) distribution.
+
+Shape suffixes: ttrl_jax/__init__.py.
 """
 
 from __future__ import annotations
@@ -262,25 +264,25 @@ def _sample_impl(
 def decode_groups(
     dparams, key, sampling, per_group, *, cfg, N, R, stop_ids, pad_id, kv_block, chunk
 ) -> Rollout:
-    """Decodes the N rows of each group of `per_group` = (logits_GV, (keys, values),
-    prompt_mask_GT, prompt_index_G, sample_index_GN[, live_GN]), a group being one prefilled
+    """Decodes the N rows of each group of `per_group` = (logits_UV, (keys, values),
+    prompt_mask_UT, prompt_index_U, sample_index_UN[, live_UN]), a group being one prefilled
     prompt, in passes of `chunk` groups (0 = all)."""
-    G = per_group[2].shape[0]
+    U = per_group[2].shape[0]
     decode_pass = functools.partial(
         _decode_pass, dparams, key, sampling,
         cfg=cfg, N=N, R=R, stop_ids=stop_ids, pad_id=pad_id, kv_block=kv_block,
     )  # fmt: skip
-    C = _passes(G, chunk, decode.split_size("batch"))
+    C = _passes(U, chunk, decode.split_size("batch"))
     if C == 1:
         return decode_pass(*per_group)
 
     # Pass c takes groups c, c + C, c + 2C, ...: with the groups split over the data axis in
     # contiguous blocks, every device then samples its own groups in every pass.
     def split(x):
-        return jnp.swapaxes(x.reshape((G // C, C) + x.shape[1:]), 0, 1)
+        return jnp.swapaxes(x.reshape((U // C, C) + x.shape[1:]), 0, 1)
 
     def merge(x):
-        return jnp.swapaxes(x, 0, 1).reshape((G,) + x.shape[2:])
+        return jnp.swapaxes(x, 0, 1).reshape((U,) + x.shape[2:])
 
     out = jax.lax.map(lambda xs: decode_pass(*xs), jax.tree.map(split, per_group))
     return out.replace(

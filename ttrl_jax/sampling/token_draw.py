@@ -1,8 +1,8 @@
 """The sampling head: one token per row from temperature-scaled, filtered logits, without sorting.
 
-Shape letters (besides the package's B rows and V vocabulary): the vocabulary is viewed as C
-blocks of b logits each; W is a number of candidate blocks and X of candidate logits (the
-largest ones, for the top-k and top-p thresholds).
+Shape letters (besides the package's B rows and V vocabulary, ttrl_jax/__init__.py): the
+vocabulary is viewed as C blocks of b logits each; W is a number of candidate blocks and X of
+candidate logits (the largest ones, for the top-k and top-p thresholds).
 """
 
 from __future__ import annotations

@@ -44,6 +44,8 @@ from ttrl_jax.run import evaluate as evaluate_lib
 from ttrl_jax.run import rollout as rollout_lib
 from ttrl_jax.toy import tokenizer as toy_tokenizer
 
+# Shape suffixes: ttrl_jax/__init__.py (not in the docstring above, which is the --help).
+
 # Every test-split question the default run could use (test_split(seed, n)[:k] equals
 # test_split(seed, k)), so larger eval sets stay unseen too.
 EXCLUDED_TEST_PROMPTS = 4096
