@@ -1,4 +1,11 @@
-"""Test set-up: 16 fake CPU devices, float32 matmuls; must run before jax is imported."""
+"""Test set-up: 16 fake CPU devices, float32 matmuls; must run before jax is imported.
+
+The tests mirror the package: tests/<subpackage>/test_<module>.py tests ttrl_jax/<subpackage>/
+<module>.py (a suffix names a part of it: test_loop_multihost.py), and a subpackage's own
+conftest.py holds what its tests share. The files directly in tests/ test the top-level modules
+(sharding.py, the commands) or the project as a whole: its layers, README and CI, the TPU scripts,
+XLA:TPU compiles, a real model. The fixtures here are the ones tests of several subpackages use.
+"""
 
 import os
 
@@ -90,3 +97,25 @@ def smollm2_folder(smollm2_gguf):
     from ttrl_jax.hf import load as weights
 
     return weights.resolve_folder(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def hf_logits():
+    """(transformers model, tokens_BT, mask_BT) -> its logits at the position ids HF generate
+    gives left-padded rows: the reference our forward is compared with."""
+    return _hf_logits
+
+
+def _hf_logits(hf_model, tokens_BT, mask_BT):
+    """HF logits with the position ids HF generate uses for left-padded rows."""
+    import torch
+
+    mask = torch.tensor(mask_BT, dtype=torch.long)
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        out = hf_model(
+            input_ids=torch.tensor(tokens_BT, dtype=torch.long),
+            attention_mask=mask,
+            position_ids=position_ids,
+        )
+    return out.logits.numpy()

@@ -1,74 +1,27 @@
-"""Evaluation metrics against hand-computed values."""
+"""python -m ttrl_jax.evaluate: its arguments, and a run's sampled tokens for --match-run."""
 
-import jax
-import numpy as np
 import pytest
 
-from ttrl_jax.run import evaluate
-from ttrl_jax.run import rollout as rollout_lib
-from ttrl_jax.sampling import sampler
+from ttrl_jax import evaluate
 
 
-def test_score_hand_computed():
-    answer_id_PN = np.array([[0, 0, 1, 0], [1, 1, 0, -1], [0, 1, 2, 3], [2, 2, 2, 2]])
-    gold_id_P = np.array([0, 0, 4, -1])  # prompt 3 has no gold: it does not count
-    m = evaluate.score(answer_id_PN, gold_id_P)
-    assert m["avg@4"] == pytest.approx((3 / 4 + 1 / 4 + 0) / 3)
-    assert m["maj@4"] == pytest.approx(
-        1 / 3
-    )  # prompt 0 right; prompt 1 majority 1; prompt 2 tie -> 0
-    assert m["pass@4"] == pytest.approx(2 / 3)
-    assert m["answered"] == pytest.approx(11 / 12)
-    with pytest.raises(ValueError, match="no prompt has a gold answer"):
-        evaluate.score(answer_id_PN, np.full(4, -1))
+def test_a_runs_tokens_are_its_steps_and_its_evaluations_on_the_task():
+    records = [
+        {"step": 0, "eval": True, "eval/sample_tokens": 100, "eval_other/sample_tokens": 7},
+        {"step": 1, "train": True, "sample_tokens": 40},
+        {"step": 2, "train": True, "sample_tokens": 60},
+        {"step": 2, "eval": True, "eval/sample_tokens": 90},
+        {"step": 2, "baseline": True, "base_maj@N/tokens": 290},
+    ]
+    assert evaluate.run_tokens(records) == 100 + 40 + 60 + 90
 
 
-class FixedGenerator:
-    """Returns fixed texts: sample k copies of a scripted list, greedy the first text."""
-
-    def __init__(self, texts_by_prompt):
-        self.texts_by_prompt = texts_by_prompt
-        self.calls = 0
-
-    def __call__(self, params, prompt_ids, key, sampling, n_samples, max_new_tokens):
-        self.calls += 1
-        texts = [self.texts_by_prompt[ids[0]][:n_samples] for ids in prompt_ids]
-        P = len(texts)
-        rollout = sampler.Rollout(
-            tokens_PNR=np.zeros((P, n_samples, 1), np.int32),
-            mask_PNR=np.ones((P, n_samples, 1), bool),
-            logp_PNR=np.zeros((P, n_samples, 1)), entropy_PNR=np.zeros((P, n_samples, 1)),
-            length_PN=np.full((P, n_samples), 5), finish_PN=np.zeros((P, n_samples), np.int32),
-            num_steps=np.int32(1),
-        )  # fmt: skip
-        return rollout_lib.Generation(np.zeros((P, 1)), np.ones((P, 1), bool), rollout, texts)
-
-
-def test_evaluate_on_a_fixed_rollout():
-    b = lambda x: f"so \\boxed{{{x}}}"
-    texts = {
-        0: [b("1/2"), b("0.5"), b(3), "no answer"],  # gold 1/2: 2 of 4 right, majority right
-        1: [b(7), b(8), b(8), b(7)],  # gold 8: 2 of 4, tie goes to 7 (first seen): maj wrong
-        2: [b(5), b(5), b(5), b(5)],  # gold 6: all wrong
-    }
-    gen = FixedGenerator(texts)
-    m = evaluate.evaluate(
-        gen, None, [[0], [1], [2]], ["\\frac{1}{2}", "8", "6"], key=jax.random.key(0), k=4,
-        batch_prompts=2, greedy=True,
-    )  # fmt: skip
-    assert m["avg@4"] == pytest.approx((2 / 4 + 2 / 4 + 0) / 3)
-    assert m["maj@4"] == pytest.approx(1 / 3)
-    assert m["pass@4"] == pytest.approx(2 / 3)
-    assert m["greedy"] == pytest.approx(1 / 3)  # greedy = first text: right, wrong, wrong
-    assert gen.calls == 4  # two batches (the second padded to 2 prompts), sampled + greedy
-
-
-def test_free_text_answers_count_with_the_last_number_fallback():
-    texts = {0: ["9 + 8 equals 17.", "It is 17", "The sum is 16.", "seventeen"]}
-    common = dict(key=jax.random.key(0), k=4, batch_prompts=1, greedy=False)
-    strict = evaluate.evaluate(FixedGenerator(texts), None, [[0]], ["17"], **common)
-    free = evaluate.evaluate(
-        FixedGenerator(texts), None, [[0]], ["17"], last_number_fallback=True, **common
-    )
-    assert strict["answered"] == 0.0
-    assert free["answered"] == pytest.approx(3 / 4) and free["avg@4"] == pytest.approx(2 / 4)
+def test_bad_arguments_name_the_fix(capsys):
+    for argv, message in (
+        (["--k", "0"], "--k: 0 must be >= 1"),
+        (["--top-p", "1.5"], "1.5 must be in (0, 1]"),
+        (["--match-tokens", "many"], "'many' is not a int"),
+    ):
+        with pytest.raises(SystemExit):
+            evaluate.main(argv)
+        assert message in capsys.readouterr().err

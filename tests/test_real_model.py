@@ -14,7 +14,6 @@ import pytest
 import torch
 import transformers
 from safetensors.numpy import load_file
-from test_model import _hf_logits  # HF logits at the left-padded position ids
 
 from ttrl_jax.data import prompts
 from ttrl_jax.hf import load as weights
@@ -128,20 +127,20 @@ def test_tokenizer_and_chat_template_equal_transformers_gguf_loading(smollm2_ggu
 # ----------------------------------------------------------------------------- logits
 
 
-def test_forward_logits_match_transformers(ours, hf_gguf_model):
+def test_forward_logits_match_transformers(ours, hf_gguf_model, hf_logits):
     cfg, params, tokenizer = ours
     tokens_BT, mask_BT = _left_pad(_chat_ids(tokenizer, QUESTIONS), tokenizer.pad_token_id)
-    ref_BTV = _hf_logits(hf_gguf_model, tokens_BT, mask_BT)
+    ref_BTV = hf_logits(hf_gguf_model, tokens_BT, mask_BT)
     ours_BTV, _ = _forward(cfg, params, tokens_BT, model.left_pad_positions(mask_BT), mask_BT)
     assert _relative_diff(np.asarray(ours_BTV), ref_BTV, mask_BT) <= 1e-4
 
 
-def test_prefill_then_cached_decode_matches_transformers(ours, hf_gguf_model):
+def test_prefill_then_cached_decode_matches_transformers(ours, hf_gguf_model, hf_logits):
     cfg, params, tokenizer = ours
     ids = _chat_ids(tokenizer, QUESTIONS[:2])
     tokens_BT, mask_BT = _left_pad(ids, tokenizer.pad_token_id)
     T, prefill = tokens_BT.shape[1], tokens_BT.shape[1] - 6
-    ref_BTV = _hf_logits(hf_gguf_model, tokens_BT, mask_BT)
+    ref_BTV = hf_logits(hf_gguf_model, tokens_BT, mask_BT)
     positions_BT = np.asarray(model.left_pad_positions(mask_BT))
     cache = model.init_cache(cfg, batch=len(ids), max_len=T)
     logits = []

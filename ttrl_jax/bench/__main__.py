@@ -1,3 +1,5 @@
-from ttrl_jax.bench import main
+"""`python -m ttrl_jax.bench`: benchmarks against PyTorch (ttrl_jax/bench/commands.py)."""
+
+from ttrl_jax.bench.commands import main
 
 main()
