@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 from ttrl_jax.data import prompts
 from ttrl_jax.hf import load as weights
 from ttrl_jax.model import decoder as model
-from ttrl_jax.run import from_config as parts
+from ttrl_jax.run import from_config
 from ttrl_jax.sampling import sampler, token_draw
 
 pytestmark = pytest.mark.slow
@@ -121,7 +121,7 @@ def test_tokenizer_and_chat_template_equal_transformers_gguf_loading(smollm2_ggu
     assert chat.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     assert chat.endswith("<|im_start|>user\nWhat is 7 + 8?<|im_end|>\n<|im_start|>assistant\n")
     assert (tokenizer.eos_token, tokenizer.eos_token_id) == ("<|im_end|>", 2)
-    assert parts.stop_ids(cfg, (), tokenizer) == (2,)
+    assert from_config.stop_ids(cfg, (), tokenizer) == (2,)
 
 
 # ----------------------------------------------------------------------------- logits
@@ -161,7 +161,7 @@ def test_greedy_generation_matches_transformers_generate(ours, hf_gguf_model):
     R = 64
     ids = _chat_ids(tokenizer, QUESTIONS)
     tokens_PT, mask_PT = _left_pad(ids, tokenizer.pad_token_id)
-    stop_ids = parts.stop_ids(cfg, (), tokenizer)
+    stop_ids = from_config.stop_ids(cfg, (), tokenizer)
     out = sampler.sample(
         params, cfg, tokens_PT, mask_PT, jax.random.key(0), token_draw.SamplingParams.make(0.0),
         n_samples=1, max_new_tokens=R, stop_ids=stop_ids, pad_id=tokenizer.pad_token_id,

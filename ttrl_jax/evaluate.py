@@ -28,7 +28,7 @@ from ttrl_jax.hf import layout as hf_layout
 from ttrl_jax.hf import load as weights
 from ttrl_jax.run import baseline as baseline_lib
 from ttrl_jax.run import evaluate as evaluate_lib
-from ttrl_jax.run import from_config as parts_lib
+from ttrl_jax.run import from_config
 from ttrl_jax.run import logbook as logbook_lib
 from ttrl_jax.run import rollout as rollout_lib
 
@@ -144,7 +144,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
     generator = rollout_lib.Generator(
         cfg,
         tokenizer,
-        parts_lib.stop_ids(cfg, tokenizer=tokenizer, model_dir=folder),
+        from_config.stop_ids(cfg, tokenizer=tokenizer, model_dir=folder),
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         buckets,
         mesh,

@@ -20,7 +20,7 @@ from ttrl_jax.plan import search as plan
 from ttrl_jax.plan import timing as plan_time
 from ttrl_jax.plan import tpu as tpu_lib
 from ttrl_jax.rl import train as train_lib
-from ttrl_jax.run import from_config as parts_lib
+from ttrl_jax.run import from_config
 from ttrl_jax.sampling import sampler as sampler_lib
 from ttrl_jax.sampling import token_draw
 
@@ -204,11 +204,11 @@ def test_programs_take_their_pieces_from_parts(cfg, monkeypatch):
     mesh = sharding.make_mesh((2, 2), devices(2, 2))
     micro = plan_programs.with_settings(cfg, {"optim.micro_batch_size": 2, "optim.kl_coef": 0.0})
     plan_programs.train_program(micro, TINY, mesh)
-    assert seen["step_cfg"] == parts_lib.step_config(micro)
+    assert seen["step_cfg"] == from_config.step_config(micro)
     assert seen["step_cfg"].micro_batch_rows == 2 and not seen["step_cfg"].use_kl
     with_stop = plan_programs.with_settings(cfg, {"sample.stop_token_ids": (7,)})
     plan_programs.sample_program(with_stop, TINY, mesh)
-    assert seen["stop_ids"] == parts_lib.stop_ids(TINY, (7,)) == (1, 7)
+    assert seen["stop_ids"] == from_config.stop_ids(TINY, (7,)) == (1, 7)
 
 
 def test_largest_fitting_reads_the_line_through_the_ends_and_confirms():

@@ -13,7 +13,7 @@ from ttrl_jax.hf import load as weights
 from ttrl_jax.model import decoder as model_lib
 from ttrl_jax.model.config import ModelConfig
 from ttrl_jax.rl import train
-from ttrl_jax.run import from_config as parts
+from ttrl_jax.run import from_config
 
 CFG = ModelConfig.tiny("qwen2", num_heads=4, num_kv_heads=2, tie_embeddings=True)
 SIZE = bench_train.TrainSize(prompts=2, responses=4, prompt_len=5, response_len=6)
@@ -27,7 +27,7 @@ def torch_params(policy, tmp_path):
 
 def setup(overrides):
     run_cfg = bench_train.run_config(SIZE, overrides)
-    tp = parts.train_parts(run_cfg, total_steps=1)
+    tp = from_config.train_parts(run_cfg, total_steps=1)
     opts = torch_peer.PeerOptions.from_config(run_cfg)
     params = model_lib.init_params(CFG, jax.random.key(0))
     batch = bench_train.make_rollout(CFG, *map(int, vars(SIZE).values()), seed=1)

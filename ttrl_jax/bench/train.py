@@ -1,6 +1,6 @@
 """`bench train`: the compiled TTRL train step against upstream's step in PyTorch, same weights.
 
-Our step is built from a run `Config` through `parts.train_parts`, so it is the program a run
+Our step is built from a run `Config` through `from_config.train_parts`, so it is the program a run
 compiles; the peer (torch_peer.py) follows the same config. Each size is a rollout of
 P prompts × M trained responses × (T prompt + R response) tokens.
 
@@ -27,7 +27,7 @@ from ttrl_jax.config.schema import Config
 from ttrl_jax.model.config import ModelConfig
 from ttrl_jax.rl import advantages, logprobs, losses, rewards, train, vote
 from ttrl_jax.rl.batch import StepBatch
-from ttrl_jax.run import from_config as parts
+from ttrl_jax.run import from_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +226,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 
 def _one_size(args, cfg, params, policy, ref, size: TrainSize, run_cfg, opts) -> dict[str, Any]:
     P, M, T, R = size.prompts, size.responses, size.prompt_len, size.response_len
-    tp = parts.train_parts(run_cfg, total_steps=1)
+    tp = from_config.train_parts(run_cfg, total_steps=1)
     step = train.build_train_step(cfg, tp.step_cfg, tp.tx, tp.lr_fn)
     batch = make_rollout(cfg, P, M, T, R, args.seed)
     if not tp.step_cfg.recompute_old_logp:

@@ -27,7 +27,7 @@ from ttrl_jax.model import decoder as model_lib
 from ttrl_jax.model.config import PRESETS_HF, ModelConfig, preset
 from ttrl_jax.rl import train as train_lib
 from ttrl_jax.rl.batch import StepBatch
-from ttrl_jax.run import from_config as parts_lib
+from ttrl_jax.run import from_config
 from ttrl_jax.sampling import sampler as sampler_lib
 from ttrl_jax.sampling import token_draw
 
@@ -269,7 +269,7 @@ def sample_program(
       max_new_tokens: overrides sample.max_new_tokens (the time estimate's prefill: 1).
     """
     shapes = plan_shapes(cfg)
-    inputs = train_inputs(cfg, mcfg, shapes, mesh, parts_lib.optimizer(cfg.optim, 1000)[0])
+    inputs = train_inputs(cfg, mcfg, shapes, mesh, from_config.optimizer(cfg.optim, 1000)[0])
     # The run samples from a copy in the compute dtype and the sample layout (job.sample_params),
     # which is the state's own params when both already match.
     sample_params = _in_dtype(params_abstract(mcfg, mesh, sharding_lib.SAMPLE_RULES), mcfg.dtype)
@@ -277,7 +277,7 @@ def sample_program(
         a.sharding.is_equivalent_to(b.sharding, len(a.shape)) and a.dtype == b.dtype
         for a, b in zip(jax.tree.leaves(inputs.state.params), jax.tree.leaves(sample_params))
     )
-    stop_ids = parts_lib.stop_ids(mcfg, cfg.sample.stop_token_ids)
+    stop_ids = from_config.stop_ids(mcfg, cfg.sample.stop_token_ids)
     new_tokens = max_new_tokens or shapes.response_len
     sampler = sampler_lib.compiled_sampler(
         mcfg, shapes.n_vote, new_tokens, stop_ids, 0, mesh, cfg.sample.prompt_chunk
@@ -312,7 +312,7 @@ def train_program(
     """
     shapes = plan_shapes(cfg)
     # The schedule's length changes no shape: any step count compiles the same program.
-    parts = parts_lib.train_parts(cfg, total_steps=1000)
+    parts = from_config.train_parts(cfg, total_steps=1000)
     step_cfg = parts.step_cfg
     if logit_chunk is not None:
         step_cfg = dataclasses.replace(step_cfg, logit_chunk=logit_chunk)

@@ -43,7 +43,7 @@ from ttrl_jax.config.schema import Config
 from ttrl_jax.model.config import ModelConfig
 from ttrl_jax.plan import programs
 from ttrl_jax.plan import tpu as tpu_lib
-from ttrl_jax.run import from_config as parts_lib
+from ttrl_jax.run import from_config
 from ttrl_jax.sampling import decode, token_draw
 from ttrl_jax.sampling import sampler as sampler_lib
 
@@ -168,7 +168,7 @@ def estimate(
     fixed = {n: units[n, 1] - row[n] for n in (0, 2)}
     row_s = s_of(s, row[0] + (row[2] - row[0]) * L)
     update_s = s_of(s, fixed[0] + (fixed[2] - fixed[0]) * (L / 2))
-    updates = parts_lib.updates_per_step(cfg)
+    updates = from_config.updates_per_step(cfg)
     rows_per_device = shapes.prompts * shapes.n_train // D
     return Estimate(
         sample_s=prefill_s + passes * decode_steps * decode_step_s,

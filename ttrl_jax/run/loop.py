@@ -36,9 +36,8 @@ from ttrl_jax.run import checkpoint as checkpoint_lib
 from ttrl_jax.run import evaluate as evaluate_lib
 from ttrl_jax.run import judge as judge_lib
 from ttrl_jax.run import logbook as logbook_lib
-from ttrl_jax.run import preemption
+from ttrl_jax.run import preemption, setup
 from ttrl_jax.run import rundir as rundir_lib
-from ttrl_jax.run import setup as job_lib
 from ttrl_jax.run import signals as signals_lib
 from ttrl_jax.run import step as step_lib
 
@@ -79,7 +78,7 @@ def run(cfg: Config) -> dict[str, Any]:
         )
         try:
             resume = _check_start(cfg, ckpt)
-            job = job_lib.build(cfg)
+            job = setup.build(cfg)
             rundir_lib.save_config(cfg)
             steps_done, record = _restore(job, ckpt, out_dir) if resume else (0, {})
             loop = _Loop(job, ckpt, stop, steps_done, record)
@@ -97,7 +96,7 @@ class _Loop:
     """A run's loop from `steps_done` on: train steps, evaluations and their label-free
     judgement, checkpoints; then the kept policy, its export and the token-matched baseline."""
 
-    def __init__(self, job: job_lib.Job, ckpt, stop, steps_done: int, record: dict):
+    def __init__(self, job: setup.Job, ckpt, stop, steps_done: int, record: dict):
         cfg = job.cfg
         self.job, self.cfg, self.ckpt, self.stop = job, cfg, ckpt, stop
         self.steps_done, self.root = steps_done, jax.random.key(cfg.run.seed)
@@ -317,7 +316,7 @@ def _check_start(cfg: Config, ckpt: checkpoint_lib.Checkpointer) -> bool:
     return bool(cfg.run.resume and steps)
 
 
-def _restore(job: job_lib.Job, ckpt: checkpoint_lib.Checkpointer, out_dir: str) -> tuple[int, dict]:
+def _restore(job: setup.Job, ckpt: checkpoint_lib.Checkpointer, out_dir: str) -> tuple[int, dict]:
     """Loads the newest intact checkpoint into the job; the steps it had done (0 if none), and
     its record (whether the eval due at its last step is still to run, the signals' memory)."""
     found = ckpt.restore_latest(checkpoint_lib.abstract_like(job.state))
@@ -348,8 +347,8 @@ def _stop_message(signum: int, done: int, ckpt) -> str:
     )
 
 
-def _export(job: job_lib.Job, cfg: Config, ckpt) -> None:
-    path = job_lib.export_dir(cfg)
+def _export(job: setup.Job, cfg: Config, ckpt) -> None:
+    path = setup.export_dir(cfg)
     try:
         hf_export.save_hf(job.state.params, job.model_cfg, path, job.tokenizer, overwrite=True)
     except Exception as e:

@@ -24,7 +24,7 @@ from ttrl_jax.hf import load as weights
 from ttrl_jax.model import decoder
 from ttrl_jax.model.config import ModelConfig
 from ttrl_jax.rl import train as train_lib
-from ttrl_jax.run import from_config as parts_lib
+from ttrl_jax.run import from_config
 from ttrl_jax.run import rollout as rollout_lib
 
 
@@ -41,7 +41,7 @@ class Job:
     eval_tasks: list[prompts_lib.Task]  # `task` and the extra eval benchmarks
     schedule: schedule_lib.PromptSchedule
     total_steps: int
-    parts: parts_lib.TrainParts
+    parts: from_config.TrainParts
     step_fn: Any  # the jitted train step
     state: train_lib.TrainState
     ref_params: Any  # the initial policy for the KL term; None without KL
@@ -101,7 +101,7 @@ def build(cfg: Config) -> Job:
     tokenizer = weights.load_tokenizer(folder)
     hf_layout.check_tokenizer(tokenizer, model_cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    stop_ids = parts_lib.stop_ids(model_cfg, cfg.sample.stop_token_ids, tokenizer, folder)
+    stop_ids = from_config.stop_ids(model_cfg, cfg.sample.stop_token_ids, tokenizer, folder)
     generator = rollout_lib.Generator(
         model_cfg,
         tokenizer,
@@ -130,7 +130,7 @@ def build(cfg: Config) -> Job:
         sharding_lib.process_rows(mesh, min(cfg.data.batch_prompts, len(t.prompt_ids)))
 
     # Optimizer, state and the step.
-    parts = parts_lib.train_parts(cfg, total_steps)
+    parts = from_config.train_parts(cfg, total_steps)
     state_sh = train_lib.state_shardings(model_cfg, parts.tx, mesh)
     use_kl = parts.step_cfg.use_kl
     # The reference is only ever read in the compute dtype: store it so (the same log-probs).

@@ -14,9 +14,8 @@ from ttrl_jax import sharding as sharding_lib
 from ttrl_jax.rl import train as train_lib
 from ttrl_jax.rl import vote
 from ttrl_jax.rl import vote_budget as vote_budget_lib
-from ttrl_jax.run import from_config as parts_lib
+from ttrl_jax.run import from_config, setup
 from ttrl_jax.run import rollout as rollout_lib
-from ttrl_jax.run import setup as job_lib
 from ttrl_jax.run import signals as signals_lib
 from ttrl_jax.sampling import sampler as sampler_lib
 
@@ -30,11 +29,11 @@ def stream(root: jax.Array, purpose: int, step: int) -> jax.Array:
 
 
 def ttrl_step(
-    job: job_lib.Job, root: jax.Array, step: int
+    job: setup.Job, root: jax.Array, step: int
 ) -> tuple[dict[str, float], signals_lib.Votes]:
     """One TTRL step on the job's state: sample, score, update; returns its metrics and vote."""
     cfg, s, t = job.cfg, job.cfg.sample, job.cfg.ttrl
-    budget = parts_lib.vote_budget(cfg)
+    budget = from_config.vote_budget(cfg)
     idx = job.schedule.batch_indices(step)
     prompts, golds = [job.task.prompt_ids[i] for i in idx], [job.task.golds[i] for i in idx]
     key, params = stream(root, SAMPLE, step), job.sample_params()
