@@ -32,6 +32,15 @@ def preset_name(name: str) -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
+def parse_size(spec: str, form: str) -> tuple[int, int, int, int]:
+    """'8x16x128x256' -> (8, 16, 128, 256); anything else is an error that shows `form`."""
+    try:
+        a, b, c, d = (int(x) for x in spec.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size {spec!r} is not of the form {form}") from None
+    return a, b, c, d
+
+
 def add_command(
     sub: argparse._SubParsersAction, name: str, help: str, run, sizes: tuple[list[str], str] = ()
 ) -> argparse.ArgumentParser:

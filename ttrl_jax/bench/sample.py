@@ -32,14 +32,8 @@ class SampleSize:
     @classmethod
     def parse(cls, spec: str) -> SampleSize:
         """'8x16x128x256' -> P=8, N=16, T=128, R=256."""
-        try:
-            p, n, t, r = (int(x) for x in spec.lower().split("x"))
-        except ValueError:
-            raise ValueError(
-                f"size {spec!r} is not of the form PxNxTxR (prompts x samples x prompt tokens x "
-                "new tokens), e.g. 8x16x128x256"
-            ) from None
-        return cls(p, n, t, r)
+        form = "PxNxTxR (prompts x samples x prompt tokens x new tokens), e.g. 8x16x128x256"
+        return cls(*models.parse_size(spec, form))
 
 
 def decode_step_cost(cfg: ModelConfig, size: SampleSize) -> dict[str, float]:

@@ -42,13 +42,11 @@ class TrainSize:
     @classmethod
     def parse(cls, spec: str) -> TrainSize:
         """'8x8x64x64' -> P=8, M=8, T=64, R=64."""
-        try:
-            size = cls(*(int(x) for x in spec.lower().split("x")))
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"size {spec!r} is not of the form PxMxTxR (prompts x trained responses per "
-                "prompt x prompt tokens x response tokens), e.g. 8x8x64x64"
-            ) from None
+        form = (
+            "PxMxTxR (prompts x trained responses per prompt x prompt tokens x response tokens), "
+            "e.g. 8x8x64x64"
+        )
+        size = cls(*models.parse_size(spec, form))
         if size.responses < 2 or min(size.prompts, size.prompt_len, size.response_len) < 1:
             raise ValueError(f"size {spec!r}: GRPO needs M >= 2 responses; P, T, R >= 1")
         return size
