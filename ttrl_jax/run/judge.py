@@ -18,9 +18,9 @@ such as answering with a number copied from the question, TTRL sharpens the poli
 the score rises while accuracy falls (measured on `addsub`: echo 0.42 -> 0.98 of the answers,
 avg@16 0.22 -> 0.01). So an evaluation whose `echo` (signals.py) rose by more than
 `max_echo_rise` above the base model's is not a candidate to keep and does not count as an
-improvement. On the tasks measured echo moved by at most 0.01 (toy) or fell (apples: the base
-model's copied answers were wrong ones that training removed) where TTRL helped, and rose by
-0.13 at the first evaluation where it hurt (addsub).
+improvement. On the tasks measured echo rose by at most 0.03 (toy) or fell (apples: the base
+model's copied answers were wrong ones that training removed) where TTRL helped; on addsub it
+rose by 0.16 at step 15, one evaluation before accuracy started to fall, and kept rising.
 
 The stop rule ("plateau"): end the run once `patience` evaluations in a row have not beaten
 the best score by more than `min_gain`. The kept step is the best-scoring evaluation, the
