@@ -11,6 +11,10 @@ temperature 0.7 with 32 new tokens, "Answer with a number only." after each ques
 | `addsub`: add or take away, varied names and objects | 64 | 0.16 | 0.27 | 0.72 | 0.48 |
 | `sum2`: "What is 24 + 19?", two-digit sums | 64 | 0.17 | 0.34 | 0.70 | 0.41 |
 
+(`python -m ttrl_jax.evaluate`; a run's own evaluation before training draws with another key:
+on `sum2` it measured 0.11 / 0.16 / 0.59 / 0.22, so these figures carry a few points of
+sampling noise, more on maj@16.)
+
 `apples` is where TTRL on this model helps; `addsub` is the kind of task a new user tries next,
 where the base model's vote is wrong on three prompts of four; `sum2` asks for arithmetic the
 model half knows (carries).
