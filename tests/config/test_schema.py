@@ -60,6 +60,7 @@ def test_config_is_frozen():
         (["eval.k=0"], "eval.k=0"),
         (["run.keep_checkpoints=0"], "run.keep_checkpoints"),
         (["run.max_echo_rise=1.5"], "run.max_echo_rise=1.5"),
+        (["optim.old_logp=vllm"], "optim.old_logp="),
         (["sample.n_vote_min=16"], "sample.n_vote_min=16 must be between sample.n_train=32"),
         (["sample.n_vote_min=65"], "sample.n_vote_min=65"),
         (["sample.n_vote_step=0"], "sample.n_vote_step=0"),

@@ -16,6 +16,7 @@ from ttrl_jax.model import decoder as model_lib
 from ttrl_jax.model.config import ModelConfig
 from ttrl_jax.rl import advantages, logprobs, train, vote
 from ttrl_jax.rl.batch import StepBatch
+from ttrl_jax.sampling import sampler, token_draw
 
 CFG = ModelConfig.tiny("qwen2", num_heads=8, num_kv_heads=4)
 P, N, T, R = 4, 6, 5, 4
@@ -349,3 +350,28 @@ def test_ragged_groups_never_read_empty_slots(params, random_select):
         assert int(majority_P[p]) == int(m[0]) and float(ratio_P[p]) == pytest.approx(float(r[0]))
     index_PM = advantages.select_responses(key, P, N, 3, random_select, vote.drawn(answer_PN))
     assert all((np.asarray(index_PM)[p] < n).all() for p, n in enumerate(drawn_P))
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_the_samplers_log_probs_are_the_recomputed_ones(params, top_p):
+    # optim.old_logp=auto takes the sampler's log-probs in float32 instead of recomputing them
+    # before the updates: they must be the step's own, to float rounding. A top-p filter
+    # changes which tokens are drawn, not the log-prob reported for them.
+    rng, k, temperature = np.random.default_rng(5), 3, 0.7
+    prompt_PT = jnp.asarray(rng.integers(1, CFG.vocab_size, (P, T)), jnp.int32)
+    mask_PT = jnp.asarray(np.arange(T)[None] >= np.array([[0], [2], [4], [1]]))
+    sampling = token_draw.SamplingParams.make(temperature=temperature, top_p=top_p)
+    out = sampler.sample(
+        params, CFG, prompt_PT, mask_PT, jax.random.key(1), sampling, n_samples=k,
+        max_new_tokens=R, stop_ids=[], pad_id=0,
+    )  # fmt: skip
+    rows = lambda x: jnp.repeat(x, k, axis=0)
+    mask_BR = out.mask_PNR.reshape(P * k, R)
+    recomputed = logprobs.response_logp(
+        CFG, params, rows(prompt_PT), rows(mask_PT), out.tokens_PNR.reshape(P * k, R), mask_BR,
+        jnp.float32(temperature),
+    )["logp_BR"]  # fmt: skip
+    assert CFG.dtype == "float32" and bool(mask_BR.any())
+    np.testing.assert_allclose(
+        np.where(mask_BR, recomputed, 0), out.logp_PNR.reshape(P * k, R), atol=2e-5
+    )

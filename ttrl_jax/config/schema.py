@@ -34,6 +34,7 @@ LastBatch = Literal["drop", "wrap"]
 KeepRule = Literal["last", "best"]
 StopRule = Literal["off", "plateau"]
 GuardAction = Literal["off", "lr", "rollback"]
+OldLogp = Literal["auto", "recompute", "sampler"]
 _MESH_RE = re.compile(r"^(\d+)x(\d+)$")
 
 
@@ -204,6 +205,12 @@ class OptimSection:
     # responses, so 8 updates per step of 8 prompts.
     mini_batch_prompts: int = 1
     micro_batch_size: int | None = None  # rows per gradient-accumulation pass; None = all
+    # The rollout policy's log-probs in the PPO ratio: "recompute" runs the policy over the
+    # rows once more before the updates (as verl does); "sampler" takes the sampler's, which
+    # are the same quantity (log softmax(logits / temperature), unfiltered) from the same model
+    # code; "auto": the sampler's in float32, where the two agree to float rounding, recomputed
+    # in bfloat16, where the cached decode and the full forward round differently.
+    old_logp: OldLogp = "auto"
 
     def problems(self) -> list[str]:
         out = Problems()

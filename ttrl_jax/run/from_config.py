@@ -89,7 +89,18 @@ def step_config(cfg: Config, micro_batch_rows: int | None = None) -> train_lib.S
         use_entropy_bonus=o.entropy_coef != 0,
         dual_clip=o.dual_clip,
         ettrl=t.ettrl_alpha != 0,
+        recompute_old_logp=recomputes_old_logp(cfg),
     )
+
+
+def recomputes_old_logp(cfg: Config) -> bool:
+    """Whether the train step recomputes the rollout policy's log-probs (optim.old_logp)."""
+    choice = cfg.optim.old_logp
+    if choice != "auto":
+        return choice == "recompute"
+    # Top-p/top-k/min-p do not matter: the sampler reports the unfiltered distribution's
+    # log-prob, as the recomputation does (sampling/sampler.py). Greedy sampling has none.
+    return not (cfg.model.dtype == "float32" and cfg.sample.temperature > 0)
 
 
 def step_hyper(cfg: Config) -> train_lib.StepHyper:
