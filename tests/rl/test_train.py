@@ -140,6 +140,47 @@ def test_response_logp_gradient_matches_full_forward(tie):
     chex.assert_trees_all_close(grads, ref_grads, atol=1e-6)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_shared_prompt_rows_give_each_rows_log_probs_and_gradients(tie):
+    """group=N: one row per prompt holding its N responses, against one row per response (log-
+    probs, entropies and features at real positions; gradients of a weighted sum)."""
+    cfg = CFG.replace(tie_embeddings=tie)
+    params = model_lib.init_params(cfg, jax.random.key(2))
+    batch = make_batch(3)
+    rows = lambda x: jnp.repeat(x, N, axis=0)
+    p, pm = rows(batch.prompt_PT), rows(batch.prompt_mask_PT)
+    r, rm = batch.response_PNR.reshape(P * N, R), batch.response_mask_PNR.reshape(P * N, R)
+    w_BR = jnp.asarray(np.random.default_rng(1).normal(size=r.shape), jnp.float32) * rm
+
+    def run(group):
+        def f(params):
+            out = logprobs.response_logp(
+                cfg, params, p, pm, r, rm, jnp.float32(0.7), with_entropy=True,
+                with_features=True, logit_chunk=3, group=group,
+            )  # fmt: skip
+            return (out["logp_BR"] * w_BR).sum(), out
+
+        return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+
+    (value, shared), grads = run(N)
+    (ref_value, alone), ref_grads = run(1)
+    for name in ("logp_BR", "entropy_BR"):
+        np.testing.assert_allclose(
+            np.where(rm, shared[name], 0), np.where(rm, alone[name], 0), atol=2e-5
+        )
+    np.testing.assert_allclose(shared["feature_BD"], alone["feature_BD"], atol=2e-5)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    chex.assert_trees_all_close(grads, ref_grads, atol=2e-5)
+
+
+def test_shared_prompt_rows_need_whole_groups(params):
+    batch = make_batch()
+    p, pm = batch.prompt_PT, batch.prompt_mask_PT
+    r, rm = batch.response_PNR[:, 0], batch.response_mask_PNR[:, 0]
+    with pytest.raises(ValueError, match="groups of 3 rows per prompt"):
+        logprobs.response_logp(CFG, params, p, pm, r, rm, jnp.float32(1.0), group=3)
+
+
 def test_update_equals_naive_sgd_step(params):
     """One mini-batch of two micro-batches, SGD: new params = params - lr * grad(naive loss)."""
     batch = make_batch(1)

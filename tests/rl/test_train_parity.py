@@ -31,6 +31,8 @@ def setup(overrides):
     opts = torch_peer.PeerOptions.from_config(run_cfg)
     params = model_lib.init_params(CFG, jax.random.key(0))
     batch = bench_train.make_rollout(CFG, *map(int, vars(SIZE).values()), seed=1)
+    if not tp.step_cfg.recompute_old_logp:  # the peer recomputes what our sampler reported
+        batch = bench_train.with_rollout_logp(CFG, params, batch, tp.hyper.temperature)
     policy, ref = torch_peer.torch_models(params, CFG, "eager", use_kl=run_cfg.optim.kl_coef > 0)
     return tp, opts, params, batch, policy, ref
 

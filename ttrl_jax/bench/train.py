@@ -70,14 +70,17 @@ def run_config(size: TrainSize, overrides: list[str]) -> Config:
 
 def train_flops(
     cfg: ModelConfig,
-    rows: int,
+    prompts: int,
+    responses: int,
     prompt_len: int,
     response_len: int,
     *,
     with_ref: bool,
     with_old: bool = True,
+    shared: bool = False,
 ) -> dict[str, int]:
-    """Model matmul FLOPs of one GRPO train step over `rows` sequences of prompt + response.
+    """Model matmul FLOPs of one GRPO train step over `prompts` x `responses` (M) rows of prompt
+    + response, or with `shared` prompts (rl/logprobs.py) one row of prompt + M responses each.
 
     Counted per position (padding included: both sides compute every position): the decoder's
     non-embedding matmuls (2 FLOPs per weight) and the causal S×S attention products
@@ -89,11 +92,14 @@ def train_flops(
     optimizer, and our recomputation of the lm head in the backward pass (`jax.checkpoint`
     on the logit chunks), so ours does more arithmetic than it is credited with.
     """
-    S = prompt_len + response_len
+    if shared:
+        rows, S = prompts, prompt_len + responses * response_len
+    else:
+        rows, S = prompts * responses, prompt_len + response_len
     forward = (
         2 * cfg.num_layers * models.layer_matmul_params(cfg) * rows * S
         + cfg.num_layers * 2 * 2 * rows * cfg.num_heads * S * S * cfg.head_dim
-        + 2 * cfg.embed_dim * cfg.vocab_size * rows * response_len
+        + 2 * cfg.embed_dim * cfg.vocab_size * prompts * responses * response_len
     )
     flops = {"policy forward + backward": 3 * forward}
     if with_old:
@@ -275,11 +281,15 @@ def _report(cfg, size: TrainSize, run_cfg, res, machine_, args) -> None:
     P, M, T, R = size.prompts, size.responses, size.prompt_len, size.response_len
     sc, o = res["step_cfg"], run_cfg.optim
     use_kl = o.kl_coef > 0
+    shared = train.prompt_group(cfg, sc, T, R, train.split_rows(P, sc)[2]) > 1
     flops = {
-        "ttrl_jax": train_flops(cfg, P * M, T, R, with_ref=use_kl, with_old=sc.recompute_old_logp),
-        "transformers": train_flops(cfg, P * M, T, R, with_ref=use_kl),
+        "ttrl_jax": train_flops(
+            cfg, P, M, T, R, with_ref=use_kl, with_old=sc.recompute_old_logp, shared=shared
+        ),
+        "transformers": train_flops(cfg, P, M, T, R, with_ref=use_kl),
     }
     tokens = P * M * (T + R)
+    ours_positions = P * (T + M * R) if shared else tokens
     n_updates = P // o.mini_batch_prompts
     old = "recomputed" if sc.recompute_old_logp else "the rollout's (exact: not recomputed)"
     kl = f"k3 KL (coef {o.kl_coef:g}) to a reference copy" if use_kl else "no KL term"
@@ -289,7 +299,12 @@ def _report(cfg, size: TrainSize, run_cfg, res, machine_, args) -> None:
         f"(micro-batches of {sc.micro_batch_rows or o.mini_batch_prompts * M} rows); {kl}; "
         f"old log-probs {old}; temperature {run_cfg.sample.temperature:g}, lr {o.lr:g}",
         f"    tokens per step: {P * M} rows x {T + R} positions = {tokens} "
-        f"({res['real_tokens']} real, the rest padding that both sides compute)",
+        f"({res['real_tokens']} real, the rest padding); ttrl_jax "
+        + (
+            f"reads each prompt once: {P} rows x {T + M * R} positions = {ours_positions}"
+            if shared
+            else "runs the same rows"
+        ),
         "    matmul FLOPs per step: "
         + "; ".join(
             f"{name} " + ", ".join(f"{k} {si(v, 'FLOP')}" for k, v in f.items())
@@ -304,7 +319,7 @@ def _report(cfg, size: TrainSize, run_cfg, res, machine_, args) -> None:
     timed = res["race"]
     lines.append(f"    best of {args.repeats} steps each (after the compared first step):")
     total = {name: f["total"] for name, f in flops.items()}
-    lines += timed.rate_lines(tokens, "tokens", total, machine_.peak_flops, "    ")
+    lines += timed.rate_lines(res["real_tokens"], "real tokens", total, machine_.peak_flops, "    ")
     res["ratio"] = timed.ratio
     res["peak_fraction"] = total["ttrl_jax"] / timed.seconds["ttrl_jax"] / machine_.peak_flops
     lines += [

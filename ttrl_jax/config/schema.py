@@ -211,6 +211,10 @@ class OptimSection:
     # code; "auto": the sampler's in float32, where the two agree to float rounding, recomputed
     # in bfloat16, where the cached decode and the full forward round differently.
     old_logp: OldLogp = "auto"
+    # Each prompt read once for its n_train responses in the log-prob passes (one row holds
+    # the prompt and its responses, each response attending to the prompt and itself), while
+    # that row fits one attention chunk (512 positions); false: a row per response (verl).
+    share_prompts: bool = True
 
     def problems(self) -> list[str]:
         out = Problems()

@@ -23,6 +23,11 @@ no gradient, so it cannot reach a real row's gradients.
 - "auto": "pallas" on TPU; elsewhere "plain" while T and S fit one chunk (then plain *is* one
   chunk, and its rounding is kept), else "chunked".
 
+Segments (`segment_BS`, self-attention only) add one rule for rows that hold a prompt and
+several responses to it (rl/logprobs.py): key s is seen by query t only if s is in segment 0
+(the shared prompt) or in t's own segment. Only "plain" takes them: the train step shares a
+prompt only while the row fits one chunk.
+
 Shape suffixes: ttrl_jax/__init__.py.
 """
 
@@ -45,7 +50,9 @@ from ttrl_jax.model.config import ATTENTION_MASK_VALUE as _NEG_INF
 _LANES = 128  # splash blocks are multiples of the TPU lane width
 
 
-def attend(q_BTQH, k_BSKH, v_BSKH, valid_BS, q_offset=0, *, impl="auto", chunk=512):
+def attend(
+    q_BTQH, k_BSKH, v_BSKH, valid_BS, q_offset=0, *, impl="auto", chunk=512, segment_BS=None
+):
     """Grouped-query attention of T queries over S key slots; output [B, T, Q, H] in q's dtype.
 
     Args:
@@ -57,9 +64,14 @@ def attend(q_BTQH, k_BSKH, v_BSKH, valid_BS, q_offset=0, *, impl="auto", chunk=5
       impl: one of IMPLEMENTATIONS.
       chunk: block length of "chunked" (queries and keys), and the size up to which "auto"
         stays plain.
+      segment_BS: int, optional; 0 = the shared prompt, 1.. = one response each (see above).
     """
     T, S = q_BTQH.shape[1], k_BSKH.shape[1]
     k_BSKH, v_BSKH = k_BSKH.astype(q_BTQH.dtype), v_BSKH.astype(q_BTQH.dtype)
+    if segment_BS is not None:
+        if not (isinstance(q_offset, int) and q_offset == 0 and S == T):
+            raise ValueError("segments are for self-attention over a whole chunk (no cache)")
+        return _plain(q_BTQH, k_BSKH, v_BSKH, valid_BS, q_offset, segment_BS)
     impl = choose(impl, T, S, q_offset, chunk)
     if impl == "plain":
         return _plain(q_BTQH, k_BSKH, v_BSKH, valid_BS, q_offset)
@@ -82,22 +94,26 @@ def choose(impl: str, T: int, S: int, q_offset, chunk: int) -> str:
     return impl
 
 
-def _mask_BTS(valid_BS, q_offset, T):
+def _mask_BTS(valid_BS, q_offset, T, segment_BS=None):
     slot_S = jnp.arange(valid_BS.shape[1])
     causal_TS = slot_S[None, :] <= (q_offset + jnp.arange(T))[:, None]
-    return causal_TS[None] & valid_BS[:, None, :]
+    mask_BTS = causal_TS[None] & valid_BS[:, None, :]
+    if segment_BS is not None:  # self-attention: query t is slot t
+        same_BTS = segment_BS[:, :, None] == segment_BS[:, None, :]
+        mask_BTS &= same_BTS | (segment_BS[:, None, :] == 0)
+    return mask_BTS
 
 
 # ----------------------------------------------------------------------------- plain
 
 
-def _plain(q_BTQH, k_BSKH, v_BSKH, valid_BS, q_offset):
+def _plain(q_BTQH, k_BSKH, v_BSKH, valid_BS, q_offset, segment_BS=None):
     B, T, Q, H = q_BTQH.shape
     K = k_BSKH.shape[2]
     q_BTKGH = q_BTQH.reshape(B, T, K, Q // K, H)
     scores_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH).astype(jnp.float32)
     logits_BKGTS = scores_BKGTS / math.sqrt(H)
-    mask_BTS = _mask_BTS(valid_BS, q_offset, T)
+    mask_BTS = _mask_BTS(valid_BS, q_offset, T, segment_BS)
     logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _NEG_INF)
     probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(q_BTQH.dtype)
     out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)

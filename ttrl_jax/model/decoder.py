@@ -87,7 +87,7 @@ class Transformer(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             out_axes=0,
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
@@ -108,6 +108,7 @@ class Transformer(nn.Module):
         mask_BT: jax.Array | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        segment_BT: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Runs the decoder on a chunk of tokens.
 
@@ -120,6 +121,8 @@ class Transformer(nn.Module):
             are the same call).
           return_hidden: return the final-normed hidden states `h_BTD` instead of logits (for
             chunked log-probs with `unembed`).
+          segment_BT: without a cache, rows holding one prompt and several responses to it
+            (0 = the prompt, 1.. = a response each; model/attention.py).
 
         Returns:
           (logits_BTV in float32, or h_BTD; the updated cache or None).
@@ -134,6 +137,8 @@ class Transformer(nn.Module):
 
         if cache is None:
             kv, valid_BS, write_index = None, mask_BT, 0
+        elif segment_BT is not None:
+            raise ValueError("segment_BT is for a whole sequence at once, not a cached chunk")
         else:
             kv = (cache.k_LBSKH, cache.v_LBSKH)
             # A chunk as long as the cache can only land at slot 0 (dynamic_update_slice
@@ -141,7 +146,7 @@ class Transformer(nn.Module):
             write_index = 0 if cache.valid_BS.shape[1] == T else cache.index
             valid_BS = jax.lax.dynamic_update_slice(cache.valid_BS, mask_BT, (0, write_index))
 
-        x_BTD, new_kv = self.layers(x_BTD, kv, cos_BTH, sin_BTH, valid_BS, write_index)
+        x_BTD, new_kv = self.layers(x_BTD, kv, cos_BTH, sin_BTH, valid_BS, write_index, segment_BT)
         h_BTD = self.final_norm(x_BTD)
         new_cache = None
         if cache is not None:
@@ -173,10 +178,12 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, kv, cos_BTH, sin_BTH, valid_BS, write_index):
+    def __call__(self, x_BTD, kv, cos_BTH, sin_BTH, valid_BS, write_index, segment_BT=None):
         cfg = self.cfg
         h_BTD = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, "embed", name="attn_norm")(x_BTD)
-        a_BTD, kv = Attention(cfg, name="attn")(h_BTD, kv, cos_BTH, sin_BTH, valid_BS, write_index)
+        a_BTD, kv = Attention(cfg, name="attn")(
+            h_BTD, kv, cos_BTH, sin_BTH, valid_BS, write_index, segment_BT
+        )
         x_BTD = x_BTD + a_BTD
         h_BTD = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, "embed", name="mlp_norm")(x_BTD)
         x_BTD = x_BTD + MLP(cfg, name="mlp")(h_BTD)
@@ -196,7 +203,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, kv, cos_BTH, sin_BTH, valid_BS, write_index):
+    def __call__(self, x_BTD, kv, cos_BTH, sin_BTH, valid_BS, write_index, segment_BT=None):
         cfg = self.cfg
         D, Q, K, H = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         pdt = jnp.dtype(cfg.param_dtype)
@@ -233,7 +240,7 @@ class Attention(nn.Module):
 
         out_BTQH = attention_lib.attend(
             q_BTQH, k_BSKH, v_BSKH, valid_BS, write_index,
-            impl=cfg.attention, chunk=cfg.attention_chunk,
+            impl=cfg.attention, chunk=cfg.attention_chunk, segment_BS=segment_BT,
         )  # fmt: skip
         w_o = self.param("o", _dense_init(("heads", "head_dim", "embed")), (Q, H, D), pdt)
         return jnp.einsum("BTQH,QHD->BTD", out_BTQH, w_o.astype(cfg.dtype)), kv

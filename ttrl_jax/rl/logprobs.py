@@ -1,6 +1,12 @@
 """Log-probs of response tokens under a policy, for the train step: one forward of prompt +
 response, then the vocabulary projection in chunks of positions.
 
+Rows that answer the same prompt can share it (`group` = M rows per prompt): one row per prompt
+holds the prompt once and its M responses after it, each response attending to the prompt and
+to itself only (segments, model/attention.py), at positions continuing the prompt's. TTRL's
+prompts are often longer than its responses, so a step then runs T + M·R positions per prompt
+instead of M·(T + R); every log-prob is the one the row would have alone.
+
 The projection is the largest matmul of a step on large-vocabulary models; its chunks are
 recomputed in the backward pass, so no B×R×V logits are kept for it.
 
@@ -40,8 +46,12 @@ def response_logp(
     with_self_certainty: bool = False,
     with_features: bool = False,
     logit_chunk: int = 512,
+    group: int = 1,
 ) -> dict[str, jax.Array]:
     """Log-probs (of logits / temperature) of the response tokens, plus optional extras.
+
+    With `group` > 1, rows come in runs of `group` consecutive rows with the same prompt, which
+    is then read once per run (see above); B must be a multiple of it.
 
     The vocabulary projection runs over chunks of positions, each recomputed in the backward
     pass, so the full B×R×V logits never exist at once, in the forward or the backward pass.
@@ -50,14 +60,20 @@ def response_logp(
       dict with "logp_BR", and "entropy_BR", "self_certainty_BR" (raw logits, temperature 1),
       "feature_BD" (mean final hidden state over the response) when asked for.
     """
-    tokens_BS, mask_BS, positions_BS = sequence_inputs(
-        prompt_BT, prompt_mask_BT, response_BR, response_mask_BR
-    )
     module = model_lib.Transformer(cfg)
-    h_BSD, _ = module.apply(params, tokens_BS, positions_BS, mask_BS, return_hidden=True)
-    T, R = prompt_BT.shape[1], response_BR.shape[1]
-    # Position t predicts token t + 1: responses are predicted from positions T-1 .. T+R-2.
-    h_BRD = h_BSD[:, T - 1 : T + R - 1]
+    R = response_BR.shape[1]
+    if group > 1:
+        h_BRD = _shared_prompt_hidden(
+            module, params, prompt_BT, prompt_mask_BT, response_BR, response_mask_BR, group
+        )
+    else:
+        tokens_BS, mask_BS, positions_BS = sequence_inputs(
+            prompt_BT, prompt_mask_BT, response_BR, response_mask_BR
+        )
+        h_BSD, _ = module.apply(params, tokens_BS, positions_BS, mask_BS, return_hidden=True)
+        T = prompt_BT.shape[1]
+        # Position t predicts token t + 1: responses are predicted from positions T-1 .. T+R-2.
+        h_BRD = h_BSD[:, T - 1 : T + R - 1]
     chunk = min(logit_chunk, R)
     n_chunks = -(-R // chunk)
     pad = n_chunks * chunk - R
@@ -92,6 +108,34 @@ def response_logp(
 
 
 _HEAD = ("embed", "lm_head")  # the params `Transformer.unembed` reads
+
+
+def _shared_prompt_hidden(
+    module, params, prompt_BT, prompt_mask_BT, response_BR, response_mask_BR, M
+):
+    """h_BRD of `response_logp` from one row per prompt: [prompt | response 1 | ... | M]."""
+    (B, T), R = prompt_BT.shape, response_BR.shape[1]
+    if B % M:
+        raise ValueError(f"{B} rows do not split into groups of {M} rows per prompt")
+    P = B // M
+    prompt_PT, prompt_mask_PT = prompt_BT[::M], prompt_mask_BT[::M]
+    tokens_PS = jnp.concatenate([prompt_PT, response_BR.reshape(P, M * R)], axis=1)
+    mask_PS = jnp.concatenate([prompt_mask_PT, response_mask_BR.reshape(P, M * R)], axis=1)
+    # Each response's positions continue its prompt's (left padding takes none).
+    n_prompt_P1 = prompt_mask_PT.sum(-1, keepdims=True)
+    positions_PS = jnp.concatenate(
+        [model_lib.left_pad_positions(prompt_mask_PT), n_prompt_P1 + np.tile(np.arange(R), M)],
+        axis=1,
+    )
+    segment_S = np.concatenate([np.zeros(T, np.int32), np.repeat(np.arange(1, M + 1), R)])
+    segment_PS = jnp.broadcast_to(segment_S, (P, T + M * R))
+    h_PSD, _ = module.apply(
+        params, tokens_PS, positions_PS, mask_PS, return_hidden=True, segment_BT=segment_PS
+    )
+    # Response m's first token is predicted by the prompt's last slot, token r by its own r - 1.
+    slot_MR = T + np.arange(M)[:, None] * R + np.arange(R)[None, :] - 1
+    slot_MR[:, 0] = T - 1
+    return h_PSD[:, slot_MR].reshape(B, R, -1)
 
 
 def _token_logp_fn(logits_fn):

@@ -46,6 +46,7 @@ class StepConfig:
     use_entropy_bonus: bool = False
     dual_clip: float | None = 3.0
     recompute_old_logp: bool = True  # verl recomputes; False uses the sampler's log-probs
+    share_prompts: bool = True  # each prompt read once for its M responses, where it fits
     ettrl: bool = False
     logit_chunk: int = 512  # positions unembedded at once (bounds the B×R×V logits)
 
@@ -129,7 +130,7 @@ def _rows(x_PM, n_groups: int):
     return flat.reshape((n_groups, -1) + flat.shape[1:])
 
 
-def _split(P: int, sc: StepConfig) -> tuple[int, int, int]:
+def split_rows(P: int, sc: StepConfig) -> tuple[int, int, int]:
     """(mini-batches, micro-batches per mini-batch, rows per micro-batch) of a P-prompt batch."""
     if P % sc.mini_batch_prompts:
         raise ValueError(
@@ -142,6 +143,19 @@ def _split(P: int, sc: StepConfig) -> tuple[int, int, int]:
             f"mini-batch of {rows_mini} rows does not split into micro-batches of {rows_micro}"
         )
     return P // sc.mini_batch_prompts, rows_mini // rows_micro, rows_micro
+
+
+def prompt_group(cfg: ModelConfig, sc: StepConfig, T: int, R: int, rows_micro: int) -> int:
+    """Rows per shared prompt in the step's log-prob passes (rl/logprobs.py): M, or 1.
+
+    Sharing runs T + M·R positions per prompt instead of M·(T + R), with plain attention over
+    them, so it is used only while that row fits one attention chunk (where plain is what
+    attention runs anyway, and its T + M·R squared scores stay small next to the matmuls) and
+    every micro-batch holds whole prompts.
+    """
+    M = sc.n_train
+    fits = T + M * R <= cfg.attention_chunk and rows_micro % M == 0  # noqa: SIM300
+    return M if sc.share_prompts and M > 1 and fits else 1
 
 
 class _Trained(NamedTuple):
@@ -183,7 +197,8 @@ def train_step(
     sc = step_cfg
     P, N = batch.answer_id_PN.shape
     M = sc.n_train
-    n_mini, n_micro, rows_micro = _split(P, sc)
+    n_mini, n_micro, rows_micro = split_rows(P, sc)
+    group = prompt_group(cfg, sc, batch.prompt_PT.shape[1], batch.response_PNR.shape[2], rows_micro)
 
     # 1. Vote over all N_vote responses, then choose the N_train to learn from.
     majority_P, ratio_P = vote.majority_vote(batch.answer_id_PN)
@@ -201,7 +216,7 @@ def train_step(
 
     # 2. Old (rollout-policy) and reference log-probs, one forward per micro-batch, no grad.
     old, logp_old_PMR, logp_ref_PMR = _old_and_ref_logp(
-        state.params, ref_params, batch, trained, take, hyper, cfg, sc, rows_micro
+        state.params, ref_params, batch, trained, take, hyper, cfg, sc, rows_micro, group
     )
 
     # 3. Rewards and advantages.
@@ -218,7 +233,7 @@ def train_step(
         _rows(x, n_mini)
         for x in (*trained, loss_mask_PMR, logp_old_PMR, logp_ref_PMR, advantage_PM)
     )
-    update = _mini_update(cfg, sc, hyper, tx, n_micro, rows_micro)
+    update = _mini_update(cfg, sc, hyper, tx, n_micro, rows_micro, group)
     (params, opt_state), mini_metrics = jax.lax.scan(update, (state.params, state.opt_state), minis)
     new_state = TrainState(step=state.step + n_mini, params=params, opt_state=opt_state)
 
@@ -232,7 +247,7 @@ def train_step(
     return new_state, metrics
 
 
-def _logp_rows(params, trained: _Trained, hyper, cfg, sc: StepConfig, rows_micro, extras):
+def _logp_rows(params, trained: _Trained, hyper, cfg, sc: StepConfig, rows_micro, group, extras):
     """`response_logp` of the trained rows under `params`, one micro-batch at a time; the
     self-certainty or the features too when `extras` and the reward needs them."""
 
@@ -242,7 +257,7 @@ def _logp_rows(params, trained: _Trained, hyper, cfg, sc: StepConfig, rows_micro
             cfg, params, p, pm, r, rm, hyper.temperature,
             with_self_certainty=extras and sc.reward == "self_certainty",
             with_features=extras and sc.reward == "evol_novelty",
-            logit_chunk=sc.logit_chunk,
+            logit_chunk=sc.logit_chunk, group=group,
         )  # fmt: skip
 
     P, M = trained.response_PMR.shape[:2]
@@ -250,14 +265,15 @@ def _logp_rows(params, trained: _Trained, hyper, cfg, sc: StepConfig, rows_micro
     return {k: v.reshape((P, M) + v.shape[2:]) for k, v in out.items()}
 
 
-def _old_and_ref_logp(params, ref_params, batch, trained, take, hyper, cfg, sc, rows_micro):
+def _old_and_ref_logp(params, ref_params, batch, trained, take, hyper, cfg, sc, rows_micro, group):
     """(the rollout policy's extras, its log-probs, the reference's log-probs), no gradient.
 
     (Named scopes label the pieces in profiles: `python -m ttrl_jax.bench train`.)
     """
     logp = functools.partial(
-        _logp_rows, trained=trained, hyper=hyper, cfg=cfg, sc=sc, rows_micro=rows_micro
-    )
+        _logp_rows, trained=trained, hyper=hyper, cfg=cfg, sc=sc, rows_micro=rows_micro,
+        group=group,
+    )  # fmt: skip
     with jax.named_scope("old_logp"):
         if sc.recompute_old_logp:
             old = logp(params, extras=True)
@@ -286,7 +302,7 @@ def _rewards(batch, majority_P, answer_PM, rmask_PMR, old, take, reward: str) ->
     return rewards.evol_novelty_reward(old["feature_BD"], answer_PM, majority_P)
 
 
-def _mini_update(cfg, sc: StepConfig, hyper, tx, n_micro: int, rows_micro: int):
+def _mini_update(cfg, sc: StepConfig, hyper, tx, n_micro: int, rows_micro: int, group: int):
     """The scan body of the mini-batch updates: gradients accumulated over micro-batches, one
     optimizer update, the mini-batch's loss and aux values."""
 
@@ -294,7 +310,7 @@ def _mini_update(cfg, sc: StepConfig, hyper, tx, n_micro: int, rows_micro: int):
         p, pm, r, rm, lm, lo, lr, adv = micro
         out = response_logp(
             cfg, params, p, pm, r, rm, hyper.temperature,
-            with_entropy=sc.use_entropy_bonus, logit_chunk=sc.logit_chunk,
+            with_entropy=sc.use_entropy_bonus, logit_chunk=sc.logit_chunk, group=group,
         )  # fmt: skip
         return losses.grpo_loss(
             out["logp_BR"], lo, adv, lm,

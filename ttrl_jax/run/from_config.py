@@ -90,6 +90,7 @@ def step_config(cfg: Config, micro_batch_rows: int | None = None) -> train_lib.S
         dual_clip=o.dual_clip,
         ettrl=t.ettrl_alpha != 0,
         recompute_old_logp=recomputes_old_logp(cfg),
+        share_prompts=o.share_prompts,
     )
 
 
