@@ -108,6 +108,74 @@ def test_chunked_skips_future_and_unwritten_key_blocks():
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), **TOL)
 
 
+def _shared_prompt_row(B, T, M, R, rng):
+    """valid_BS and segment_BS of rows [left-padded prompt | M responses of R, each ending early
+    or not], as rl/logprobs.py lays them out."""
+    segment_S = np.concatenate([np.zeros(T, np.int32), np.repeat(np.arange(1, M + 1), R)])
+    prompt_BT = np.arange(T)[None] >= rng.integers(0, T, (B, 1))
+    response_BMR = np.arange(R)[None, None] < rng.integers(1, R + 1, (B, M, 1))
+    valid_BS = np.concatenate([prompt_BT, response_BMR.reshape(B, M * R)], axis=1)
+    return jnp.asarray(valid_BS), jnp.asarray(np.broadcast_to(segment_S, valid_BS.shape))
+
+
+def _segment_reference(q, k, v, valid_BS, segment_BS):
+    """The segment rule written out: each query attends through an explicit [B, T, S] mask."""
+    seg = np.asarray(segment_BS)
+    S = seg.shape[1]
+    mask_BTS = np.asarray(valid_BS)[:, None, :] & (np.arange(S)[None, :] <= np.arange(S)[:, None])
+    mask_BTS &= (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)
+    K, H = k.shape[2], k.shape[3]
+    k_BSQH, v_BSQH = (jnp.repeat(x, q.shape[2] // K, axis=2) for x in (k, v))
+    s_BQTS = jnp.einsum("BTQH,BSQH->BQTS", q, k_BSQH) / np.sqrt(H)
+    p_BQTS = jax.nn.softmax(jnp.where(mask_BTS[:, None], s_BQTS, -1e30), axis=-1)
+    return jnp.einsum("BQTS,BSQH->BTQH", p_BQTS, v_BSQH), mask_BTS.any(-1)
+
+
+@pytest.mark.parametrize("impl,chunk", [("plain", 64), ("chunked", 4), ("chunked", 3)])
+def test_shared_prompt_segments_by_attention(impl, chunk):
+    """Rows of a prompt and its responses: every response attends to the prompt and to itself,
+    never to another response; chunked (block-skipping) equals plain, values and gradients."""
+    B, T, M, R, Q, K, H = 2, 5, 3, 4, 4, 2, 8
+    rng = np.random.default_rng(chunk)
+    valid_BS, segment_BS = _shared_prompt_row(B, T, M, R, rng)
+    q, k, v, _ = _qkv(B, T + M * R, T + M * R, Q, K, H, seed=5)
+    ref, real_BT = _segment_reference(q, k, v, valid_BS, segment_BS)
+    w_BTQH = jnp.asarray(rng.standard_normal(q.shape) * real_BT[:, :, None, None], jnp.float32)
+
+    def loss(q, k, v, impl, chunk):
+        out = attention.attend(q, k, v, valid_BS, impl=impl, chunk=chunk, segment_BS=segment_BS)
+        return (out * w_BTQH).sum(), out
+
+    grads, out = jax.grad(loss, (0, 1, 2), has_aux=True)(q, k, v, impl, chunk)
+    ref_grads, _ = jax.grad(loss, (0, 1, 2), has_aux=True)(q, k, v, "plain", 64)
+    np.testing.assert_allclose(np.asarray(out)[real_BT], np.asarray(ref)[real_BT], **TOL)
+    for g, g_ref, name in zip(grads, ref_grads, "qkv"):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), err_msg=name, **TOL)
+
+
+def test_chunked_skips_blocks_of_other_responses():
+    """A key block holding only another response's keys is never read: NaNs there stay out."""
+    B, T, M, R, Q, K, H = 1, 4, 3, 4, 4, 2, 8
+    valid_BS = jnp.ones((B, T + M * R), bool)
+    segment_BS = jnp.asarray(np.repeat(np.arange(M + 1), R)[None])
+    q, k, v, _ = _qkv(B, T + M * R, T + M * R, Q, K, H, seed=9)
+    poisoned = lambda x: x.at[:, T : T + R].set(jnp.nan)  # response 1's keys and values
+    out = attention.attend(
+        q, poisoned(k), poisoned(v), valid_BS, impl="chunked", chunk=4, segment_BS=segment_BS
+    )
+    ref = attention.attend(q, k, v, valid_BS, impl="plain", segment_BS=segment_BS)
+    later = slice(T + R, None)  # responses 2 and 3
+    np.testing.assert_allclose(np.asarray(out)[:, later], np.asarray(ref)[:, later], **TOL)
+
+
+def test_segments_need_self_attention():
+    q, k, v, _ = _qkv(1, 2, 6, 2, 1, 8, seed=0)
+    with pytest.raises(ValueError, match="self-attention"):
+        attention.attend(
+            q, k, v, jnp.ones((1, 6), bool), 4, segment_BS=jnp.zeros((1, 6), jnp.int32)
+        )
+
+
 def test_pallas_interpreted_equals_plain():
     q, k, v, _ = _qkv(2, 20, 20, 4, 2, 8, seed=11)
     _assert_matches_plain("pallas", q, k, v, _left_padded((20, 13), 20))

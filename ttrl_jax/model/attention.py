@@ -25,8 +25,9 @@ no gradient, so it cannot reach a real row's gradients.
 
 Segments (`segment_BS`, self-attention only) add one rule for rows that hold a prompt and
 several responses to it (rl/logprobs.py): key s is seen by query t only if s is in segment 0
-(the shared prompt) or in t's own segment. Only "plain" takes them: the train step shares a
-prompt only while the row fits one chunk.
+(the shared prompt) or in t's own segment. "plain" and "chunked" take them ("chunked" also skips
+every block of scores the rule masks whole: another response's keys); "pallas" falls back to
+them (its kernel's segment ids cannot say "the prompt is shared").
 
 Shape suffixes: ttrl_jax/__init__.py.
 """
@@ -38,6 +39,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec
@@ -71,12 +73,13 @@ def attend(
     if segment_BS is not None:
         if not (isinstance(q_offset, int) and q_offset == 0 and S == T):
             raise ValueError("segments are for self-attention over a whole chunk (no cache)")
-        return _plain(q_BTQH, k_BSKH, v_BSKH, valid_BS, q_offset, segment_BS)
-    impl = choose(impl, T, S, q_offset, chunk)
+        impl = "plain" if impl == "plain" or chunk >= T else "chunked"
+    else:
+        impl = choose(impl, T, S, q_offset, chunk)
     if impl == "plain":
-        return _plain(q_BTQH, k_BSKH, v_BSKH, valid_BS, q_offset)
+        return _plain(q_BTQH, k_BSKH, v_BSKH, valid_BS, q_offset, segment_BS)
     if impl == "chunked":
-        return _chunked(q_BTQH, k_BSKH, v_BSKH, valid_BS, q_offset, chunk)
+        return _chunked(q_BTQH, k_BSKH, v_BSKH, valid_BS, q_offset, chunk, segment_BS)
     return _pallas(q_BTQH, k_BSKH, v_BSKH, valid_BS)
 
 
@@ -123,7 +126,7 @@ def _plain(q_BTQH, k_BSKH, v_BSKH, valid_BS, q_offset, segment_BS=None):
 # ----------------------------------------------------------------------------- chunked
 
 
-def _chunked(q_BTQH, k_BSKH, v_BSKH, valid_BS, q_offset, chunk):
+def _chunked(q_BTQH, k_BSKH, v_BSKH, valid_BS, q_offset, chunk, segment_BS=None):
     B, T, Q, H = q_BTQH.shape
     S, K = k_BSKH.shape[1:3]
     cq, ck = min(chunk, T), min(chunk, S)
@@ -135,7 +138,9 @@ def _chunked(q_BTQH, k_BSKH, v_BSKH, valid_BS, q_offset, chunk):
     k_BSKH, v_BSKH = jnp.pad(k_BSKH, kv_pad), jnp.pad(v_BSKH, kv_pad)
     valid_BS = jnp.pad(valid_BS, ((0, 0), (0, pad_S)))
     offset = jnp.asarray(q_offset, jnp.int32)
-    out_BTKGH = _flash(cq, ck, q_BTKGH, k_BSKH, v_BSKH, valid_BS, offset)
+    if segment_BS is not None:  # self-attention (T == S): padded queries and keys get -1
+        segment_BS = jnp.pad(segment_BS, ((0, 0), (0, pad_S)), constant_values=-1)
+    out_BTKGH = _flash(cq, ck, q_BTKGH, k_BSKH, v_BSKH, valid_BS, offset, segment_BS)
     return out_BTKGH[:, :T].reshape(B, T, Q, H)
 
 
@@ -145,13 +150,31 @@ def _keys(k_BSKH, v_BSKH, valid_BS, j, ck):
     return take(k_BSKH), take(v_BSKH), take(valid_BS), j * ck + jnp.arange(ck)
 
 
-def _block_scores(q_BtKGH, k_BsKH, valid_Bs, slot_t, slot_s):
+def _block_mask(valid_Bs, slot_t, slot_s, segment_BS, ck, j):
+    """mask_Bts of one block: causal, valid keys, and the segment rule when there are segments
+    (query slots are `slot_t`: segments are only given for self-attention)."""
+    mask_Bts = (slot_s[None, :] <= slot_t[:, None])[None] & valid_Bs[:, None, :]
+    if segment_BS is None:
+        return mask_Bts
+    seg_Bt = jnp.take(segment_BS, slot_t, axis=1)
+    seg_Bs = jax.lax.dynamic_slice_in_dim(segment_BS, j * ck, ck, axis=1)
+    return mask_Bts & ((seg_Bt[:, :, None] == seg_Bs[:, None, :]) | (seg_Bs[:, None, :] == 0))
+
+
+def _block_scores(q_BtKGH, k_BsKH, mask_Bts):
     """f32 scores of one block, masked as the plain version masks them, and the mask."""
     H = q_BtKGH.shape[-1]
     s_BKGts = jnp.einsum("BtKGH,BsKH->BKGts", q_BtKGH, k_BsKH).astype(jnp.float32) / math.sqrt(H)
-    mask_Bts = (slot_s[None, :] <= slot_t[:, None])[None] & valid_Bs[:, None, :]
     mask_B11ts = mask_Bts[:, None, None]
     return jnp.where(mask_B11ts, s_BKGts, _NEG_INF), mask_B11ts
+
+
+def _unless_masked(mask_Bts, segment_BS, compute, carry):
+    """`compute(carry)`, or `carry` unchanged when segments mask the whole block (a block of
+    one response's queries over another's keys adds nothing: skipped, not computed)."""
+    if segment_BS is None:
+        return compute(carry)
+    return jax.lax.cond(mask_Bts.any(), compute, lambda c: c, carry)
 
 
 def _key_blocks(offset, i, cq, ck, n_blocks):
@@ -160,11 +183,11 @@ def _key_blocks(offset, i, cq, ck, n_blocks):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _flash(cq, ck, q_BTKGH, k_BSKH, v_BSKH, valid_BS, offset):
-    return _flash_fwd(cq, ck, q_BTKGH, k_BSKH, v_BSKH, valid_BS, offset)[0]
+def _flash(cq, ck, q_BTKGH, k_BSKH, v_BSKH, valid_BS, offset, segment_BS):
+    return _flash_fwd(cq, ck, q_BTKGH, k_BSKH, v_BSKH, valid_BS, offset, segment_BS)[0]
 
 
-def _flash_fwd(cq, ck, q_BTKGH, k_BSKH, v_BSKH, valid_BS, offset):
+def _flash_fwd(cq, ck, q_BTKGH, k_BSKH, v_BSKH, valid_BS, offset, segment_BS):
     B, T, K, G, H = q_BTKGH.shape
     S = k_BSKH.shape[1]
     dtype = q_BTKGH.dtype
@@ -174,20 +197,25 @@ def _flash_fwd(cq, ck, q_BTKGH, k_BSKH, v_BSKH, valid_BS, offset):
         slot_t = offset + i * cq + jnp.arange(cq)
 
         def key_block(j, carry):
-            m_BKGt, l_BKGt, acc_BKGtH = carry
             k_BsKH, v_BsKH, valid_Bs, slot_s = _keys(k_BSKH, v_BSKH, valid_BS, j, ck)
-            s_BKGts, _ = _block_scores(q_BtKGH, k_BsKH, valid_Bs, slot_t, slot_s)
-            m_new = jnp.maximum(m_BKGt, s_BKGts.max(-1))
-            p_BKGts = jnp.exp(s_BKGts - m_new[..., None])
-            rescale = jnp.exp(m_BKGt - m_new)
-            pv_BKGtH = jnp.einsum(
-                "BKGts,BsKH->BKGtH",
-                p_BKGts.astype(dtype),
-                v_BsKH,
-                preferred_element_type=jnp.float32,
-            )
-            acc_BKGtH = acc_BKGtH * rescale[..., None] + pv_BKGtH
-            return m_new, l_BKGt * rescale + p_BKGts.sum(-1), acc_BKGtH
+            mask_Bts = _block_mask(valid_Bs, slot_t, slot_s, segment_BS, ck, j)
+
+            def compute(carry):
+                m_BKGt, l_BKGt, acc_BKGtH = carry
+                s_BKGts, _ = _block_scores(q_BtKGH, k_BsKH, mask_Bts)
+                m_new = jnp.maximum(m_BKGt, s_BKGts.max(-1))
+                p_BKGts = jnp.exp(s_BKGts - m_new[..., None])
+                rescale = jnp.exp(m_BKGt - m_new)
+                pv_BKGtH = jnp.einsum(
+                    "BKGts,BsKH->BKGtH",
+                    p_BKGts.astype(dtype),
+                    v_BsKH,
+                    preferred_element_type=jnp.float32,
+                )
+                acc_BKGtH = acc_BKGtH * rescale[..., None] + pv_BKGtH
+                return m_new, l_BKGt * rescale + p_BKGts.sum(-1), acc_BKGtH
+
+            return _unless_masked(mask_Bts, segment_BS, compute, carry)
 
         init = (
             jnp.full((B, K, G, cq), -jnp.inf, jnp.float32),
@@ -203,11 +231,12 @@ def _flash_fwd(cq, ck, q_BTKGH, k_BSKH, v_BSKH, valid_BS, offset):
     out_BTKGH = out_CBtKGH.swapaxes(0, 1).reshape(B, T, K, G, H)
     out_BTKGH = checkpoint_name(out_BTKGH, CHECKPOINT_NAME)
     lse_CBKGt = checkpoint_name(lse_CBKGt, CHECKPOINT_NAME)
-    return out_BTKGH, (q_BTKGH, k_BSKH, v_BSKH, valid_BS, offset, out_BTKGH, lse_CBKGt)
+    residuals = (q_BTKGH, k_BSKH, v_BSKH, valid_BS, offset, segment_BS, out_BTKGH, lse_CBKGt)
+    return out_BTKGH, residuals
 
 
 def _flash_bwd(cq, ck, res, dout_BTKGH):
-    q_BTKGH, k_BSKH, v_BSKH, valid_BS, offset, out_BTKGH, lse_CBKGt = res
+    q_BTKGH, k_BSKH, v_BSKH, valid_BS, offset, segment_BS, out_BTKGH, lse_CBKGt = res
     B, T, K, G, H = q_BTKGH.shape
     S = k_BSKH.shape[1]
     dtype = q_BTKGH.dtype
@@ -227,24 +256,29 @@ def _flash_bwd(cq, ck, res, dout_BTKGH):
         slot_t = offset + i * cq + jnp.arange(cq)
 
         def key_block(j, carry):
-            dq_BtKGH, dk_BSKH, dv_BSKH = carry
             k_BsKH, v_BsKH, valid_Bs, slot_s = _keys(k_BSKH, v_BSKH, valid_BS, j, ck)
-            s_BKGts, mask = _block_scores(q_BtKGH, k_BsKH, valid_Bs, slot_t, slot_s)
-            p_BKGts = jnp.exp(s_BKGts - lse_BKGt[..., None])
-            f32 = dict(preferred_element_type=jnp.float32)
-            dv_BsKH = jnp.einsum("BKGts,BtKGH->BsKH", p_BKGts.astype(dtype), do_BtKGH, **f32)
-            dp_BKGts = jnp.einsum("BtKGH,BsKH->BKGts", do_BtKGH, v_BsKH, **f32)
-            # Masked scores are constants (-1e30): no gradient flows through them.
-            ds_BKGts = jnp.where(mask, p_BKGts * (dp_BKGts - delta_BKGt[..., None]), 0.0)
-            ds_BKGts = (ds_BKGts / math.sqrt(H)).astype(dtype)
-            dq_BtKGH = dq_BtKGH + jnp.einsum("BKGts,BsKH->BtKGH", ds_BKGts, k_BsKH, **f32)
-            dk_BsKH = jnp.einsum("BKGts,BtKGH->BsKH", ds_BKGts, q_BtKGH, **f32)
+            mask_Bts = _block_mask(valid_Bs, slot_t, slot_s, segment_BS, ck, j)
 
-            def add(acc, d):
-                old = jax.lax.dynamic_slice_in_dim(acc, j * ck, ck, axis=1)
-                return jax.lax.dynamic_update_slice_in_dim(acc, old + d, j * ck, axis=1)
+            def compute(carry):
+                dq_BtKGH, dk_BSKH, dv_BSKH = carry
+                s_BKGts, mask = _block_scores(q_BtKGH, k_BsKH, mask_Bts)
+                p_BKGts = jnp.exp(s_BKGts - lse_BKGt[..., None])
+                f32 = dict(preferred_element_type=jnp.float32)
+                dv_BsKH = jnp.einsum("BKGts,BtKGH->BsKH", p_BKGts.astype(dtype), do_BtKGH, **f32)
+                dp_BKGts = jnp.einsum("BtKGH,BsKH->BKGts", do_BtKGH, v_BsKH, **f32)
+                # Masked scores are constants (-1e30): no gradient flows through them.
+                ds_BKGts = jnp.where(mask, p_BKGts * (dp_BKGts - delta_BKGt[..., None]), 0.0)
+                ds_BKGts = (ds_BKGts / math.sqrt(H)).astype(dtype)
+                dq_BtKGH = dq_BtKGH + jnp.einsum("BKGts,BsKH->BtKGH", ds_BKGts, k_BsKH, **f32)
+                dk_BsKH = jnp.einsum("BKGts,BtKGH->BsKH", ds_BKGts, q_BtKGH, **f32)
 
-            return dq_BtKGH, add(dk_BSKH, dk_BsKH), add(dv_BSKH, dv_BsKH)
+                def add(acc, d):
+                    old = jax.lax.dynamic_slice_in_dim(acc, j * ck, ck, axis=1)
+                    return jax.lax.dynamic_update_slice_in_dim(acc, old + d, j * ck, axis=1)
+
+                return dq_BtKGH, add(dk_BSKH, dk_BsKH), add(dv_BSKH, dv_BsKH)
+
+            return _unless_masked(mask_Bts, segment_BS, compute, carry)
 
         init = (jnp.zeros((B, cq, K, G, H), jnp.float32), dk_BSKH, dv_BSKH)
         n_keys = _key_blocks(offset, i, cq, ck, S // ck)
@@ -254,7 +288,8 @@ def _flash_bwd(cq, ck, res, dout_BTKGH):
     zeros = jnp.zeros((B, S, K, H), jnp.float32)
     (dk_BSKH, dv_BSKH), dq_CBtKGH = jax.lax.scan(query_block, (zeros, zeros), jnp.arange(T // cq))
     dq_BTKGH = dq_CBtKGH.swapaxes(0, 1).reshape(B, T, K, G, H)
-    return dq_BTKGH, dk_BSKH.astype(dtype), dv_BSKH.astype(dtype), None, None
+    no_segment = None if segment_BS is None else np.zeros(segment_BS.shape, jax.dtypes.float0)
+    return dq_BTKGH, dk_BSKH.astype(dtype), dv_BSKH.astype(dtype), None, None, no_segment
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -148,14 +148,18 @@ def split_rows(P: int, sc: StepConfig) -> tuple[int, int, int]:
 def prompt_group(cfg: ModelConfig, sc: StepConfig, T: int, R: int, rows_micro: int) -> int:
     """Rows per shared prompt in the step's log-prob passes (rl/logprobs.py): M, or 1.
 
-    Sharing runs T + M·R positions per prompt instead of M·(T + R), with plain attention over
-    them, so it is used only while that row fits one attention chunk (where plain is what
-    attention runs anyway, and its T + M·R squared scores stay small next to the matmuls) and
-    every micro-batch holds whole prompts.
+    Sharing runs T + M·R positions per prompt instead of M·(T + R). Attention over them skips
+    what the segments mask (another response's keys) only block by block, in the plain and
+    chunked implementations; so on TPU, where long rows would leave the splash kernel, a prompt
+    is shared only while its row fits one attention chunk. Micro-batches must hold whole prompts.
     """
     M = sc.n_train
-    fits = T + M * R <= cfg.attention_chunk and rows_micro % M == 0  # noqa: SIM300
-    return M if sc.share_prompts and M > 1 and fits else 1
+    if not sc.share_prompts or M == 1 or rows_micro % M:
+        return 1
+    kernel = cfg.attention == "pallas" or (
+        cfg.attention == "auto" and sharding_lib.active_platform() == "tpu"
+    )
+    return 1 if kernel and cfg.attention_chunk < T + M * R else M
 
 
 class _Trained(NamedTuple):
