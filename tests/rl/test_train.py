@@ -181,6 +181,24 @@ def test_shared_prompt_rows_need_whole_groups(params):
         logprobs.response_logp(CFG, params, p, pm, r, rm, jnp.float32(1.0), group=3)
 
 
+@pytest.mark.parametrize(
+    "attention,platform,T,R,rows_micro,share,group",
+    [
+        ("auto", "cpu", 64, 32, 16, True, 8),  # T + M·R = 320: one chunk
+        ("auto", "cpu", 128, 256, 16, True, 8),  # past one chunk: the chunked loop skips blocks
+        ("auto", "tpu", 64, 32, 16, True, 8),
+        ("auto", "tpu", 128, 256, 16, True, 1),  # would leave the splash kernel
+        ("pallas", "cpu", 128, 256, 16, True, 1),
+        ("auto", "cpu", 64, 32, 12, True, 1),  # micro-batches split a prompt's rows
+        ("auto", "cpu", 64, 32, 16, False, 1),
+    ],
+)
+def test_prompt_group(monkeypatch, attention, platform, T, R, rows_micro, share, group):
+    monkeypatch.setattr(sharding_lib, "active_platform", lambda: platform)
+    sc = train.StepConfig(n_train=8, share_prompts=share)
+    assert train.prompt_group(CFG.replace(attention=attention), sc, T, R, rows_micro) == group
+
+
 def test_update_equals_naive_sgd_step(params):
     """One mini-batch of two micro-batches, SGD: new params = params - lr * grad(naive loss)."""
     batch = make_batch(1)

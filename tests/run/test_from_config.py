@@ -21,3 +21,9 @@ def test_old_logp_auto_takes_the_samplers_only_where_they_are_exact(overrides, r
     cfg = load_config(None, overrides)
     assert from_config.recomputes_old_logp(cfg) is recomputed
     assert from_config.step_config(cfg).recompute_old_logp is recomputed
+
+
+def test_share_prompts_reaches_the_step():
+    assert from_config.step_config(load_config(None, [])).share_prompts is True
+    off = load_config(None, ["optim.share_prompts=false"])
+    assert from_config.step_config(off).share_prompts is False
