@@ -44,7 +44,10 @@ def assert_uses_the_kernel(compiled):
 
 def compile_train_step(mesh, cfg=CFG, T=T, R=R):
     """The train step for P prompts x N responses of T + R tokens, compiled by XLA:TPU."""
-    step_cfg = train.StepConfig(n_train=2, mini_batch_prompts=2, micro_batch_rows=2)
+    # One row per response: the layout the splash kernel takes (shared prompts run plain).
+    step_cfg = train.StepConfig(
+        n_train=2, mini_batch_prompts=2, micro_batch_rows=2, share_prompts=False
+    )
     tx, lr_fn = train.make_optimizer(1e-3, total_updates=10)
     state_sh = train.state_shardings(cfg, tx, mesh)
     param_sh = model_lib.param_shardings(cfg, mesh, sharding_lib.TRAIN_RULES)

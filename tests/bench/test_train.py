@@ -40,12 +40,20 @@ def test_rollout_pads_like_a_real_batch_and_every_group_has_signal():
 
 
 @pytest.mark.parametrize("with_ref,with_old", [(True, True), (False, True), (True, False)])
-def test_train_flops_against_the_forward_count(with_ref, with_old):
-    rows, T, R = 6, 10, 4
-    f = forward.forward_flops(TINY, rows, T + R)
+@pytest.mark.parametrize("shared", [False, True])
+def test_train_flops_against_the_forward_count(with_ref, with_old, shared):
+    P, M, T, R = 2, 3, 10, 4
+    # One row per response, or one per prompt holding its M responses (shared prompts).
+    f = (
+        forward.forward_flops(TINY, P, T + M * R)
+        if shared
+        else forward.forward_flops(TINY, P * M, T + R)
+    )
     # A forward that unembeds only the response positions.
-    forward_ = f["dense"] + f["attention"] + 2 * TINY.embed_dim * TINY.vocab_size * rows * R
-    flops = bench_train.train_flops(TINY, rows, T, R, with_ref=with_ref, with_old=with_old)
+    forward_ = f["dense"] + f["attention"] + 2 * TINY.embed_dim * TINY.vocab_size * P * M * R
+    flops = bench_train.train_flops(
+        TINY, P, M, T, R, with_ref=with_ref, with_old=with_old, shared=shared
+    )
     assert flops["policy forward + backward"] == 3 * forward_
     assert ("old log-prob forward" in flops) == with_old
     assert ("reference forward" in flops) == with_ref

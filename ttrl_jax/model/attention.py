@@ -71,7 +71,7 @@ def attend(
     T, S = q_BTQH.shape[1], k_BSKH.shape[1]
     k_BSKH, v_BSKH = k_BSKH.astype(q_BTQH.dtype), v_BSKH.astype(q_BTQH.dtype)
     if segment_BS is not None:
-        if not (isinstance(q_offset, int) and q_offset == 0 and S == T):
+        if S != T:  # (q_offset is then 0, though a traced one under remat)
             raise ValueError("segments are for self-attention over a whole chunk (no cache)")
         impl = "plain" if impl == "plain" or chunk >= T else "chunked"
     else:
