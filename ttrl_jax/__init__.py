@@ -5,7 +5,7 @@ line and the lines above it, never inside a function, and no imports form a cycl
 (tests/test_layers.py reads this list and checks it):
 
     sharding.py        the (data, model) mesh, the train and sample rules tables, host rows
-    model/             the decoder: config and presets, the scanned model, attention by backend
+    model/             the decoder: config and presets, the scanned model, attention, LoRA
     hf/                Hugging Face checkpoints: layout, load, export, gguf (GGUF files)
     data/              benchmarks, word problems, the toy task; chat prompts; the step's prompts
     sampling/          the sampling head, the one-token decode, the grouped sampler, rounds

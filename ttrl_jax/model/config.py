@@ -1,7 +1,8 @@
 """The architecture of a decoder: ModelConfig, its HF `config.json` mapping, published presets.
 
 Llama 3.x, Qwen2/Qwen2.5 and Qwen3 differ by flags, never by subclasses. Also here: how the model
-computes (attention maths, what the backward pass recomputes), which are static choices too.
+computes (attention maths, what the backward pass recomputes, LoRA adapters' settings), which are
+static choices too.
 """
 
 from __future__ import annotations
@@ -36,6 +37,46 @@ REMAT_POLICIES = {
 # The spellings of ModelConfig.remat besides true/false ("none" = false).
 Remat = Literal["none", "block", "attention", "dots_no_batch", "dots_no_batch+attention", "dots"]
 assert typing.get_args(Remat) == ("none", *REMAT_POLICIES)
+
+
+# The projections a LoRA adapter can sit on, in the order of a block (lora.py).
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on the projections `targets`: `W x` becomes `W x + (alpha / rank) B A x`.
+
+    The adapters themselves are lora.py's. This sits here, not there, because ModelConfig holds it
+    (a static jit argument, so hashable) and lora.py reads ModelConfig's widths.
+    """
+
+    rank: int
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the adapters' input, training only (PEFT's lora_dropout)
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):
+        targets = tuple(self.targets)
+        if self.rank < 1:
+            raise ValueError(f"lora rank={self.rank} must be at least 1")
+        if not self.alpha > 0:
+            raise ValueError(f"lora alpha={self.alpha} must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora dropout={self.dropout} must be in [0, 1)")
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown or not targets or len(set(targets)) != len(targets):
+            raise ValueError(
+                f"lora targets={list(targets)} must be distinct names from "
+                f"{', '.join(LORA_TARGETS)} (at least one)"
+            )
+        # One spelling per set of targets: [v, q] and [q, v] are the same model.
+        object.__setattr__(self, "targets", tuple(t for t in LORA_TARGETS if t in targets))
+
+    @property
+    def scale(self) -> float:
+        """What B A x is multiplied by (PEFT's `scaling`)."""
+        return self.alpha / self.rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +117,8 @@ class ModelConfig:
     remat: bool | Remat = False
     attention: Attention = "auto"  # attention maths
     attention_chunk: int = 512  # block length of chunked attention
+    # LoRA adapters the decoder applies when its variables hold them (lora.py); None = none.
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         # One spelling each: False = no remat, else a REMAT_POLICIES name.

@@ -3,7 +3,8 @@
 Read top-down: KV cache → Transformer → Block → Attention → MLP → norms and RoPE. The
 architecture (ModelConfig, presets) is in config.py and the attention maths by backend in
 attention.py; both are re-exported here. Layers are scanned (params stacked on a leading 'layers'
-axis) so compile time does not grow with depth.
+axis) so compile time does not grow with depth. LoRA adapters, when the variables hold them (a
+"lora" collection beside "params"), are added to their projections (lora.py).
 
 Shape suffixes: ttrl_jax/__init__.py.
 """
@@ -21,6 +22,7 @@ from jax.sharding import Mesh
 
 from ttrl_jax import sharding
 from ttrl_jax.model import attention as attention_lib
+from ttrl_jax.model import lora as lora_lib
 from ttrl_jax.model.config import REMAT_POLICIES, ModelConfig, RopeScaling
 
 # ----------------------------------------------------------------------------- KV cache
@@ -85,8 +87,10 @@ class Transformer(nn.Module):
             block = nn.remat(Block, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat])
         self.layers = nn.scan(
             block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
+            # LoRA adapters are stacked by layer as the params are; each layer draws its own
+            # adapter dropout masks.
+            variable_axes={"params": 0, lora_lib.COLLECTION: 0},
+            split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             out_axes=0,
             length=cfg.num_layers,
@@ -211,6 +215,7 @@ class Attention(nn.Module):
         def proj(name, heads, axis):
             w = self.param(name, _dense_init(("embed", axis, "head_dim")), (D, heads, H), pdt)
             y = jnp.einsum("BTD,DNH->BTNH", x_BTD, w.astype(cfg.dtype))
+            y = _adapted(self, cfg, name, x_BTD, y)
             if cfg.qkv_bias:
                 b_init = nn.with_logical_partitioning(nn.initializers.zeros, (axis, "head_dim"))
                 y = y + self.param(name + "_bias", b_init, (heads, H), pdt).astype(cfg.dtype)
@@ -243,7 +248,8 @@ class Attention(nn.Module):
             impl=cfg.attention, chunk=cfg.attention_chunk, segment_BS=segment_BT,
         )  # fmt: skip
         w_o = self.param("o", _dense_init(("heads", "head_dim", "embed")), (Q, H, D), pdt)
-        return jnp.einsum("BTQH,QHD->BTD", out_BTQH, w_o.astype(cfg.dtype)), kv
+        y_BTD = jnp.einsum("BTQH,QHD->BTD", out_BTQH, w_o.astype(cfg.dtype))
+        return _adapted(self, cfg, "o", out_BTQH, y_BTD), kv
 
 
 class MLP(nn.Module):
@@ -259,10 +265,16 @@ class MLP(nn.Module):
         w_gate = self.param("gate", _dense_init(("embed", "mlp")), (D, F), pdt).astype(cfg.dtype)
         w_up = self.param("up", _dense_init(("embed", "mlp")), (D, F), pdt).astype(cfg.dtype)
         w_down = self.param("down", _dense_init(("mlp", "embed")), (F, D), pdt).astype(cfg.dtype)
-        g_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, w_gate)
-        u_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, w_up)
+        g_BTF = _adapted(self, cfg, "gate", x_BTD, jnp.einsum("BTD,DF->BTF", x_BTD, w_gate))
+        u_BTF = _adapted(self, cfg, "up", x_BTD, jnp.einsum("BTD,DF->BTF", x_BTD, w_up))
         h_BTF = nn.with_logical_constraint(jax.nn.silu(g_BTF) * u_BTF, ("batch", "seq", "mlp"))
-        return jnp.einsum("BTF,FD->BTD", h_BTF, w_down)
+        return _adapted(self, cfg, "down", h_BTF, jnp.einsum("BTF,FD->BTD", h_BTF, w_down))
+
+
+def _adapted(module: nn.Module, cfg: ModelConfig, target: str, x, y):
+    """A projection's output `y` of input `x`, plus its LoRA adapter's when it has one."""
+    adapter = lora_lib.delta(module, cfg, target, x)
+    return y if adapter is None else y + adapter
 
 
 class RMSNorm(nn.Module):
