@@ -47,6 +47,7 @@ def response_logp(
     with_features: bool = False,
     logit_chunk: int = 512,
     group: int = 1,
+    dropout_key: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """Log-probs (of logits / temperature) of the response tokens, plus optional extras.
 
@@ -56,21 +57,26 @@ def response_logp(
     The vocabulary projection runs over chunks of positions, each recomputed in the backward
     pass, so the full B×R×V logits never exist at once, in the forward or the backward pass.
 
+    `dropout_key` turns on the LoRA adapters' dropout (the loss's forward; model/lora.py).
+
     Returns:
       dict with "logp_BR", and "entropy_BR", "self_certainty_BR" (raw logits, temperature 1),
       "feature_BD" (mean final hidden state over the response) when asked for.
     """
     module = model_lib.Transformer(cfg)
     R = response_BR.shape[1]
+    rngs = None if dropout_key is None else {"dropout": dropout_key}
     if group > 1:
         h_BRD = _shared_prompt_hidden(
-            module, params, prompt_BT, prompt_mask_BT, response_BR, response_mask_BR, group
+            module, params, prompt_BT, prompt_mask_BT, response_BR, response_mask_BR, group, rngs
         )
     else:
         tokens_BS, mask_BS, positions_BS = sequence_inputs(
             prompt_BT, prompt_mask_BT, response_BR, response_mask_BR
         )
-        h_BSD, _ = module.apply(params, tokens_BS, positions_BS, mask_BS, return_hidden=True)
+        h_BSD, _ = module.apply(
+            params, tokens_BS, positions_BS, mask_BS, return_hidden=True, rngs=rngs
+        )
         T = prompt_BT.shape[1]
         # Position t predicts token t + 1: responses are predicted from positions T-1 .. T+R-2.
         h_BRD = h_BSD[:, T - 1 : T + R - 1]
@@ -111,7 +117,7 @@ _HEAD = ("embed", "lm_head")  # the params `Transformer.unembed` reads
 
 
 def _shared_prompt_hidden(
-    module, params, prompt_BT, prompt_mask_BT, response_BR, response_mask_BR, M
+    module, params, prompt_BT, prompt_mask_BT, response_BR, response_mask_BR, M, rngs=None
 ):
     """h_BRD of `response_logp` from one row per prompt: [prompt | response 1 | ... | M]."""
     (B, T), R = prompt_BT.shape, response_BR.shape[1]
@@ -130,8 +136,9 @@ def _shared_prompt_hidden(
     segment_S = np.concatenate([np.zeros(T, np.int32), np.repeat(np.arange(1, M + 1), R)])
     segment_PS = jnp.broadcast_to(segment_S, (P, T + M * R))
     h_PSD, _ = module.apply(
-        params, tokens_PS, positions_PS, mask_PS, return_hidden=True, segment_BT=segment_PS
-    )
+        params, tokens_PS, positions_PS, mask_PS, return_hidden=True, segment_BT=segment_PS,
+        rngs=rngs,
+    )  # fmt: skip
     # Response m's first token is predicted by the prompt's last slot, token r by its own r - 1.
     slot_MR = T + np.arange(M)[:, None] * R + np.arange(R)[None, :] - 1
     slot_MR[:, 0] = T - 1

@@ -11,6 +11,10 @@ step, with the pure functions of vote.py, rewards.py, advantages.py and losses.p
     advantage_PM = group_advantages(reward_PM)                   # then optional reshaping
     loss, aux = grpo_loss(logp_new_BR, logp_old_BR, advantage_B, mask_BR, ...)
 
+With LoRA (ModelConfig.lora) the state's params are the adapters alone and the frozen base comes
+in where the KL reference does: the policy is the base under the adapters, the reference the base
+without them (model/lora.py). Gradients and optimizer state exist for the adapters only.
+
 Shape suffixes: the package's alphabet (ttrl_jax/__init__.py).
 """
 
@@ -27,6 +31,7 @@ import optax
 
 from ttrl_jax import sharding as sharding_lib
 from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.model import lora as lora_lib
 from ttrl_jax.model.config import ModelConfig
 from ttrl_jax.rl import advantages, losses, rewards, vote
 from ttrl_jax.rl.batch import StepBatch
@@ -121,6 +126,25 @@ def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
+def trained_shapes(cfg: ModelConfig) -> Any:
+    """ShapeDtypeStructs of what the step trains: the params, or with LoRA the adapters."""
+    if cfg.lora is not None:
+        return lora_lib.adapter_shapes(cfg)
+    return jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+
+
+def trained_shardings(cfg: ModelConfig, mesh) -> Any:
+    """Their shardings in the train layout."""
+    if cfg.lora is not None:
+        return lora_lib.adapter_shardings(cfg, mesh, sharding_lib.TRAIN_RULES)
+    return model_lib.param_shardings(cfg, mesh, sharding_lib.TRAIN_RULES)
+
+
+def _policy(cfg: ModelConfig, params: Any, ref_params: Any) -> Any:
+    """The variables of the policy's forward: the trained params, or the base under adapters."""
+    return params if cfg.lora is None else lora_lib.with_adapters(ref_params, params)
+
+
 # ----------------------------------------------------------------------------- the step
 
 
@@ -186,10 +210,12 @@ def train_step(
     """One TTRL step on a rollout batch; pure, meant to run under `jax.jit`.
 
     Args:
-      state: params and optimizer state (fp32 master params).
-      ref_params: the initial policy for the k3 KL penalty (ignored unless step_cfg.use_kl).
+      state: params and optimizer state (fp32 master params; with LoRA, the adapters').
+      ref_params: the initial policy for the k3 KL penalty (ignored unless step_cfg.use_kl);
+        with LoRA (cfg.lora), the frozen base model, always: the policy is it under the
+        adapters, the KL reference it alone.
       batch: the rollout and its answer ids (gold ids only for metrics).
-      key: PRNG key for the response subset.
+      key: PRNG key for the response subset (and the adapters' dropout).
       hyper: traced scalars (temperature, clip range, coefficients).
       cfg: model architecture.
       step_cfg: static settings.
@@ -220,8 +246,9 @@ def train_step(
 
     # 2. Old (rollout-policy) and reference log-probs, one forward per micro-batch, no grad.
     old, logp_old_PMR, logp_ref_PMR = _old_and_ref_logp(
-        state.params, ref_params, batch, trained, take, hyper, cfg, sc, rows_micro, group
-    )
+        _policy(cfg, state.params, ref_params), ref_params, batch, trained, take, hyper, cfg, sc,
+        rows_micro, group,
+    )  # fmt: skip
 
     # 3. Rewards and advantages.
     reward_PM = _rewards(batch, majority_P, answer_PM, rmask_PMR, old, take, sc.reward)
@@ -237,7 +264,9 @@ def train_step(
         _rows(x, n_mini)
         for x in (*trained, loss_mask_PMR, logp_old_PMR, logp_ref_PMR, advantage_PM)
     )
-    update = _mini_update(cfg, sc, hyper, tx, n_micro, rows_micro, group)
+    if _dropout(cfg):  # a key per mini-batch for the adapters' dropout masks
+        minis += (jax.random.split(jax.random.fold_in(key, _DROPOUT), n_mini),)
+    update = _mini_update(cfg, sc, hyper, tx, n_micro, rows_micro, group, ref_params)
     (params, opt_state), mini_metrics = jax.lax.scan(update, (state.params, state.opt_state), minis)
     new_state = TrainState(step=state.step + n_mini, params=params, opt_state=opt_state)
 
@@ -306,15 +335,25 @@ def _rewards(batch, majority_P, answer_PM, rmask_PMR, old, take, reward: str) ->
     return rewards.evol_novelty_reward(old["feature_BD"], answer_PM, majority_P)
 
 
-def _mini_update(cfg, sc: StepConfig, hyper, tx, n_micro: int, rows_micro: int, group: int):
+_DROPOUT = 1  # folded into the step's key for the adapters' dropout
+
+
+def _dropout(cfg: ModelConfig) -> bool:
+    return cfg.lora is not None and cfg.lora.dropout > 0
+
+
+def _mini_update(
+    cfg, sc: StepConfig, hyper, tx, n_micro: int, rows_micro: int, group: int, ref_params
+):
     """The scan body of the mini-batch updates: gradients accumulated over micro-batches, one
     optimizer update, the mini-batch's loss and aux values."""
 
     def micro_loss(params, micro, num_tokens):
-        p, pm, r, rm, lm, lo, lr, adv = micro
+        p, pm, r, rm, lm, lo, lr, adv, *keys = micro
         out = response_logp(
-            cfg, params, p, pm, r, rm, hyper.temperature,
+            cfg, _policy(cfg, params, ref_params), p, pm, r, rm, hyper.temperature,
             with_entropy=sc.use_entropy_bonus, logit_chunk=sc.logit_chunk, group=group,
+            dropout_key=keys[0][0] if keys else None,  # its first row's: one per micro-batch
         )  # fmt: skip
         return losses.grpo_loss(
             out["logp_BR"], lo, adv, lm,
@@ -331,6 +370,9 @@ def _mini_update(cfg, sc: StepConfig, hyper, tx, n_micro: int, rows_micro: int, 
     def mini_update(carry, mini):
         params, opt_state = carry
         num_tokens = mini[4].sum()
+        if _dropout(cfg):  # a key per row, so they split into micro-batches as the rows do
+            *mini, key = mini
+            mini = (*mini, jax.random.split(key, n_micro * rows_micro))
         micros = tuple(x.reshape((n_micro, rows_micro) + x.shape[1:]) for x in mini)
 
         def accumulate(acc, micro):
@@ -403,8 +445,9 @@ def build_train_step(
 ):
     """The jitted step, with explicit shardings and the state donated.
 
-    Without a mesh it is a plain jit. With one, the state and reference params use the train
-    rules table (FSDP over data + tensor over model) and batch rows are split over data.
+    Without a mesh it is a plain jit. With one, the state and reference params (with LoRA, the
+    base) use the train rules table (FSDP over data + tensor over model) and batch rows are split
+    over data.
     """
     fn = functools.partial(train_step, cfg=cfg, step_cfg=step_cfg, tx=tx, lr_fn=lr_fn)
     if mesh is None:
@@ -426,10 +469,11 @@ def build_train_step(
 
 
 def state_shardings(cfg: ModelConfig, tx, mesh) -> TrainState:
-    """TrainState shardings: params and their optimizer moments in the train layout."""
-    p_sh = model_lib.param_shardings(cfg, mesh, sharding_lib.TRAIN_RULES)
+    """TrainState shardings: params (or adapters) and their optimizer moments in the train
+    layout."""
+    p_sh = trained_shardings(cfg, mesh)
     rep = sharding_lib.replicated(mesh)
-    p_shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+    p_shapes = trained_shapes(cfg)
     # Adam moments mirror the params and take their shardings; counts are replicated.
     opt_sh = optax.tree_map_params(
         tx,
