@@ -1,5 +1,6 @@
 """Params → an HF model folder that transformers and vLLM load: sharded safetensors, config.json,
 generation_config.json and the tokenizer, written beside the destination and renamed into place.
+LoRA adapters → a PEFT adapter folder that PEFT loads onto the HF base model.
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ from ttrl_jax.hf.layout import (
     get_path,
     tensor_specs,
 )
+from ttrl_jax.model import lora as lora_lib
 from ttrl_jax.model.config import ModelConfig
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM's path to the wrapped model
 
 
 def save_hf(
@@ -87,6 +93,84 @@ def save_hf(
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"save_hf {out_dir}")
+    return out_dir
+
+
+def save_peft(
+    adapters: dict,
+    cfg: ModelConfig,
+    out_dir: str | os.PathLike,
+    *,
+    base_model: str = "",
+    overwrite: bool = False,
+) -> Path:
+    """Writes LoRA adapters as a PEFT folder that `peft.PeftModel.from_pretrained(base, out_dir)`
+    loads onto the HF base model, giving the same model as `lora.merge`.
+
+    Every process must call this (collective, as `save_hf`); process 0 writes, beside `out_dir`
+    first.
+
+    Args:
+      adapters: {'lora': {...}} as made by `lora.init_adapters` (cfg.lora's targets).
+      cfg: the model config, with its `lora` settings.
+      out_dir: destination folder: adapter_config.json and adapter_model.safetensors (float32;
+        PEFT's names, lora_A [rank, in] and lora_B [out, rank] per projection and layer).
+      base_model: recorded as base_model_name_or_path.
+      overwrite: replace an existing non-empty `out_dir`.
+
+    Returns:
+      The path of the written folder.
+    """
+    lora = lora_lib.require(cfg)
+    out_dir = Path(out_dir).expanduser().absolute()
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace")
+    specs = {spec.path: spec for spec in tensor_specs(cfg)}
+    found = adapters[lora_lib.COLLECTION]["layers"]
+    tensors: dict[str, np.ndarray] = {}
+    modules = []
+    for name, t in lora_lib.targets(cfg).items():
+        spec = specs[("layers", t.module, name)]  # the base weight the adapter sits on
+        a_name, b_name = lora_lib.names(name)
+        a = _gather(found[t.module][a_name]).astype(np.float32)  # [L, in..., J]
+        b = _gather(found[t.module][b_name]).astype(np.float32)  # [L, J, out...]
+        for i, weight in enumerate(spec.hf_names(cfg.num_layers)):
+            module = PEFT_PREFIX + weight.removesuffix(".weight")
+            tensors[f"{module}.lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, lora.rank).T)
+            tensors[f"{module}.lora_B.weight"] = np.ascontiguousarray(b[i].reshape(lora.rank, -1).T)
+        modules.append(spec.hf_name.split(".")[-2])  # q_proj, gate_proj, ...
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": modules,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,  # the scale is alpha / rank, as ours
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+    }
+    is_writer = jax.process_index() == 0
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    if is_writer:
+        tmp.mkdir(parents=True)
+        try:
+            save_file(tensors, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
+            _write_json(tmp / PEFT_CONFIG, config)
+            _swap_into_place(tmp, out_dir)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"save_peft {out_dir}")
     return out_dir
 
 
