@@ -1,14 +1,21 @@
-"""run/checkpoint.py: checksums, damaged and non-finite checkpoints skipped, full disks, cadence."""
+"""run/checkpoint.py: checksums, damaged and non-finite checkpoints skipped, full disks, cadence,
+LoRA checkpoints and the base's fingerprint."""
 
 import os
 import shutil
 import subprocess
 import time
 
+import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ttrl_jax import sharding
+from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.model import lora
+from ttrl_jax.model.config import LoraConfig, ModelConfig
 from ttrl_jax.rl import train as train_lib
 from ttrl_jax.run import checkpoint as checkpoint_lib
 
@@ -123,3 +130,66 @@ def test_cadence_by_steps_time_and_end():
     assert timed.due(1)
     timed.saved()
     assert not checkpoint_lib.Cadence(0, 0, 100).due(5)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def lora_model():
+    cfg = ModelConfig.tiny("qwen2", num_heads=8, num_kv_heads=4, lora=LoraConfig(rank=2))
+    return cfg, model_lib.init_params(cfg, jax.random.key(0))
+
+
+def test_base_fingerprint_names_the_base_whatever_its_dtype_or_layout():
+    cfg, params = lora_model()
+    fingerprint = checkpoint_lib.base_fingerprint(cfg, params)
+    assert len(fingerprint) == 16
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    assert checkpoint_lib.base_fingerprint(cfg.replace(param_dtype="bfloat16"), bf16) == fingerprint
+    mesh = sharding.make_mesh("2x4", jax.devices()[:8])
+    placed = jax.device_put(params, model_lib.param_shardings(cfg, mesh, sharding.TRAIN_RULES))
+    assert checkpoint_lib.base_fingerprint(cfg, placed) == fingerprint
+    # One weight changed (above bfloat16's precision), or two swapped, or another architecture.
+    q = params["params"]["layers"]["attn"]["q"]
+    moved = {"params": {**params["params"], "layers": {**params["params"]["layers"]}}}
+    moved["params"]["layers"]["attn"] = {
+        **params["params"]["layers"]["attn"], "q": q.at[1, 3, 0, 0].add(0.01)
+    }  # fmt: skip
+    swapped = jax.tree.map(lambda x: x, params)
+    swapped["params"]["layers"]["attn"]["q"] = q[:, ::-1]
+    others = [
+        checkpoint_lib.base_fingerprint(cfg, moved),
+        checkpoint_lib.base_fingerprint(cfg, swapped),
+        checkpoint_lib.base_fingerprint(cfg.replace(rope_theta=5e5), params),
+    ]
+    assert len({fingerprint, *others}) == 4
+
+
+def test_lora_checkpoint_holds_the_adapters_and_refuses_another_base(tmp_path):
+    cfg, params = lora_model()
+    tx, _ = train_lib.make_optimizer(1e-3, total_updates=10)
+    state = train_lib.init_state(lora.init_adapters(cfg, jax.random.key(1)), tx)
+    fingerprint = checkpoint_lib.base_fingerprint(cfg, params)
+    ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "c"))
+    ckpt.save(3, state, {"steps_done": 3, "base_fingerprint": fingerprint})
+    ckpt.close()
+    # Only the adapters and their Adam moments were written, no copy of the base.
+    saved = sum(
+        os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(tmp_path / "c") for f in fs
+    )
+    base_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    assert saved < base_bytes / 2, (saved, base_bytes)
+    restored, record, step = checkpoint_lib.Checkpointer(str(tmp_path / "c")).restore_latest(
+        checkpoint_lib.abstract_like(state)
+    )
+    chex.assert_trees_all_equal(restored.params, state.params)
+    checkpoint_lib.check_base(record, fingerprint, step)  # the same base: accepted
+    other = checkpoint_lib.base_fingerprint(cfg, jax.tree.map(lambda x: x * 1.5, params))
+    with pytest.raises(checkpoint_lib.CheckpointError) as err:
+        checkpoint_lib.check_base(record, other, step)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(
+        f"checkpoint step 3 holds LoRA adapters trained on another base model (fingerprint "
+        f"{fingerprint}; this run's base: {other})"
+    )
+    checkpoint_lib.check_base({"steps_done": 3}, None, 3)  # full fine-tuning: nothing to match

@@ -10,12 +10,17 @@ On top of orbax: once a step is final, a CRC-32 of each of its files is written 
 truncated file is found before the run trains on it; a damaged step is skipped, with a warning
 naming it, for the newest intact one. A background save that fails (a full disk) is reported at
 the next `poll` and its partial folder removed, instead of surfacing at the following save.
+
+With LoRA the train state is the adapters and their optimizer state alone, a small fraction of
+the model; the record then names the frozen base they were trained on (`base_fingerprint`), and
+a resume onto another base is refused (`check_base`) instead of training on a mismatch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -26,9 +31,12 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+
+from ttrl_jax.model.config import ModelConfig
 
 _CHUNK = 1 << 24  # bytes read at a time when checksumming
 _NO_RECORD = "has no checksum record (the run stopped before writing it)"
@@ -264,6 +272,43 @@ class Cadence:
 
     def saved(self) -> None:
         self.last = time.monotonic()
+
+
+def base_fingerprint(cfg: ModelConfig, params: Any) -> str:
+    """A short hash naming a base model: its architecture and a checksum of every tensor.
+
+    Each checksum is a position-weighted sum of the tensor's bfloat16 bit patterns modulo 2^32:
+    the same whether the base was loaded in float32 or bfloat16, and exact on any mesh (integer
+    sums do not depend on the order of a sharded reduction). One pass over the base, on device.
+    """
+    arch = {k: v for k, v in cfg.to_hf().items() if k not in ("torch_dtype", "dtype")}
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    sums = jax.device_get(jax.jit(lambda xs: [_checksum(x) for x in xs])([x for _, x in leaves]))
+    h = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
+    for (path, x), total in zip(leaves, sums):
+        h.update(f"{jax.tree_util.keystr(path)} {tuple(x.shape)} {int(total)};".encode())
+    return h.hexdigest()[:16]
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32)
+    # The row-major position of each element (mod 2^32), built without reshaping a sharded array.
+    index = jnp.zeros(x.shape, jnp.uint32)
+    for axis, n in enumerate(x.shape):
+        index = index * jnp.uint32(n) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)
+    return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
+
+
+def check_base(record: dict[str, Any], fingerprint: str | None, step: int) -> None:
+    """Raises CheckpointError when checkpoint `step` was trained on another base model than the
+    one `fingerprint` names (both None: no LoRA, nothing to match)."""
+    saved = record.get("base_fingerprint")
+    if saved != fingerprint:
+        raise CheckpointError(
+            f"checkpoint step {step} holds LoRA adapters trained on another base model "
+            f"(fingerprint {saved}; this run's base: {fingerprint}); resume with the base model "
+            "it was trained on"
+        )
 
 
 def abstract_like(tree: Any) -> Any:
