@@ -61,6 +61,16 @@ def test_every_config_file_loads(path):
         config_lib.check_context_length(cfg, 4096)
 
 
+def test_the_lora_apples_config_is_the_apples_config_with_lora():
+    """The LoRA run differs from the full fine-tune it is compared with in LoRA, lr and folder."""
+    full = config_lib.config_to_dict(load_config(CONFIGS / "smollm2-135m_apples.yaml"))
+    lora = config_lib.config_to_dict(load_config(CONFIGS / "smollm2-135m_apples_lora.yaml"))
+    assert (full["model"].pop("lora")["rank"], lora["model"].pop("lora")["rank"]) == (0, 16)
+    assert lora["optim"].pop("lr") == pytest.approx(10 * full["optim"].pop("lr"))
+    assert lora["run"].pop("out_dir") != full["run"].pop("out_dir")
+    assert lora == full
+
+
 def test_all_paper_configs_exist():
     names = {p.stem for p in CONFIG_FILES}
     expected = {f"{m}_{b}" for m in HUB_IDS for b in PAPER_DATA} | {"toy"}

@@ -67,12 +67,35 @@ def test_config_is_frozen():
         (["ttrl.vote_rule=sprt"], "ttrl.vote_rule='sprt'"),
         (["ttrl.vote_error=0"], "ttrl.vote_error=0"),
         (["mesh.shape=16x1"], "prompts of a step (data.batch_prompts)"),
+        (["model.lora.rank=-1"], "model.lora.rank=-1 must be at least 0 (0 = off)"),
+        (["model.lora.alpha=0"], "model.lora.alpha=0.0 must be > 0"),
+        (["model.lora.dropout=1"], "model.lora.dropout=1.0 must be in [0, 1)"),
+        (["model.lora.targets=[q,qkv]"], "model.lora.targets=['q', 'qkv'] must be distinct"),
+        (["model.lora.targets=[]"], "model.lora.targets=[] must be distinct"),
+        (["model.lora.base_dtype=int4"], "model.lora.base_dtype='int4' is not one of"),
+        (["run.export_peft=true"], "run.export_peft writes LoRA adapters: it needs model.lora"),
     ],
 )
 def test_invalid_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert key in str(err.value)
+
+
+def test_lora_is_off_by_default_and_a_nested_section():
+    assert load_config().model.lora.rank == 0
+    cfg = load_config(
+        None, ["model.lora.rank=8", "model.lora.targets=[v,q]", "run.export_peft=true"]
+    )
+    assert (cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.targets) == (
+        8,
+        16.0,
+        ("v", "q"),
+    )
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'model.lora.rnak'. Did you mean 'model.lora.rank'"
+    ):
+        load_config(None, ["model.lora.rnak=8"])
 
 
 def test_all_problems_are_reported_together():

@@ -307,6 +307,10 @@ def _problems(
             f"(optim.mini_batch_prompts x sample.n_train = {mini_rows})",
         )
     r = cfg.run
+    out.need(
+        not r.export_peft or cfg.model.lora.rank > 0,
+        "run.export_peft writes LoRA adapters: it needs model.lora.rank > 0",
+    )
     if r.keep == "best" or r.stop_rule != "off" or r.collapse_guard != "off":
         out.need(
             cfg.eval.before_training,

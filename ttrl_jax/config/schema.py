@@ -15,7 +15,7 @@ from typing import Literal
 from ttrl_jax.data import benchmarks as data_lib
 from ttrl_jax.grading.answers import AnswerMode
 from ttrl_jax.grading.verifier import DEFAULT_TIMEOUT_S
-from ttrl_jax.model.config import Attention, Remat
+from ttrl_jax.model.config import LORA_TARGETS, Attention, Remat
 from ttrl_jax.rl import losses
 from ttrl_jax.rl.rewards import Reward
 from ttrl_jax.rl.vote_budget import VoteRule
@@ -27,6 +27,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy.yaml"
 # Choices are types: each list of allowed values is written once (here, or beside the code that
 # implements it: rewards.Reward, answers.AnswerMode) and OmegaConf checks values as it builds one.
 Dtype = Literal["float32", "bfloat16"]
+BaseDtype = Literal["compute", "bfloat16"]
 Select = Literal["random", "first"]
 Schedule = Literal["cosine", "linear", "constant"]
 LastBatch = Literal["drop", "wrap"]
@@ -55,6 +56,39 @@ class Problems(list):
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSection:
+    """LoRA: train low-rank adapters on a frozen base instead of every weight (model/lora.py).
+
+    Gradients and AdamW state exist for the adapters only (float32); the base is held once, in
+    model.dtype or base_dtype, and serves as the KL reference with the adapters off. Checkpoints
+    hold the adapters and a fingerprint of the base; run.export_hf writes the merged model and
+    run.export_peft a PEFT adapter folder.
+    """
+
+    rank: int = 0  # 0 = off (full fine-tuning)
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapters' input, in the loss's forward only
+    targets: tuple[str, ...] = LORA_TARGETS  # of q, k, v, o, gate, up, down
+    # The frozen base's storage: "compute" = model.dtype; "bfloat16" also under float32 compute.
+    base_dtype: BaseDtype = "compute"
+
+    def problems(self) -> list[str]:
+        out = Problems()
+        out.at_least("model.lora.rank", self.rank, 0, " (0 = off)")
+        out.need(self.alpha > 0, f"model.lora.alpha={self.alpha} must be > 0")
+        out.need(0 <= self.dropout < 1, f"model.lora.dropout={self.dropout} must be in [0, 1)")
+        targets = list(self.targets)
+        out.need(
+            bool(targets)
+            and set(targets) <= set(LORA_TARGETS)
+            and len(set(targets)) == len(targets),
+            f"model.lora.targets={targets} must be distinct names from "
+            f"{', '.join(LORA_TARGETS)} (at least one)",
+        )
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSection:
     """Which checkpoint to load and the dtypes to run it in."""
 
@@ -70,12 +104,14 @@ class ModelSection:
     # Attention maths: "auto" (the Pallas kernel on TPU, else plain or chunked by length),
     # "plain", "chunked" or "pallas" (see attention.py).
     attention: Attention = "auto"
+    lora: LoraSection = dataclasses.field(default_factory=LoraSection)
 
     def problems(self) -> list[str]:
         out = Problems()
         out.need(
             bool(self.name_or_path), "model.name_or_path is empty; give an HF id, a folder or 'toy'"
         )
+        out += self.lora.problems()
         return out
 
 
@@ -353,6 +389,9 @@ class RunSection:
     wandb: bool = False
     wandb_project: str = "ttrl_jax"
     export_hf: bool = False  # write an HF folder (config.json + safetensors) at the end
+    # With LoRA: also write the adapters as a PEFT folder (adapter_config.json and
+    # adapter_model.safetensors) that PEFT loads onto the base model, in out_dir/peft.
+    export_peft: bool = False
     # Which policy the run ends with (the kept checkpoint, the HF export): "last", or "best":
     # the evaluated step, the base model's evaluation included, with the highest label-free
     # score (judge.py; no gold label is read).
