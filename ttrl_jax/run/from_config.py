@@ -14,8 +14,8 @@ from typing import Any
 
 import optax
 
-from ttrl_jax.config.schema import Config, EvalSection, OptimSection, SampleSection
-from ttrl_jax.model.config import ModelConfig
+from ttrl_jax.config.schema import Config, EvalSection, LoraSection, OptimSection, SampleSection
+from ttrl_jax.model.config import LoraConfig, ModelConfig
 from ttrl_jax.rl import train as train_lib
 from ttrl_jax.rl import vote_budget as vote_budget_lib
 from ttrl_jax.sampling import token_draw
@@ -31,6 +31,19 @@ class TrainParts:
     hyper: train_lib.StepHyper  # traced scalars
     sampling: token_draw.SamplingParams  # the rollout's (traced)
     eval_sampling: token_draw.SamplingParams
+
+
+def lora_config(section: LoraSection) -> LoraConfig | None:
+    """The model's LoRA settings (static, in ModelConfig.lora); None when model.lora.rank is 0."""
+    if section.rank == 0:
+        return None
+    return LoraConfig(section.rank, section.alpha, section.dropout, tuple(section.targets))
+
+
+def base_dtype(cfg: Config) -> str:
+    """The dtype a LoRA run stores its frozen base in (model.lora.base_dtype)."""
+    stored = cfg.model.lora.base_dtype
+    return cfg.model.dtype if stored == "compute" else stored
 
 
 def updates_per_step(cfg: Config) -> int:

@@ -79,8 +79,8 @@ def run(cfg: Config) -> dict[str, Any]:
         try:
             resume = _check_start(cfg, ckpt)
             job = setup.build(cfg)
-            rundir_lib.save_config(cfg)
             steps_done, record = _restore(job, ckpt, out_dir) if resume else (0, {})
+            rundir_lib.save_config(cfg)  # once the checkpoint is accepted (e.g. its base)
             loop = _Loop(job, ckpt, stop, steps_done, record)
             judge_box.append(loop.judge)
             loop.train()
@@ -230,6 +230,8 @@ class _Loop:
             "tokens": self.tokens,
             "guard": self.guard.state(),
         }
+        if self.job.base_fingerprint is not None:  # LoRA: the base the adapters belong to
+            record["base_fingerprint"] = self.job.base_fingerprint
         try:
             self.ckpt.save(done, self.job.state, record)
             if final:
@@ -252,7 +254,7 @@ class _Loop:
             print(f"kept step {step} (run.keep=best): {why}", flush=True)
         result = {"kept_step": step, "kept_why": why, "stopped": self.judge.stopped or ""}
         self.logbook.log(self.total, result, kind="result")
-        if cfg.run.export_hf:
+        if cfg.run.export_hf or cfg.run.export_peft:
             _export(self.job, cfg, self.ckpt)
         if cfg.run.baseline and not self.logbook.has_kind("baseline"):
             self.baseline()
@@ -323,7 +325,9 @@ def _restore(job: setup.Job, ckpt: checkpoint_lib.Checkpointer, out_dir: str) ->
     if found is None:
         print(f"no intact checkpoint in {out_dir}: starting at step 0", flush=True)
         return 0, {}
-    job.state, record, steps_done = found
+    state, record, steps_done = found
+    checkpoint_lib.check_base(record, job.base_fingerprint, steps_done)
+    job.state = state
     print(f"resumed from {out_dir} at step {steps_done}", flush=True)
     return steps_done, record
 
@@ -348,9 +352,17 @@ def _stop_message(signum: int, done: int, ckpt) -> str:
 
 
 def _export(job: setup.Job, cfg: Config, ckpt) -> None:
+    """run.export_hf: the policy as an HF folder (with LoRA, merged); run.export_peft: the
+    adapters as a PEFT folder."""
     path = setup.export_dir(cfg)
     try:
-        hf_export.save_hf(job.state.params, job.model_cfg, path, job.tokenizer, overwrite=True)
+        if cfg.run.export_hf:
+            hf_export.save_hf(job.trained_params(), job.model_cfg, path, job.tokenizer,
+                              overwrite=True)  # fmt: skip
+        if cfg.run.export_peft:
+            path = setup.peft_dir(cfg)
+            hf_export.save_peft(job.state.params, job.model_cfg, path,
+                                base_model=cfg.model.name_or_path, overwrite=True)  # fmt: skip
     except Exception as e:
         raise OSError(
             f"HF export to {path} failed ({checkpoint_lib._reason(e)}); the trained state is in "
@@ -419,6 +431,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
             "  data.batch_prompts=8 data.episodes=80 eval.every_steps=10 eval.k=16\n"
             "  ttrl.reward=majority | soft_frequency | self_certainty | evol_novelty\n"
             "  run.out_dir=runs/x run.seed=0 run.max_steps=N run.export_hf=true\n"
+            "  model.lora.rank=16 model.lora.alpha=32   LoRA adapters on a frozen base\n"
         ),
     )
     ap.add_argument("--config", default=None, help="YAML file (default: configs/toy.yaml)")
