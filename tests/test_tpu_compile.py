@@ -9,7 +9,7 @@ import pytest
 
 from ttrl_jax import sharding as sharding_lib
 from ttrl_jax.model import decoder as model_lib
-from ttrl_jax.model.config import ModelConfig
+from ttrl_jax.model.config import LoraConfig, ModelConfig
 from ttrl_jax.rl import train
 from ttrl_jax.rl.batch import StepBatch
 
@@ -54,7 +54,8 @@ def compile_train_step(mesh, cfg=CFG, T=T, R=R):
     step = train.build_train_step(cfg, step_cfg, tx, lr_fn, mesh, state_sh, param_sh)
 
     params = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
-    state = jax.eval_shape(lambda p: train.init_state(p, tx), params)
+    # What the step trains: the params, or with LoRA the adapters (the params are then the base).
+    state = jax.eval_shape(lambda p: train.init_state(p, tx), train.trained_shapes(cfg))
     rows = lambda *shape: sharding_lib.batch_sharding(mesh, len(shape), sharding_lib.TRAIN_RULES)
     spec = lambda dtype, *shape: jax.ShapeDtypeStruct(shape, dtype, sharding=rows(*shape))
     batch = StepBatch(
@@ -80,6 +81,14 @@ def test_train_step_compiles_for_v5e(mesh):
     compiled = compile_train_step(mesh)
     assert_uses_the_kernel(compiled)
     # The donated state is updated in place.
+    assert compiled.memory_analysis().alias_size_in_bytes > 0
+
+
+def test_lora_train_step_compiles_for_v5e(mesh):
+    """Adapters (with dropout) beside the frozen base, sharded as their projections."""
+    lora_cfg = dataclasses.replace(CFG, lora=LoraConfig(rank=4, dropout=0.1))
+    compiled = compile_train_step(mesh, lora_cfg)
+    assert_uses_the_kernel(compiled)
     assert compiled.memory_analysis().alias_size_in_bytes > 0
 
 

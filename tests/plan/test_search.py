@@ -11,9 +11,10 @@ import yaml
 
 from ttrl_jax import sharding
 from ttrl_jax.config import load as config_lib
-from ttrl_jax.config.schema import ConfigError
+from ttrl_jax.config.schema import ConfigError, LoraSection
 from ttrl_jax.model import config as model_config
-from ttrl_jax.model.config import ModelConfig
+from ttrl_jax.model import lora
+from ttrl_jax.model.config import LoraConfig, ModelConfig
 from ttrl_jax.plan import programs as plan_programs
 from ttrl_jax.plan import report as plan_report
 from ttrl_jax.plan import search as plan
@@ -279,6 +280,38 @@ def test_tpu_plan_is_the_compilers(tpu_plan, cfg):
     text = plan_report.format_text(p)
     for word in ("XLA:TPU", "v5e-4", "verdict: fits", "largest micro-batch that fits: 8", "decode"):
         assert word in text
+
+
+@needs_tpu
+def test_lora_plan_compiles_the_lora_step_and_the_merge(cfg, tpu_plan):
+    """model.lora: the state is the adapters and their Adam moments, the base sits once in the
+    compute dtype (it is the KL reference), the sampler reads merged weights."""
+    lora_cfg = plan_programs.with_settings(cfg, {"model.lora": LoraSection(rank=4, alpha=8)})
+    p = plan.make_plan(lora_cfg, "v5e-4", search=False)
+    mcfg = plan_programs.model_config(lora_cfg)
+    assert p.compiler == "tpu" and p.fits and mcfg.lora == LoraConfig(4, 8.0)
+    assert p.trained_params == lora.count(mcfg) < p.n_params / 10
+    assert p.lora["rank"] == 4 and plan_report.to_json(p)["trained_params"] == p.trained_params
+    mesh = sharding.make_mesh((1, 4), tpu_lib.compile_devices(p.slice))
+    adapters = lora.adapter_shapes(mcfg)
+    adapter_sh = lora.adapter_shardings(mcfg, mesh, sharding.TRAIN_RULES)
+    adapter_bytes = plan_programs.shard_bytes(plan_programs.abstract(adapters, adapter_sh))
+    for phase, full in ((p.sample, tpu_plan.sample), (p.train, tpu_plan.train)):
+        assert sum(phase.parts.values()) == phase.total
+        assert "params" not in phase.parts and "reference params (KL)" not in phase.parts
+        # float32 adapters and their two Adam moments, no more
+        assert phase.parts["LoRA adapters"] == adapter_bytes < full.parts["params"]
+        assert 2 * adapter_bytes <= phase.parts["optimizer state"] <= 2 * adapter_bytes + 64
+        # the base in the compute dtype, as full fine-tuning keeps its KL reference
+        assert phase.parts["frozen base (KL reference)"] == full.parts["reference params (KL)"]
+    # What the step holds: less (on a tiny model its temporaries and code outweigh the state).
+    assert p.train.memory.argument < tpu_plan.train.memory.argument
+    t = p.time
+    assert t.merge_s > 0
+    assert t.sample_s == pytest.approx(t.merge_s + t.prefill_s + (R - 1) * t.decode_step_s)
+    text = plan_report.format_text(p)
+    assert "LoRA rank 4 (alpha 8) on q,k,v,o,gate,up,down" in text and "LoRA merge" in text
+    assert "| model, LoRA rank 4 | v5e-4, 1x4 | yes |" in plan_report.summary_markdown([p])
 
 
 @needs_tpu

@@ -24,6 +24,7 @@ from ttrl_jax.config.schema import Config, ConfigError
 from ttrl_jax.hf import gguf
 from ttrl_jax.hf import load as weights
 from ttrl_jax.model import decoder as model_lib
+from ttrl_jax.model import lora as lora_lib
 from ttrl_jax.model.config import PRESETS_HF, ModelConfig, preset
 from ttrl_jax.rl import train as train_lib
 from ttrl_jax.rl.batch import StepBatch
@@ -79,10 +80,12 @@ def model_config(cfg: Config) -> ModelConfig:
 
 
 def model_settings(cfg: Config) -> dict[str, Any]:
-    """The model section's keys that are ModelConfig fields too (dtypes, remat, attention...)."""
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    """The model section's keys that are ModelConfig fields too (dtypes, remat, attention...),
+    and its LoRA settings."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"lora"}
     section = dataclasses.asdict(cfg.model)
-    return {k: v for k, v in section.items() if k in fields}
+    settings = {k: v for k, v in section.items() if k in fields}
+    return {**settings, "lora": from_config.lora_config(cfg.model.lora)}
 
 
 def prompt_length(cfg: Config) -> int:
@@ -186,6 +189,11 @@ def n_params(mcfg: ModelConfig) -> int:
     )
 
 
+def n_trained(mcfg: ModelConfig) -> int:
+    """Parameters the step trains: all, or with LoRA the adapters'."""
+    return model_lib.count_params(train_lib.trained_shapes(mcfg))
+
+
 def kv_cache_bytes(mcfg: ModelConfig, shapes: Shapes, mesh: Mesh) -> int:
     """Per-device bytes of the sampler's caches: the P prompts' keys and values (shared by their
     N samples) and the responses' own (R - 1 slots) of the prompts of one pass, in the compute
@@ -206,18 +214,23 @@ def kv_cache_bytes(mcfg: ModelConfig, shapes: Shapes, mesh: Mesh) -> int:
 class TrainInputs:
     """The train step's arguments as sharded ShapeDtypeStructs."""
 
-    state: train_lib.TrainState
-    ref_params: Any  # None without KL
+    state: train_lib.TrainState  # with LoRA: the adapters'
+    ref_params: Any  # None without KL; with LoRA the frozen base
     batch: StepBatch
 
 
 def train_inputs(cfg: Config, mcfg: ModelConfig, shapes: Shapes, mesh: Mesh, tx) -> TrainInputs:
     """The train step's state, reference params and rollout batch as sharded abstract values."""
-    params = jax.eval_shape(lambda: model_lib.init_params(mcfg, jax.random.key(0)))
+    params = train_lib.trained_shapes(mcfg)
     state_shapes = jax.eval_shape(lambda p: train_lib.init_state(p, tx), params)
     state = abstract(state_shapes, train_lib.state_shardings(mcfg, tx, mesh))
-    # The run keeps the reference in the compute dtype (job.build).
-    ref = _in_dtype(state.params, mcfg.dtype) if cfg.optim.kl_coef > 0 else None
+    if mcfg.lora is not None:  # the frozen base in its storage dtype (job.build)
+        base = params_abstract(mcfg, mesh, sharding_lib.TRAIN_RULES)
+        ref = _in_dtype(base, from_config.base_dtype(cfg))
+    elif cfg.optim.kl_coef > 0:  # the run keeps the reference in the compute dtype (job.build)
+        ref = _in_dtype(state.params, mcfg.dtype)
+    else:
+        ref = None
     P, N, T, R = shapes.prompts, shapes.n_vote, shapes.prompt_len, shapes.response_len
 
     def rows(shape, dtype):
@@ -237,12 +250,15 @@ def train_inputs(cfg: Config, mcfg: ModelConfig, shapes: Shapes, mesh: Mesh, tx)
     return TrainInputs(state=state, ref_params=ref, batch=batch)
 
 
-def resident_bytes(inputs: TrainInputs) -> dict[str, int]:
-    """What stays on every device through both phases: params, optimizer state, reference."""
+def resident_bytes(inputs: TrainInputs, lora: bool = False) -> dict[str, int]:
+    """What stays on every device through both phases: params (or LoRA adapters), optimizer
+    state, reference (or the frozen base, which is the reference too)."""
     return {
-        "params": shard_bytes(inputs.state.params),
+        "LoRA adapters" if lora else "params": shard_bytes(inputs.state.params),
         "optimizer state": shard_bytes(inputs.state.opt_state) + shard_bytes(inputs.state.step),
-        "reference params (KL)": shard_bytes(inputs.ref_params),
+        "frozen base (KL reference)" if lora else "reference params (KL)": shard_bytes(
+            inputs.ref_params
+        ),
     }
 
 
@@ -272,8 +288,9 @@ def sample_program(
     inputs = train_inputs(cfg, mcfg, shapes, mesh, from_config.optimizer(cfg.optim, 1000)[0])
     # The run samples from a copy in the compute dtype and the sample layout (job.sample_params),
     # which is the state's own params when both already match.
+    # With LoRA that copy is the base and the adapters merged (job.sample_params), always new.
     sample_params = _in_dtype(params_abstract(mcfg, mesh, sharding_lib.SAMPLE_RULES), mcfg.dtype)
-    same_layout = all(
+    same_layout = mcfg.lora is None and all(
         a.sharding.is_equivalent_to(b.sharding, len(a.shape)) and a.dtype == b.dtype
         for a, b in zip(jax.tree.leaves(inputs.state.params), jax.tree.leaves(sample_params))
     )
@@ -296,7 +313,7 @@ def sample_program(
         replicated_like(jax.eval_shape(token_draw.SamplingParams.make), mesh),
     )
     known = {
-        **resident_bytes(inputs),
+        **resident_bytes(inputs, mcfg.lora is not None),
         "sampler params": 0 if same_layout else shard_bytes(sample_params),
     }
     return Program(jax.jit(phase, keep_unused=True), args, known)
@@ -318,12 +335,26 @@ def train_program(
         step_cfg = dataclasses.replace(step_cfg, logit_chunk=logit_chunk)
     inputs = train_inputs(cfg, mcfg, shapes, mesh, parts.tx)
     state_sh = jax.tree.map(lambda x: x.sharding, inputs.state)
-    ref_sh = None if inputs.ref_params is None else state_sh.params
+    ref_sh = (
+        None if inputs.ref_params is None else jax.tree.map(lambda x: x.sharding, inputs.ref_params)
+    )
     step = train_lib.build_train_step(mcfg, step_cfg, parts.tx, parts.lr_fn, mesh, state_sh, ref_sh)
     # The caller holds the whole rollout batch through the step: keep the arguments the step
     # never reads (the rollout log-probs it recomputes) in the program's accounting.
     jitted = jax.jit(lambda *a: step(*a), keep_unused=True, donate_argnums=0)
     hyper = replicated_like(jax.eval_shape(train_lib.StepHyper.make), mesh)
     args = (inputs.state, inputs.ref_params, inputs.batch, abstract_key(mesh), hyper)
-    known = {**resident_bytes(inputs), "rollout batch": shard_bytes(inputs.batch)}
+    known = {
+        **resident_bytes(inputs, mcfg.lora is not None),
+        "rollout batch": shard_bytes(inputs.batch),
+    }
     return Program(jitted, args, known)
+
+
+def merge_program(cfg: Config, mcfg: ModelConfig, mesh: Mesh) -> tuple[Any, tuple]:
+    """LoRA: the merge of the frozen base and the adapters into the sampler's params (in the
+    sample layout and compute dtype), once per step (job.sample_params)."""
+    inputs = train_inputs(cfg, mcfg, plan_shapes(cfg), mesh, from_config.optimizer(cfg.optim, 1)[0])
+    out = model_lib.param_shardings(mcfg, mesh, sharding_lib.SAMPLE_RULES)
+    merge = lambda base, adapters: lora_lib.merge(mcfg, base, adapters, mcfg.dtype)
+    return jax.jit(merge, out_shardings=out), (inputs.ref_params, inputs.state.params)

@@ -97,6 +97,8 @@ class Plan:
     config: str
     model: str
     n_params: int
+    trained_params: int  # n_params, or with LoRA (model.lora) the adapters'
+    lora: dict[str, Any] | None  # the model.lora section when LoRA is on
     slice: tpu_lib.Slice
     mesh: tuple[int, int]
     compiler: str  # "tpu" or "cpu"
@@ -365,6 +367,8 @@ def make_plan(
         config=config_name,
         model=cfg.model.name_or_path,
         n_params=programs.n_params(base),
+        trained_params=programs.n_trained(base),
+        lora=dataclasses.asdict(cfg.model.lora) if cfg.model.lora.rank else None,
         slice=s,
         mesh=(D, M),
         compiler=where.compiler,

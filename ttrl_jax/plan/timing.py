@@ -8,12 +8,13 @@ placeholder for a program with a loop. So the plan compiles small loop-free (or 
 programs, the pieces a step repeats, and multiplies each by how often a step runs it:
 
 - sampling = prefill + passes x (max_new_tokens - 1) decode steps, the loop's upper bound (it
-  stops earlier only once every row has stopped). The prefill is the sampler compiled for one
-  new token, with 0 and 1 layers. A decode step is the sampler's one-token forward and token
-  draw (decode.py, token_draw.py) for one pass's rows, compiled once and twice in a row (the
-  difference is one step: the set-up cancels) with 0 and 1 layers, and with a response cache of
-  one slot and of all R - 1: a step reads the cache as far as it is filled, about half of it
-  on average.
+  stops earlier only once every row has stopped), and with LoRA the merge of the base and the
+  adapters into the sampler's weights (run/setup.py: once per step). The prefill is the sampler
+  compiled for one new token, with 0 and 1 layers. A decode step is the sampler's one-token
+  forward and token draw (decode.py, token_draw.py) for one pass's rows, compiled once and
+  twice in a row (the difference is one step: the set-up cancels) with 0 and 1 layers, and with
+  a response cache of one slot and of all R - 1: a step reads the cache as far as it is filled,
+  about half of it on average.
 - training = updates x (one optimizer update) + rows per device x (one row's work: its old and
   reference log-probs and the loss's forward and backward), from the train step compiled for
   1 and 2 rows per device in one mini- and micro-batch, with 0 and 2 layers (a scan of 2 layers
@@ -75,6 +76,7 @@ class Estimate:
     decode_step_s: float  # one step of one pass over the prompts
     decode_steps: int  # per pass: max_new_tokens - 1, the most the loop runs
     passes: int  # sampling passes (sample.prompt_chunk)
+    merge_s: float  # LoRA: merging the adapters into the sampler's weights (0 without)
     update_s: float  # one optimizer update (and what else a mini-batch does once)
     row_s: float  # one trained row's log-probs, forward and backward
     updates: int
@@ -150,6 +152,10 @@ def estimate(
     layer = step[1, 1] + (step[1, S] - step[1, 1]) * filled - step[0, 1]
     passes = shapes.prompts // shapes.pass_prompts
     prefill_s = s_of(s, prefill[0] + (prefill[1] - prefill[0]) * L)
+    merge_s = 0.0
+    if mcfg.lora is not None:  # no loop in it: its cost analysis counts every layer
+        merge = piece(("merge", mcfg), lambda: programs.merge_program(cfg, mcfg, mesh), "the merge")
+        merge_s = s_of(s, merge)
     decode_step_s = s_of(s, step[0, 1] + layer * L)
     decode_steps = max(shapes.response_len - 1, 0)
 
@@ -171,12 +177,13 @@ def estimate(
     updates = from_config.updates_per_step(cfg)
     rows_per_device = shapes.prompts * shapes.n_train // D
     return Estimate(
-        sample_s=prefill_s + passes * decode_steps * decode_step_s,
+        sample_s=merge_s + prefill_s + passes * decode_steps * decode_step_s,
         train_s=updates * update_s + rows_per_device * row_s,
         prefill_s=prefill_s,
         decode_step_s=decode_step_s,
         decode_steps=decode_steps,
         passes=passes,
+        merge_s=merge_s,
         update_s=update_s,
         row_s=row_s,
         updates=updates,
