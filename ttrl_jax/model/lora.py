@@ -172,7 +172,10 @@ def merge(cfg: ModelConfig, params: dict, adapters: dict, dtype: Any = None) -> 
         # [L, in..., J] x [L, J, out...] -> [L, in..., out...]: W's own shape, batched by layer.
         ab = jax.lax.dot_general(a, b, (((a.ndim - 1,), (1,)), ((0,), (0,))))
         w = layers[t.module][name]
-        layers[t.module][name] = (w.astype(jnp.float32) + lora.scale * ab).astype(w.dtype)
+        # Rounded once, to the dtype asked for: a bfloat16 base merged for float32 compute keeps
+        # the adapters' full precision (it is then the policy the decoder computes).
+        out = w.dtype if dtype is None else dtype
+        layers[t.module][name] = (w.astype(jnp.float32) + lora.scale * ab).astype(out)
     if dtype is not None:
         merged = jax.tree.map(lambda x: x.astype(dtype), merged)
     return merged
