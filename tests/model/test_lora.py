@@ -163,6 +163,23 @@ def test_merge_casts_and_keeps_the_untargeted_leaves():
     assert params["params"]["layers"]["attn"]["v"] is not same["params"]["layers"]["attn"]["v"]
 
 
+def test_a_bfloat16_base_merged_for_float32_keeps_the_adapters_precision():
+    """The sampler's weights for a float32 run on a bfloat16 base: W + scale A B rounded to
+    float32 once, the policy the decoder computes (W upcast, adapters beside it), not rounded
+    through bfloat16 first (which would lose most of a small update)."""
+    cfg, params = model("qwen2", targets=("q",), alpha=8.0)
+    base = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    adapters = perturbed(lora.init_adapters(cfg, jax.random.key(1)), scale=1e-3)
+    merged = lora.merge(cfg, base, adapters, "float32")
+    w = base["params"]["layers"]["attn"]["q"].astype(jnp.float32)
+    a, b = (adapters[lora.COLLECTION]["layers"]["attn"][n] for n in lora.names("q"))
+    expected = w + cfg.lora.scale * jnp.einsum("LDJ,LJQH->LDQH", a, b)
+    np.testing.assert_allclose(merged["params"]["layers"]["attn"]["q"], expected, rtol=1e-6)
+    rounded = lora.merge(cfg, base, adapters)["params"]["layers"]["attn"]["q"]
+    assert rounded.dtype == jnp.bfloat16  # no dtype asked: W's own
+    assert float(jnp.abs(rounded.astype(jnp.float32) - expected).max()) > 1e-4
+
+
 def test_lora_config_is_static_and_canonical():
     a = LoraConfig(rank=8, targets=("v", "q"))
     assert a.targets == ("q", "v") and a == LoraConfig(rank=8, targets=["q", "v"])
