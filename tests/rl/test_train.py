@@ -18,6 +18,8 @@ from ttrl_jax.rl import advantages, logprobs, train, vote
 from ttrl_jax.rl.batch import StepBatch
 from ttrl_jax.sampling import sampler, token_draw
 
+from . import step_check
+
 CFG = ModelConfig.tiny("qwen2", num_heads=8, num_kv_heads=4)
 P, N, T, R = 4, 6, 5, 4
 
@@ -280,23 +282,7 @@ def test_step_has_no_host_callbacks(params, default_step):
 
 
 def test_sharded_step_equals_unsharded(params):
-    """SGD, so the comparison is linear in the gradients (Adam's g / sqrt(v) would magnify
-    reduction-order rounding on near-zero gradients)."""
-    step_cfg = train.StepConfig(n_train=4, mini_batch_prompts=2, micro_batch_rows=4)
-    tx, lr_fn = optax.sgd(0.1), optax.constant_schedule(0.1)
-    batch, key, hyper = make_batch(4), jax.random.key(5), train.StepHyper.make()
-    step = train.build_train_step(CFG, step_cfg, tx, lr_fn)
-    ref_state, ref_metrics = step(
-        train.init_state(params_copy(params), tx), params_copy(params), batch, key, hyper
-    )
-    mesh = sharding_lib.make_mesh("2x4", jax.devices()[:8])
-    state_sh = train.state_shardings(CFG, tx, mesh)
-    param_sh = model_lib.param_shardings(CFG, mesh, sharding_lib.TRAIN_RULES)
-    sharded_step = train.build_train_step(CFG, step_cfg, tx, lr_fn, mesh, state_sh, param_sh)
-    state = jax.device_put(train.init_state(params_copy(params), tx), state_sh)
-    new_state, metrics = sharded_step(state, jax.device_put(params, param_sh), batch, key, hyper)
-    chex.assert_trees_all_close(new_state.params, ref_state.params, atol=1e-6)
-    chex.assert_trees_all_close(metrics, ref_metrics, atol=1e-5)
+    new_state = step_check.sharded_step_equals_unsharded(CFG, params, params, make_batch(4))
     gate = new_state.params["params"]["layers"]["mlp"]["gate"]
     assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "data", "model")
 

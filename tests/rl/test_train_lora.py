@@ -9,12 +9,13 @@ import numpy as np
 import optax
 import pytest
 
-from ttrl_jax import sharding as sharding_lib
 from ttrl_jax.model import decoder as model_lib
 from ttrl_jax.model import lora
 from ttrl_jax.model.config import LoraConfig, ModelConfig
 from ttrl_jax.rl import advantages, losses, rewards, train, vote
 from ttrl_jax.rl.batch import StepBatch
+
+from . import step_check
 
 CFG = ModelConfig.tiny("qwen2", num_heads=8, num_kv_heads=4, lora=LoraConfig(rank=4, alpha=8.0))
 P, N, T, R = 4, 6, 5, 4
@@ -183,20 +184,6 @@ def test_dropout_draws_masks_in_the_loss_only(base, trained_adapters):
 
 
 def test_sharded_lora_step_equals_unsharded(base, trained_adapters):
-    step_cfg = train.StepConfig(n_train=4, mini_batch_prompts=2, micro_batch_rows=4)
-    tx, lr_fn = optax.sgd(0.1), optax.constant_schedule(0.1)
-    batch, key, hyper = make_batch(4), jax.random.key(5), train.StepHyper.make()
-    step = train.build_train_step(CFG, step_cfg, tx, lr_fn)
-    ref_state, ref_metrics = step(
-        train.init_state(copy(trained_adapters), tx), base, batch, key, hyper
-    )
-    mesh = sharding_lib.make_mesh("2x4", jax.devices()[:8])
-    state_sh = train.state_shardings(CFG, tx, mesh)
-    base_sh = model_lib.param_shardings(CFG, mesh, sharding_lib.TRAIN_RULES)
-    sharded = train.build_train_step(CFG, step_cfg, tx, lr_fn, mesh, state_sh, base_sh)
-    state = jax.device_put(train.init_state(copy(trained_adapters), tx), state_sh)
-    new_state, metrics = sharded(state, jax.device_put(base, base_sh), batch, key, hyper)
-    chex.assert_trees_all_close(new_state.params, ref_state.params, atol=1e-6)
-    chex.assert_trees_all_close(metrics, ref_metrics, atol=1e-5)
+    new_state = step_check.sharded_step_equals_unsharded(CFG, trained_adapters, base, make_batch(4))
     up_b = new_state.params["lora"]["layers"]["mlp"]["up_b"]
     assert up_b.sharding.spec == jax.sharding.PartitionSpec(None, None, "model")

@@ -1,6 +1,7 @@
 """The adaptive vote's stopping rules and round plans on hand-made vote sequences."""
 
 import functools
+import itertools
 
 import numpy as np
 import pytest
@@ -141,6 +142,90 @@ def test_posterior_bound_against_exact_enumeration(row, n_max):
     assert bound <= 1.7 * exact + 1e-3
 
 
+def _winner(full):
+    """The full budget's winner: the most frequent answer, ties to the first seen in slot
+    order; None without an answer."""
+    counts = {}
+    for a in full:
+        if a >= 0:
+            counts[a] = counts.get(a, 0) + 1
+    return max(counts, key=lambda a: (counts[a], -list(full).index(a))) if counts else None
+
+
+def _exact_change_slots(row, new_mass=1.0):
+    """P(the full budget's winner is not today's leader) under the Dirichlet-process urn, the
+    open slots filled in slot order by the urn's successive draws (new answers numbered 100+):
+    the slow reference for responses drawn out of slot order."""
+    row = list(row)
+    lead = int(vote.majority_vote(np.array([row]))[0][0])
+    open_slots = [i for i, a in enumerate(row) if a == ND]
+
+    def walk(full, k):
+        if k == len(open_slots):
+            return float(_winner(full) != lead)
+        drawn = [a for a in full if a != ND]
+        total = len(drawn) + new_mass
+        p = 0.0
+        for a in set(drawn):
+            full[open_slots[k]] = a
+            p += drawn.count(a) / total * walk(full, k + 1)
+        full[open_slots[k]] = 100 + k
+        p += new_mass / total * walk(full, k + 1)
+        full[open_slots[k]] = ND
+        return p
+
+    return walk(row, 0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_rules_on_slots_drawn_out_of_order(seed):
+    # Responses drawn in a draw order that is not slot order (the trained ones first): a tie
+    # goes to the first seen in *slot* order, so an undrawn slot before the leader's first
+    # could hold the tie's winner. For every way the undrawn slots can fall (answers drawn
+    # already, one not seen yet, no answer) the lead rule settles only if the winner is the
+    # same in all of them, and the posterior's bound holds against the urn's exact chance.
+    rng = np.random.default_rng(seed)
+    n_max = 6
+    for _ in range(40):
+        drawn_slots = rng.choice(n_max, size=int(rng.integers(2, n_max)), replace=False)
+        row = np.full(n_max, ND)
+        row[drawn_slots] = rng.choice([0, 0, 1, 2, -1], size=len(drawn_slots))
+        order = {}
+        row = np.array([a if a < 0 else order.setdefault(a, len(order)) for a in row])
+        lead = int(vote.majority_vote(row[None])[0][0])
+        if lead < 0:
+            continue
+        open_slots = np.flatnonzero(row == ND)
+        choices = [*sorted(order.values()), 99, -1]  # drawn answers, a new one, no answer
+        outcomes = set()
+        for fill in itertools.product(choices, repeat=len(open_slots)):
+            full = row.copy()
+            full[open_slots] = fill
+            outcomes.add(_winner(full))
+        if vb.lead_settled(row[None], n_max)[0]:
+            assert outcomes == {lead}, row.tolist()
+        bound = vb.overturn_probability(row[None], n_max)[0]
+        assert _exact_change_slots(row) <= bound + 1e-12, row.tolist()
+
+
+def test_a_tie_can_go_to_an_undrawn_slot():
+    # 0 leads 3 to 1 with two responses to go; 1 can at best tie 3-3. Drawn in order, 0 was
+    # seen first and keeps the tie: settled. With slot 0 open, 1 may turn up there and take
+    # the tie: not settled.
+    assert vb.lead_settled(np.array([[0, 0, 1, 0, ND, ND]]), 6)[0]
+    assert not vb.lead_settled(np.array([[ND, 0, 0, 1, 0, ND]]), 6)[0]
+    # The same for an answer not seen yet reaching the leader's 2.
+    assert vb.lead_settled(np.array([[0, 0, ND, ND]]), 4)[0]
+    assert not vb.lead_settled(np.array([[ND, 0, 0, ND]]), 4)[0]
+    # No tie is possible (1 reaches 2 < 3): settled whatever the order.
+    assert vb.lead_settled(np.array([[ND, 0, 0, 0, 1]]), 5)[0]
+    # The posterior charges the open slot's tie too.
+    assert (
+        vb.overturn_probability(np.array([[ND, 0, 0, ND]]), 4)[0]
+        > vb.overturn_probability(np.array([[0, 0, ND, ND]]), 4)[0]
+    )
+
+
 def test_posterior_settles_wherever_the_lead_rule_does():
     rng = np.random.default_rng(1)
     rows = [_first_seen(list(rng.choice([0, 0, 0, 0, 1, -1], size=rng.integers(1, 16))))
@@ -167,11 +252,28 @@ def test_the_vote_of_a_drawn_prefix_is_the_prefix_vote():
 # ----------------------------------------------------------------------------- rounds
 
 
+def test_draw_order_puts_the_trained_slots_first():
+    order = vb.draw_order(np.array([[1, 5, 6], [0, 1, 2]]), 8)
+    np.testing.assert_array_equal(order, [[1, 5, 6, 0, 2, 3, 4, 7], list(range(8))])
+
+
 def test_first_round():
-    plan = vb.first_round(3, 4)
+    plan = vb.first_round(np.tile(np.arange(6), (3, 1)), 4)
     np.testing.assert_array_equal(plan.group_prompt_U, [0, 1, 2])
     np.testing.assert_array_equal(plan.sample_index_UN, np.tile(np.arange(4), (3, 1)))
     assert plan.live_rows == 12
+    plan = vb.first_round(vb.draw_order(np.array([[3, 5], [0, 4]]), 6), 3)
+    np.testing.assert_array_equal(plan.sample_index_UN, [[3, 5, 0], [0, 4, 1]])
+
+
+def test_next_round_follows_the_draw_order():
+    order = vb.draw_order(np.array([[3, 5], [0, 4]]), 8)  # [3 5 0 1 2 4 6 7], [0 4 1 2 3 5 6 7]
+    plan = vb.next_round(np.array([3, 3]), np.array([False, True]), 8, 2, order_PN=order)
+    np.testing.assert_array_equal(plan.group_prompt_U, [0])  # one group of 2 for 2 prompts
+    np.testing.assert_array_equal(plan.sample_index_UN, [[1, 2]])
+    plan = vb.next_round(np.array([3, 3]), np.array([True, False]), 8, 4, order_PN=order)
+    np.testing.assert_array_equal(plan.group_prompt_U, [1])
+    np.testing.assert_array_equal(plan.sample_index_UN, [[2, 3, 5, 6]])
 
 
 def test_next_round_gives_freed_rows_to_unsettled_prompts():

@@ -111,31 +111,54 @@ def test_existing_run_needs_resume(full_run, capsys):
 
 @pytest.mark.slow
 def test_adaptive_vote_run(toy_run, data_file, tmp_path):
-    # The packaged toy model (it answers, so votes settle) on 6 prompts: the posterior rule
-    # with the audit. Each prompt draws between n_vote_min and n_vote responses, the drawn ones
-    # are exactly the full draw's prefixes, and the train step runs on the ragged groups.
-    out = tmp_path / "run"
-    proc = toy_run.start([
-        "model.name_or_path=toy", f"data.path={data_file}", f"run.out_dir={out}",
-        "sample.n_vote=8", "sample.n_train=2", "sample.n_vote_min=2", "sample.n_vote_step=2",
+    # The packaged toy model (it answers, so votes settle) on 6 prompts, three ways: the fixed
+    # budget, the posterior rule with the audit, and the lead rule. Each adaptive prompt draws
+    # between n_vote_min and n_vote responses, the drawn ones are the full draw's in the same
+    # slots, and the train step runs on the ragged groups. The update's responses are drawn
+    # first, so wherever a vote's label is the full budget's the update is the fixed budget's:
+    # always for the lead rule (exact), at every step the audit finds agreeing for posterior.
+    # The same up to float rounding: the old log-probs come from the sampler, whose rounds
+    # decode other batch shapes than the fixed budget's one call.
+    base = [
+        "model.name_or_path=toy", f"data.path={data_file}", "sample.n_vote=8",
+        "sample.n_train=2", "sample.n_vote_min=2", "sample.n_vote_step=2",
         "sample.max_new_tokens=48", "sample.prompt_buckets=[128]", "data.batch_prompts=2",
-        "optim.mini_batch_prompts=1", "ttrl.vote_rule=posterior", "ttrl.vote_error=0.1",
-        "ttrl.vote_audit=true", "eval.k=1", "eval.greedy=false", "eval.max_new_tokens=48",
-        "eval.before_training=false", "run.max_steps=2", "run.checkpoint_every=0",
-        "run.tensorboard=false",
-    ])  # fmt: skip
-    log, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, log
-    trains = [r for r in toy_run.records(out) if r.get("train")]
-    assert len(trains) == 2
-    votes = [v for r in trains for v in r["votes_per_prompt"]]
-    assert all(2 <= v <= 8 for v in votes) and min(votes) < 8
-    for r in trains:
+        "optim.mini_batch_prompts=1", "optim.lr=1e-3", "eval.k=1", "eval.greedy=false",
+        "eval.max_new_tokens=48", "eval.before_training=false", "run.max_steps=3",
+        "run.checkpoint_every=0", "run.tensorboard=false",
+    ]  # fmt: skip
+    rules = {
+        "fixed": [],
+        "posterior": ["ttrl.vote_rule=posterior", "ttrl.vote_error=0.1", "ttrl.vote_audit=true"],
+        "lead": ["ttrl.vote_rule=lead"],
+    }
+    procs = {r: toy_run.start([*base, f"run.out_dir={tmp_path / r}", *a]) for r, a in rules.items()}
+    trains = {}
+    for rule, proc in procs.items():
+        log, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, log
+        trains[rule] = [r for r in toy_run.records(tmp_path / rule) if r.get("train")]
+        assert len(trains[rule]) == 3
+    for r in trains["posterior"]:
+        assert all(2 <= v <= 8 for v in r["votes_per_prompt"])
         assert r["votes_drawn"] == pytest.approx(sum(r["votes_per_prompt"]) / 2)
         assert r["audit/same_responses"] == 1.0
         assert r["sample_tokens"] <= r["audit/sample_tokens_full"]
         assert 0 <= r["audit/label_agreement"] <= 1 and r["vote_rounds"] >= 1
         assert r["votes_saved"] == pytest.approx(1 - sum(r["votes_per_prompt"]) / 16)
+    assert min(v for r in trains["posterior"] for v in r["votes_per_prompt"]) < 8
+    assert min(v for r in trains["lead"] for v in r["votes_per_prompt"]) < 8
+
+    def same(a, b):
+        for key in ("reward_mean", "label_accuracy"):  # of the trained responses, the labels
+            assert a[key] == b[key], key
+        for key in ("loss", "grad_norm", "param_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-7), key
+
+    for step, (fixed, lead, post) in enumerate(zip(*trains.values())):
+        same(lead, fixed)
+        if all(r["audit/label_agreement"] == 1 for r in trains["posterior"][: step + 1]):
+            same(post, fixed)
 
 
 def label_free(rows):

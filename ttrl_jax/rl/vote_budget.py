@@ -1,15 +1,18 @@
 """The adaptive vote budget: when a prompt's vote is settled, and what the next round draws.
 
-Host numpy, pure functions of the answer ids. A prompt's responses are drawn in sample-index
-order, so its drawn answers are a prefix of its full draw (`answer_id_PN` holds vote.NOT_DRAWN
-after them), and a vote stopped after n responses is the vote over the first n responses the
-fixed budget would have drawn (the sampler's per-response random streams make them the same).
+Host numpy, pure functions of the answer ids. Slot n of a prompt holds its sample n (the
+sampler's per-response random streams make it the response the fixed budget draws there);
+`answer_id_PN` holds vote.NOT_DRAWN on the slots not drawn yet. A prompt's slots are drawn in
+its draw order (`draw_order`): first the responses the update trains on, so that an adaptive
+vote trains on exactly the fixed budget's responses, then the others in slot order. The
+drawn slots need not be a prefix, and the rules below hold for any drawn subset.
 
 Stopping rules, for a budget of at most `n_max` responses per prompt:
   - "fixed": never settled before `n_max` (the fixed budget).
   - "lead": settled when no way of drawing the remaining responses changes the winner: every
     other answer, even given all of them, stays behind the leader (or ties it and loses the
-    first-seen tie-break); an answer not seen yet counts as a competitor too.
+    tie-break, first seen in slot order, whatever the undrawn slots hold); an answer not seen
+    yet counts as a competitor too.
   - "posterior": settled when the probability that the remaining responses change the winner
     is below `error`, under the posterior predictive of a Dirichlet process (a Pólya urn: the
     next response repeats a drawn answer, no-answer included, in proportion to its count, or is
@@ -17,7 +20,8 @@ Stopping rules, for a budget of at most `n_max` responses per prompt:
     over competitors, of the exact chance that this one competitor overtakes the leader (all
     answers not seen yet pooled into one competitor), so the true error is below `error` too.
 Both rules see "no answer" as a category that absorbs draws but never wins; a prompt without
-any answer yet is settled only at `n_max`.
+any answer yet is settled only at `n_max`. The vote, settled or not, is the full budget's
+whenever its winner is: its responses, and so its rewards, are the full budget's.
 
 Shape suffixes: ttrl_jax/__init__.py.
 """
@@ -45,7 +49,7 @@ class VoteBudget:
     n_max: int = 64  # sample.n_vote
     n_min: int = 64  # first round per prompt (sample.n_vote_min)
     n_step: int = 16  # rows per group in later rounds (sample.n_vote_step)
-    error: float = 0.05  # posterior: the largest accepted chance that the winner changes
+    error: float = 0.02  # posterior: the largest accepted chance that the winner changes
     new_mass: float = 1.0  # posterior: weight of answers not seen yet
     audit: bool = False  # also draw the full budget and compare the two votes
 
@@ -63,6 +67,19 @@ def _tally(answer_id_N: np.ndarray) -> tuple[np.ndarray, int, int]:
     ids = ids[ids != NOT_DRAWN]
     answered = ids[ids >= 0]
     return np.bincount(answered).astype(np.int64), len(ids), int((ids < 0).sum())
+
+
+def _ties(answer_id_N: np.ndarray, lead: int) -> tuple[np.ndarray, bool]:
+    """Whether the leader surely wins a final tie against each drawn answer, and against an
+    answer not seen yet. A tie goes to the answer first seen in slot order over the full
+    draw; the leader's first slot may be preceded by a slot not drawn yet, which could hold
+    any answer. Drawn in order (a prefix), this is "the leader was seen first"."""
+    ids = np.asarray(answer_id_N)
+    undrawn = np.flatnonzero(ids == NOT_DRAWN)
+    first_open = int(undrawn[0]) if len(undrawn) else len(ids)
+    first_seen = np.array([np.flatnonzero(ids == a)[0] for a in range(ids.max() + 1)])
+    ahead = first_seen[lead] < first_open
+    return ahead & (first_seen[lead] < first_seen), bool(ahead)
 
 
 def votes_drawn(answer_id_PN: np.ndarray) -> np.ndarray:
@@ -86,11 +103,13 @@ def lead_settled(answer_id_PN: np.ndarray, n_max: int) -> np.ndarray:
             out.append(False)
             continue
         lead = int(np.argmax(counts))  # the first maximum: the first-seen among ties
+        wins_tie, wins_tie_new = _ties(ids, lead)
         others = np.delete(np.arange(len(counts)), lead)
         reach = counts[others] + remaining  # each competitor given every remaining response
-        beaten = (reach > counts[lead]) | ((reach == counts[lead]) & (others < lead))
-        # An answer not seen yet would be numbered after the leader: a tie stays the leader's.
-        out.append(not beaten.any() and remaining <= counts[lead])
+        beaten = (reach > counts[lead]) | ((reach == counts[lead]) & ~wins_tie[others])
+        # An answer not seen yet: all the remaining responses at best.
+        new_beats = remaining > counts[lead] or (remaining == counts[lead] and not wins_tie_new)
+        out.append(not beaten.any() and not new_beats)
     return np.array(out, bool)
 
 
@@ -151,14 +170,16 @@ def overturn_probability(answer_id_PN: np.ndarray, n_max: int, new_mass: float =
             continue
         lead = int(np.argmax(counts))
         c_lead = int(counts[lead])
+        wins_tie, wins_tie_new = _ties(ids, lead)
         error = 0.0
         for j, c_j in enumerate(counts):
             if j == lead or c_j + m < c_lead:
                 continue  # the leader itself, or a competitor that cannot catch up
             w_rest = total - c_lead - c_j
-            error += _overtake(c_lead, int(c_j), float(c_j), w_rest, m, first=j < lead)
-        if m > c_lead:  # an answer not seen yet (numbered after the leader) could overtake
-            error += _overtake(c_lead, 0, new_mass, total - c_lead - new_mass, m, first=False)
+            error += _overtake(c_lead, int(c_j), float(c_j), w_rest, m, first=not wins_tie[j])
+        if m > c_lead or (m == c_lead and not wins_tie_new):  # an answer not seen yet
+            w_rest = total - c_lead - new_mass
+            error += _overtake(c_lead, 0, new_mass, w_rest, m, first=not wins_tie_new)
         out.append(min(error, 1.0))
     return np.array(out, np.float64)
 
@@ -193,12 +214,23 @@ class RoundPlan:
         return int(self.live_UN.sum())
 
 
-def first_round(num_prompts: int, n_min: int) -> RoundPlan:
-    """Samples 0 .. n_min - 1 of every prompt, one group per prompt."""
+def draw_order(train_index_PM: np.ndarray, n_max: int) -> np.ndarray:
+    """Each prompt's slots in the order its vote draws them: the M slots the update trains on
+    (ascending), then the others (ascending). [P, n_max] int32."""
+    train = np.asarray(train_index_PM)
+    P, M = train.shape
+    chosen_PN = np.zeros((P, n_max), bool)
+    np.put_along_axis(chosen_PN, train, True, axis=1)
+    # A stable sort on "not chosen" keeps slot order within each part.
+    return np.argsort(~chosen_PN, axis=1, kind="stable").astype(np.int32)
+
+
+def first_round(order_PN: np.ndarray, n_min: int) -> RoundPlan:
+    """The first n_min slots of every prompt's draw order, one group per prompt."""
+    order_PN = np.asarray(order_PN, np.int32)
+    P = len(order_PN)
     return RoundPlan(
-        np.arange(num_prompts, dtype=np.int32),
-        np.broadcast_to(np.arange(n_min, dtype=np.int32), (num_prompts, n_min)).copy(),
-        np.ones((num_prompts, n_min), bool),
+        np.arange(P, dtype=np.int32), order_PN[:, :n_min].copy(), np.ones((P, n_min), bool)
     )
 
 
@@ -212,7 +244,12 @@ def round_sizes(num_prompts: int, shards: int = 1) -> tuple[int, ...]:
 
 
 def next_round(
-    drawn_P: np.ndarray, settled_P: np.ndarray, n_max: int, n_step: int, shards: int = 1
+    drawn_P: np.ndarray,
+    settled_P: np.ndarray,
+    n_max: int,
+    n_step: int,
+    shards: int = 1,
+    order_PN: np.ndarray | None = None,
 ) -> RoundPlan | None:
     """The next round's groups for the unsettled prompts, or None when every vote is settled.
 
@@ -221,10 +258,13 @@ def next_round(
     on the same devices. U is the smallest of `round_sizes` that gives every unsettled prompt
     one group; the slots left over go round-robin to the unsettled prompts still short of
     n_max (rows freed by settled prompts go to unsettled ones: a static round shape computes
-    them anyway). A group's rows past its prompt's need, and unused groups, are idle.
+    them anyway). A group's rows past its prompt's need, and unused groups, are idle. A prompt
+    draws its slots in `order_PN` (`draw_order`; default slot order), drawn_P of them so far.
     """
     drawn_P, settled_P = np.asarray(drawn_P), np.asarray(settled_P)
     P = len(drawn_P)
+    if order_PN is None:
+        order_PN = np.broadcast_to(np.arange(n_max, dtype=np.int32), (P, n_max))
     if P % shards:
         raise ValueError(f"{P} prompts must split over {shards} data shards")
     need_P = np.where(settled_P, 0, np.maximum(n_max - drawn_P, 0))
@@ -248,7 +288,7 @@ def next_round(
                     continue
                 rows = min(n_step, int(need_P[p]))
                 group_prompt[g] = p
-                sample_index[g, :rows] = next_P[p] + np.arange(rows)
+                sample_index[g, :rows] = order_PN[p, next_P[p] : next_P[p] + rows]
                 live[g, :rows] = True
                 next_P[p] += rows
                 need_P[p] -= rows

@@ -190,16 +190,17 @@ class Generator:
         mode: str = "math",
         timeout_s: float = verifier.DEFAULT_TIMEOUT_S,
         last_number_fallback: bool = False,
+        order_PN: np.ndarray | None = None,
     ) -> Voted:
         """Samples in rounds until every prompt's vote is settled (vote_budget.py).
 
-        The prompts are prefilled once; a first round draws samples 0 .. n_min - 1 of each, and
-        every later round gives its P groups of n_step rows to the prompts not yet settled.
-        Each round's responses are decoded and scored as they come (`PrefixScorer`; golds and
-        the answer settings as for `grade`), every prompt's drawn answers clustered
-        together. Slot n of a prompt holds its sample n: the drawn
-        responses of a prompt are slots 0 .. votes - 1, the same responses one call of
-        `__call__` with n_samples = n_max gives there.
+        The prompts are prefilled once; a first round draws the first n_min slots of each
+        prompt's draw order `order_PN` (`vote_budget.draw_order`; default slot order), and every
+        later round gives its groups of n_step rows to the prompts not yet settled, next in
+        their order. Each round's responses are decoded and scored as they come
+        (`RoundScorer`; golds and the answer settings as for `grade`), every prompt's drawn
+        answers clustered together. Slot n of a prompt holds its sample n: the same response
+        one call of `__call__` with n_samples = n_max gives there.
         """
         prompt_PT, prompt_mask_PT = prompts_lib.bucket_and_pad(
             prompt_ids, self.buckets, self.pad_id
@@ -213,10 +214,12 @@ class Generator:
                 (tokens, mask), self.mesh, sharding_lib.SAMPLE_RULES
             )
         prefilled = rounds_lib.prefill(params, self.cfg, tokens, mask, mesh=self.mesh)
-        scorer = PrefixScorer(list(golds[mine]), mode, timeout_s, last_number_fallback)
+        scorer = RoundScorer(list(golds[mine]), mode, timeout_s, last_number_fallback)
         out = _Slots(mine.stop - mine.start, N, R, self.pad_id)
         shards = sharding_lib.data_size(self.mesh)
-        plan = vote_budget_lib.first_round(P, budget.n_min)
+        if order_PN is None:
+            order_PN = np.broadcast_to(np.arange(N, dtype=np.int32), (P, N))
+        plan = vote_budget_lib.first_round(order_PN, budget.n_min)
         row_steps = 0
         time_score, sizes = 0.0, []
         while plan is not None:
@@ -259,6 +262,7 @@ class Generator:
                 N,
                 budget.n_step,
                 shards,
+                order_PN,
             )
         rollout = out.rollout()
         gen = Generation(
@@ -285,7 +289,7 @@ def _round_chunk(groups: int, prompt_chunk: int, shards: int) -> int:
 class Voted:
     """An adaptive vote on the host: ragged groups and their answer ids (every prompt's)."""
 
-    gen: Generation  # [P, n_max] slots; prompt p's first votes_P[p] are drawn, the rest empty
+    gen: Generation  # [P, n_max] slots; those not drawn are empty
     answer_id_PN: np.ndarray  # int32, vote.NOT_DRAWN on the empty slots
     gold_id_P: np.ndarray
     round_groups: list[int]  # each round's group count U (a round is U x n_min or n_step rows)
@@ -320,12 +324,12 @@ class _Slots:
 
 
 @dataclasses.dataclass
-class PrefixScorer:
-    """Answer ids of prompts whose responses arrive in rounds, in sample order.
+class RoundScorer:
+    """Answer ids of prompts whose responses arrive in rounds, by slot.
 
     Each response's final answer is extracted once; a prompt's ids are those of clustering all
-    its drawn answers together (redone when it grows), so they are numbered by first
-    appearance in sample order, as for the same responses drawn in one call.
+    its drawn answers together in slot order (redone when it grows), so they are numbered by
+    first appearance in slot order, as for the same responses drawn in one call.
     """
 
     golds: Sequence[str | None]  # this process's prompts'
@@ -339,24 +343,24 @@ class PrefixScorer:
 
     def add(self, p_B: np.ndarray, n_B: np.ndarray, texts_B: Sequence[str]) -> None:
         for p, n, text in zip(p_B, n_B, texts_B):
+            if int(n) in self._answers[int(p)]:
+                raise ValueError(f"prompt {int(p)}: sample {int(n)} was drawn twice")
             answer = extract_answer(text, self.mode, self.last_number_fallback)
             self._answers[int(p)][int(n)] = answer
             self._ids[int(p)] = None
 
     def ids(self, n_max: int) -> tuple[np.ndarray, np.ndarray]:
-        """(answer_id_PN with vote.NOT_DRAWN past each prompt's draws, gold_id_P)."""
+        """(answer_id_PN with vote.NOT_DRAWN on the slots not drawn, gold_id_P)."""
         answer_id_PN = np.full((len(self.golds), n_max), vote.NOT_DRAWN, np.int32)
         gold_id_P = np.full((len(self.golds),), -1, np.int32)
         for p, (answers, gold) in enumerate(zip(self._answers, self.golds)):
-            if len(answers) and sorted(answers) != list(range(len(answers))):
-                raise ValueError(f"prompt {p}: samples {sorted(answers)} are not a prefix")
+            slots = sorted(answers)
             if self._ids[p] is None:
-                ordered = [answers[n] for n in range(len(answers))]
                 self._ids[p] = clustering.cluster_answers(
-                    ordered, gold, mode=self.mode, timeout_s=self.timeout_s
+                    [answers[n] for n in slots], gold, mode=self.mode, timeout_s=self.timeout_s
                 )
             ids, gold_id_P[p] = self._ids[p]
-            answer_id_PN[p, : len(ids)] = ids
+            answer_id_PN[p, slots] = ids
         return answer_id_PN, gold_id_P
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import time
 
 import jax
+import numpy as np
 
 from ttrl_jax import sharding as sharding_lib
+from ttrl_jax.rl import advantages, vote
 from ttrl_jax.rl import train as train_lib
-from ttrl_jax.rl import vote
 from ttrl_jax.rl import vote_budget as vote_budget_lib
 from ttrl_jax.run import from_config, setup
 from ttrl_jax.run import rollout as rollout_lib
@@ -43,11 +44,20 @@ def ttrl_step(
         last_number_fallback=t.last_number_fallback,
     )
     t0 = time.perf_counter()
+    select_key = stream(root, SELECT, step)
     if budget.adaptive:
         # Sample in rounds, scoring each round's answers, until every prompt's vote is settled.
-        voted = job.generator.vote_in_rounds(
-            params, prompts, key, job.parts.sampling, budget, s.max_new_tokens, golds, **answers
+        # The responses the update will train on are drawn first: the ones the fixed budget
+        # trains on (the step's own selection, from the same key).
+        train_index_PM = np.asarray(
+            advantages.select_responses(
+                select_key, len(idx), s.n_vote, s.n_train, t.select == "random"
+            )
         )
+        voted = job.generator.vote_in_rounds(
+            params, prompts, key, job.parts.sampling, budget, s.max_new_tokens, golds,
+            order_PN=vote_budget_lib.draw_order(train_index_PM, s.n_vote), **answers,
+        )  # fmt: skip
         gen, answer_id_PN, gold_id_P = voted.gen, voted.answer_id_PN, voted.gold_id_P
         t_reward = time.perf_counter()
         t_sample = t_reward - voted.time_reward
@@ -65,9 +75,7 @@ def ttrl_step(
     t_audit = time.perf_counter()
     # Vote, rewards, advantages and the GRPO updates: one compiled step.
     batch = gen.train_batch(answer_id_PN, gold_id_P, s.max_new_tokens, job.mesh)
-    job.state, metrics = job.step_fn(
-        job.state, job.ref_params, batch, stream(root, SELECT, step), job.parts.hyper
-    )
+    job.state, metrics = job.step_fn(job.state, job.ref_params, batch, select_key, job.parts.hyper)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not (gold_id_P >= 0).any():  # no gold label in this batch: nothing to measure against
         metrics = {k: v for k, v in metrics.items() if k not in train_lib.GOLD_METRICS}
@@ -99,7 +107,8 @@ def ttrl_step(
 
 def _audit(job, gen, answer_id_PN, gold_id_P, params, prompts, golds, key, answers) -> dict:
     """With ttrl.vote_audit: the full budget drawn too (the same key, so the adaptive responses
-    are its prefixes), its fixed-budget vote against the adaptive one. Not trained on."""
+    are its responses in the same slots), its fixed-budget vote against the adaptive one. Not
+    trained on."""
     s = job.cfg.sample
     if not job.cfg.ttrl.vote_audit:
         return {}
