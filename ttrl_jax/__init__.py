@@ -19,6 +19,7 @@ line and the lines above it, never inside a function, and no imports form a cycl
     evaluate.py        the command python -m ttrl_jax.evaluate
     gguf.py            the command python -m ttrl_jax.gguf
     signal_report.py   the command python -m ttrl_jax.signal_report
+    vote_replay.py     the command python -m ttrl_jax.vote_replay
 
 Shape suffixes: an array's name ends in its axes, a capital letter each (`x_BTD`, `reward_PN`,
 einsums like 'BTD,DQH->BTQH'), and a letter means the same everywhere:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from ttrl_jax import vote_replay
 from ttrl_jax.data import toy_task as task
 from ttrl_jax.rl import train as train_lib
 from ttrl_jax.run import checkpoint as checkpoint_lib
@@ -155,10 +156,21 @@ def test_adaptive_vote_run(toy_run, data_file, tmp_path):
         for key in ("loss", "grad_norm", "param_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-7), key
 
-    for step, (fixed, lead, post) in enumerate(zip(*trains.values())):
+    agreed, diverged = 0, False  # posterior steps before the first label that differs
+    for fixed, lead, post in zip(trains["fixed"], trains["lead"], trains["posterior"]):
         same(lead, fixed)
-        if all(r["audit/label_agreement"] == 1 for r in trains["posterior"][: step + 1]):
+        diverged = diverged or post["audit/label_agreement"] < 1
+        if not diverged:
             same(post, fixed)
+            agreed += 1
+    # The fixed run's recorded votes replayed (python -m ttrl_jax.vote_replay) draw what each
+    # adaptive run drew while it was the fixed run.
+    for rule, overrides, steps in (("lead", [], 3), ("posterior", ["ttrl.vote_error=0.1"], agreed)):
+        _, replay = vote_replay.replay_run(
+            str(tmp_path / "fixed"), [f"ttrl.vote_rule={rule}", *overrides]
+        )
+        drawn = [r["votes_per_prompt"] for r in trains[rule]]
+        assert [s["votes"] for s in replay][:steps] == drawn[:steps]
 
 
 def label_free(rows):
