@@ -218,11 +218,15 @@ def draw_order(train_index_PM: np.ndarray, n_max: int) -> np.ndarray:
     """Each prompt's slots in the order its vote draws them: the M slots the update trains on
     (ascending), then the others (ascending). [P, n_max] int32."""
     train = np.asarray(train_index_PM)
-    P, M = train.shape
-    chosen_PN = np.zeros((P, n_max), bool)
+    chosen_PN = np.zeros((len(train), n_max), bool)
     np.put_along_axis(chosen_PN, train, True, axis=1)
     # A stable sort on "not chosen" keeps slot order within each part.
     return np.argsort(~chosen_PN, axis=1, kind="stable").astype(np.int32)
+
+
+def slot_order(num_prompts: int, n_max: int) -> np.ndarray:
+    """Every prompt's slots in slot order: the draw order without a trained subset first."""
+    return np.broadcast_to(np.arange(n_max, dtype=np.int32), (num_prompts, n_max))
 
 
 def first_round(order_PN: np.ndarray, n_min: int) -> RoundPlan:
@@ -264,7 +268,7 @@ def next_round(
     drawn_P, settled_P = np.asarray(drawn_P), np.asarray(settled_P)
     P = len(drawn_P)
     if order_PN is None:
-        order_PN = np.broadcast_to(np.arange(n_max, dtype=np.int32), (P, n_max))
+        order_PN = slot_order(P, n_max)
     if P % shards:
         raise ValueError(f"{P} prompts must split over {shards} data shards")
     need_P = np.where(settled_P, 0, np.maximum(n_max - drawn_P, 0))

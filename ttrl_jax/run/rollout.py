@@ -218,7 +218,7 @@ class Generator:
         out = _Slots(mine.stop - mine.start, N, R, self.pad_id)
         shards = sharding_lib.data_size(self.mesh)
         if order_PN is None:
-            order_PN = np.broadcast_to(np.arange(N, dtype=np.int32), (P, N))
+            order_PN = vote_budget_lib.slot_order(P, N)
         plan = vote_budget_lib.first_round(order_PN, budget.n_min)
         row_steps = 0
         time_score, sizes = 0.0, []
