@@ -42,12 +42,14 @@ def assert_uses_the_kernel(compiled):
     assert compiled.cost_analysis()["flops"] > 0
 
 
-def compile_train_step(mesh, cfg=CFG, T=T, R=R):
-    """The train step for P prompts x N responses of T + R tokens, compiled by XLA:TPU."""
+def compile_train_step(mesh, cfg=CFG, T=T, R=R, packed_len=None):
+    """The train step for P prompts x N responses of T + R tokens, compiled by XLA:TPU; with
+    `packed_len`, each prompt's row shared and packed at real lengths."""
     # One row per response: the layout the splash kernel takes (shared prompts run plain).
     step_cfg = train.StepConfig(
-        n_train=2, mini_batch_prompts=2, micro_batch_rows=2, share_prompts=False
-    )
+        n_train=2, mini_batch_prompts=2, micro_batch_rows=2 if packed_len is None else 4,
+        share_prompts=packed_len is not None,
+    )  # fmt: skip
     tx, lr_fn = train.make_optimizer(1e-3, total_updates=10)
     state_sh = train.state_shardings(cfg, tx, mesh)
     param_sh = model_lib.param_shardings(cfg, mesh, sharding_lib.TRAIN_RULES)
@@ -74,6 +76,7 @@ def compile_train_step(mesh, cfg=CFG, T=T, R=R):
         batch,
         abstract(key, rep),
         abstract(hyper, jax.tree.map(lambda _: rep, hyper)),
+        packed_len,
     )
 
 
@@ -81,6 +84,15 @@ def test_train_step_compiles_for_v5e(mesh):
     compiled = compile_train_step(mesh)
     assert_uses_the_kernel(compiled)
     # The donated state is updated in place.
+    assert compiled.memory_analysis().alias_size_in_bytes > 0
+
+
+def test_packed_shared_rows_compile_for_v5e(mesh):
+    """A prompt's row with its responses at real lengths (within one attention chunk, where
+    TPU shares prompts): no kernel, a program of its own."""
+    compiled = compile_train_step(mesh, packed_len=24)
+    assert "tpu_custom_call" not in compiled.as_text()
+    assert compiled.cost_analysis()["flops"] > 0
     assert compiled.memory_analysis().alias_size_in_bytes > 0
 
 

@@ -154,25 +154,49 @@ def test_shared_prompt_rows_give_each_rows_log_probs_and_gradients(tie):
     r, rm = batch.response_PNR.reshape(P * N, R), batch.response_mask_PNR.reshape(P * N, R)
     w_BR = jnp.asarray(np.random.default_rng(1).normal(size=r.shape), jnp.float32) * rm
 
-    def run(group):
+    def run(group, packed_len=None):
         def f(params):
             out = logprobs.response_logp(
                 cfg, params, p, pm, r, rm, jnp.float32(0.7), with_entropy=True,
-                with_features=True, logit_chunk=3, group=group,
+                with_features=True, logit_chunk=3, group=group, packed_len=packed_len,
             )  # fmt: skip
             return (out["logp_BR"] * w_BR).sum(), out
 
         return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
 
-    (value, shared), grads = run(N)
     (ref_value, alone), ref_grads = run(1)
-    for name in ("logp_BR", "entropy_BR"):
-        np.testing.assert_allclose(
-            np.where(rm, shared[name], 0), np.where(rm, alone[name], 0), atol=2e-5
-        )
-    np.testing.assert_allclose(shared["feature_BD"], alone["feature_BD"], atol=2e-5)
-    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
-    chex.assert_trees_all_close(grads, ref_grads, atol=2e-5)
+    # Packed at real lengths: exactly the rows' real tokens, and with padding after them.
+    need = logprobs.packed_length(
+        np.asarray(pm[::N]).sum(-1), np.asarray(rm).reshape(P, N, R).sum(-1), 1, T + N * R
+    )
+    assert need < T + N * R  # the batch has padding to drop
+    for packed_len in (None, need, need + 5):
+        (value, shared), grads = run(N, packed_len)
+        for name in ("logp_BR", "entropy_BR"):
+            np.testing.assert_allclose(
+                np.where(rm, shared[name], 0), np.where(rm, alone[name], 0), atol=2e-5
+            )
+        np.testing.assert_allclose(shared["feature_BD"], alone["feature_BD"], atol=2e-5)
+        np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+        chex.assert_trees_all_close(grads, ref_grads, atol=2e-5)
+
+
+def test_packed_layout_by_hand():
+    """Prompt [_ a b] (one pad), responses [c d _], [_ _ _] (empty, e.g. not drawn), [e _ _]."""
+    prompt_mask = jnp.array([[False, True, True]])
+    response_mask = jnp.array([[[True, True, False], [False] * 3, [True, False, False]]])
+    layout = logprobs.packed_layout(prompt_mask, response_mask, 7)
+    # slots: a b c d e pad pad; sources index [prompt (3) | responses (3 x 3)]
+    np.testing.assert_array_equal(layout.source_PS, [[1, 2, 3, 4, 9, 0, 0]])
+    np.testing.assert_array_equal(layout.positions_PS, [[0, 1, 2, 3, 2, 0, 0]])
+    np.testing.assert_array_equal(layout.segment_PS, [[0, 0, 1, 1, 3, -1, -1]])
+    np.testing.assert_array_equal(layout.mask_PS, [[True] * 5 + [False] * 2])
+    np.testing.assert_array_equal(layout.end_P, [5])
+    # c from b's slot, d from c's; e (response 2's first token) from b's slot too
+    np.testing.assert_array_equal(layout.slot_PMR[0, 0, :2], [1, 2])
+    assert int(layout.slot_PMR[0, 2, 0]) == 1
+    assert logprobs.packed_length(np.array([2, 3]), np.array([[2, 0, 1], [4, 4, 1]]), 4, 30) == 12
+    assert logprobs.packed_length(np.array([2, 3]), np.array([[2, 0, 1], [4, 4, 1]]), 64, 30) == 30
 
 
 def test_shared_prompt_rows_need_whole_groups(params):
@@ -279,6 +303,35 @@ def test_step_has_no_host_callbacks(params, default_step):
         state, params, make_batch(), jax.random.key(0), train.StepHyper.make()
     ).as_text()
     assert "callback" not in hlo.lower()
+
+
+def test_packed_step_equals_the_unpacked_step(params):
+    """Rows packed at the trained responses' real lengths (the host's length for the step's own
+    choice of responses, with KL and recomputed old log-probs): the update and metrics of the
+    T + M·R rows; a length too short is reported, never dropped silently."""
+    step_cfg = train.StepConfig(n_train=4, mini_batch_prompts=2, micro_batch_rows=4)
+    tx = optax.sgd(0.1)
+    step = train.build_train_step(CFG, step_cfg, tx, optax.constant_schedule(0.1))
+    batch, key = make_batch(5), jax.random.key(7)
+    hyper = train.StepHyper.make(temperature=0.7, kl_coef=0.1)
+    ref_params = jax.tree.map(lambda x: x + 0.01, params)
+    packed_len = train.packed_length(CFG, step_cfg, batch, key, 1)
+    assert packed_len < T + 4 * R
+    assert train.packed_length(CFG, step_cfg, batch, key, 0) is None  # off
+
+    def run(**kw):
+        state = train.init_state(params_copy(params), tx)
+        return step(state, params_copy(ref_params), batch, key, hyper, **kw)
+
+    ref_state, ref_metrics = run()
+    state, metrics = run(packed_len=packed_len)
+    chex.assert_trees_all_close(state.params, ref_state.params, atol=2e-6)
+    assert int(metrics.pop("packed_overflow")) == 0
+    assert metrics.keys() == ref_metrics.keys()
+    for name, value in ref_metrics.items():
+        np.testing.assert_allclose(metrics[name], value, rtol=2e-5, atol=1e-6, err_msg=name)
+    _, short = run(packed_len=packed_len - 1)
+    assert int(short["packed_overflow"]) >= 1
 
 
 def test_sharded_step_equals_unsharded(params):

@@ -33,6 +33,10 @@ def test_run_writes_every_output(toy_run, full_run):
         assert key in trains[0]
     for key in ("eval/avg@2", "eval/maj@2", "eval/pass@2", "eval/greedy"):
         assert key in evals[0]
+    # A prompt's row in the update, packed at real lengths: fewer than T + M·R = 128 + 2 x 12
+    # positions (the prompts are shorter than their 128-token bucket), a multiple of 32.
+    rows = [r["packed_row_length"] for r in trains]
+    assert all(n % 32 == 0 and n < 128 + 2 * 12 for n in rows), rows
     assert "avg@2" in log and "outputs in" in log
 
 

@@ -78,9 +78,11 @@ def train_flops(
     with_ref: bool,
     with_old: bool = True,
     shared: bool = False,
+    packed_len: int | None = None,
 ) -> dict[str, int]:
     """Model matmul FLOPs of one GRPO train step over `prompts` x `responses` (M) rows of prompt
-    + response, or with `shared` prompts (rl/logprobs.py) one row of prompt + M responses each.
+    + response, or with `shared` prompts (rl/logprobs.py) one row of prompt + M responses each
+    (`packed_len` positions when packed at real lengths).
 
     Counted per position (padding included: both sides compute every position): the decoder's
     non-embedding matmuls (2 FLOPs per weight) and the causal S×S attention products
@@ -93,7 +95,7 @@ def train_flops(
     on the logit chunks), so ours does more arithmetic than it is credited with.
     """
     if shared:
-        rows, S = prompts, prompt_len + responses * response_len
+        rows, S = prompts, packed_len or prompt_len + responses * response_len
     else:
         rows, S = prompts * responses, prompt_len + response_len
     forward = (
@@ -238,6 +240,7 @@ def _one_size(args, cfg, params, policy, ref, size: TrainSize, run_cfg, opts) ->
     optimizer = torch_peer.torch_optimizer(policy, opts, args.torch_adamw)
     rollout = torch_peer.torch_rollout(batch, opts.n_train)
     key = jax.random.key(args.seed)
+    packed_len = train.packed_length(cfg, tp.step_cfg, batch, key, run_cfg.optim.pack_multiple)
     # Same loss on both sides: the first mini-batch at the initial weights, from each side's
     # pieces; then the whole first step (the first warm-up run of each, below).
     ours_check = our_first_minibatch(cfg, params, batch, tp.step_cfg, opts.rows_mini, tp.hyper)
@@ -246,7 +249,7 @@ def _one_size(args, cfg, params, policy, ref, size: TrainSize, run_cfg, opts) ->
     )
     holder = {"state": train.init_state(jax.tree.map(jnp.copy, params), tp.tx)}
     t0 = time.perf_counter()
-    compiled = step.lower(holder["state"], params, batch, key, tp.hyper).compile()
+    compiled = step.lower(holder["state"], params, batch, key, tp.hyper, packed_len).compile()
     compile_s = time.perf_counter() - t0
 
     def ours():
@@ -271,6 +274,7 @@ def _one_size(args, cfg, params, policy, ref, size: TrainSize, run_cfg, opts) ->
         "compile_s": compile_s,
         "first_s": first_s,
         "step_cfg": tp.step_cfg,
+        "packed_len": packed_len,
         "real_tokens": real_tokens,
         "step_loss_diff": step_loss_diff,
         **same,
@@ -284,12 +288,21 @@ def _report(cfg, size: TrainSize, run_cfg, res, machine_, args) -> None:
     shared = train.prompt_group(cfg, sc, T, R, train.split_rows(P, sc)[2]) > 1
     flops = {
         "ttrl_jax": train_flops(
-            cfg, P, M, T, R, with_ref=use_kl, with_old=sc.recompute_old_logp, shared=shared
-        ),
+            cfg,
+            P,
+            M,
+            T,
+            R,
+            with_ref=use_kl,
+            with_old=sc.recompute_old_logp,
+            shared=shared,
+            packed_len=res["packed_len"],
+        ),  # fmt: skip
         "transformers": train_flops(cfg, P, M, T, R, with_ref=use_kl),
     }
     tokens = P * M * (T + R)
-    ours_positions = P * (T + M * R) if shared else tokens
+    row = res["packed_len"] or T + M * R
+    ours_positions = P * row if shared else tokens
     n_updates = P // o.mini_batch_prompts
     old = "recomputed" if sc.recompute_old_logp else "the rollout's (exact: not recomputed)"
     kl = f"k3 KL (coef {o.kl_coef:g}) to a reference copy" if use_kl else "no KL term"
@@ -301,7 +314,8 @@ def _report(cfg, size: TrainSize, run_cfg, res, machine_, args) -> None:
         f"    tokens per step: {P * M} rows x {T + R} positions = {tokens} "
         f"({res['real_tokens']} real, the rest padding); ttrl_jax "
         + (
-            f"reads each prompt once: {P} rows x {T + M * R} positions = {ours_positions}"
+            f"reads each prompt once: {P} rows x {row} positions = {ours_positions}"
+            + (" (packed at real lengths)" if res["packed_len"] else "")
             if shared
             else "runs the same rows"
         ),

@@ -253,10 +253,15 @@ class OptimSection:
     # the prompt and its responses, each response attending to the prompt and itself), while
     # that row fits one attention chunk (512 positions); false: a row per response (verl).
     share_prompts: bool = True
+    # Each shared row packed at real lengths: the prompt's tokens without its padding, then the
+    # trained responses each to its own stop, the row rounded up to a multiple of this many
+    # positions (each new length compiles the step once; at most T + n_train * R). 0 = off.
+    pack_multiple: int = 32
 
     def problems(self) -> list[str]:
         out = Problems()
         out.need(self.lr > 0, f"optim.lr={self.lr} must be > 0")
+        out.at_least("optim.pack_multiple", self.pack_multiple, 0, " (0 = off)")
         out.need(
             0 <= self.warmup_ratio < 1, f"optim.warmup_ratio={self.warmup_ratio} must be in [0, 1)"
         )

@@ -5,7 +5,10 @@ Rows that answer the same prompt can share it (`group` = M rows per prompt): one
 holds the prompt once and its M responses after it, each response attending to the prompt and
 to itself only (segments, model/attention.py), at positions continuing the prompt's. TTRL's
 prompts are often longer than its responses, so a step then runs T + M·R positions per prompt
-instead of M·(T + R); every log-prob is the one the row would have alone.
+instead of M·(T + R); every log-prob is the one the row would have alone. Packed
+(`packed_layout`), the row drops the padding too: the prompt's real tokens, then each response
+to its own stop, then padding up to a length the host picks per step (`packed_length`), so the
+forward follows the real tokens rather than the buckets.
 
 The projection is the largest matmul of a step on large-vocabulary models; its chunks are
 recomputed in the backward pass, so no B×R×V logits are kept for it.
@@ -15,7 +18,7 @@ Shape suffixes: ttrl_jax/__init__.py (C chunks of c positions).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +50,7 @@ def response_logp(
     with_features: bool = False,
     logit_chunk: int = 512,
     group: int = 1,
+    packed_len: int | None = None,
     dropout_key: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """Log-probs (of logits / temperature) of the response tokens, plus optional extras.
@@ -56,6 +60,10 @@ def response_logp(
 
     The vocabulary projection runs over chunks of positions, each recomputed in the backward
     pass, so the full B×R×V logits never exist at once, in the forward or the backward pass.
+
+    `packed_len` (with `group` > 1) packs each shared row: the prompt's real tokens, then its
+    responses at their real lengths, then padding up to `packed_len` positions, so the forward
+    runs over the real tokens rather than T + M·R (`packed_layout`; `packed_length` picks it).
 
     `dropout_key` turns on the LoRA adapters' dropout (the loss's forward; model/lora.py).
 
@@ -68,8 +76,9 @@ def response_logp(
     rngs = None if dropout_key is None else {"dropout": dropout_key}
     if group > 1:
         h_BRD = _shared_prompt_hidden(
-            module, params, prompt_BT, prompt_mask_BT, response_BR, response_mask_BR, group, rngs
-        )
+            module, params, prompt_BT, prompt_mask_BT, response_BR, response_mask_BR, group, rngs,
+            packed_len,
+        )  # fmt: skip
     else:
         tokens_BS, mask_BS, positions_BS = sequence_inputs(
             prompt_BT, prompt_mask_BT, response_BR, response_mask_BR
@@ -117,14 +126,25 @@ _HEAD = ("embed", "lm_head")  # the params `Transformer.unembed` reads
 
 
 def _shared_prompt_hidden(
-    module, params, prompt_BT, prompt_mask_BT, response_BR, response_mask_BR, M, rngs=None
-):
+    module, params, prompt_BT, prompt_mask_BT, response_BR, response_mask_BR, M, rngs=None,
+    packed_len=None,
+):  # fmt: skip
     """h_BRD of `response_logp` from one row per prompt: [prompt | response 1 | ... | M]."""
     (B, T), R = prompt_BT.shape, response_BR.shape[1]
     if B % M:
         raise ValueError(f"{B} rows do not split into groups of {M} rows per prompt")
     P = B // M
     prompt_PT, prompt_mask_PT = prompt_BT[::M], prompt_mask_BT[::M]
+    if packed_len is not None:
+        layout = packed_layout(prompt_mask_PT, response_mask_BR.reshape(P, M, R), packed_len)
+        source_PS = jnp.concatenate([prompt_PT, response_BR.reshape(P, M * R)], axis=1)
+        tokens_PS = jnp.take_along_axis(source_PS, layout.source_PS, axis=1)
+        h_PSD, _ = module.apply(
+            params, tokens_PS, layout.positions_PS, layout.mask_PS, return_hidden=True,
+            segment_BT=layout.segment_PS, rngs=rngs,
+        )  # fmt: skip
+        slots = layout.slot_PMR.reshape(P, M * R, 1)  # response tokens in row order
+        return jnp.take_along_axis(h_PSD, slots, axis=1).reshape(B, R, -1)
     tokens_PS = jnp.concatenate([prompt_PT, response_BR.reshape(P, M * R)], axis=1)
     mask_PS = jnp.concatenate([prompt_mask_PT, response_mask_BR.reshape(P, M * R)], axis=1)
     # Each response's positions continue its prompt's (left padding takes none).
@@ -143,6 +163,57 @@ def _shared_prompt_hidden(
     slot_MR = T + np.arange(M)[:, None] * R + np.arange(R)[None, :] - 1
     slot_MR[:, 0] = T - 1
     return h_PSD[:, slot_MR].reshape(B, R, -1)
+
+
+class PackedLayout(NamedTuple):
+    """One packed row per prompt, S slots: [prompt | response 1 | ... | response M | padding],
+    each piece at its real length (prompts are left-padded and responses right-padded in their
+    T and R columns)."""
+
+    source_PS: jax.Array  # column of [prompt_PT | response_PMR as M·R columns] at each slot
+    positions_PS: jax.Array  # the prompt's 0.., each response continuing the prompt's
+    segment_PS: jax.Array  # 0 prompt, m + 1 response m, -1 padding
+    mask_PS: jax.Array  # False on padding
+    slot_PMR: jax.Array  # the slot whose hidden state predicts response token (m, r)
+    end_P: jax.Array  # slots the row's real tokens take (must be <= S)
+
+
+def packed_layout(prompt_mask_PT, response_mask_PMR, S: int) -> PackedLayout:
+    """Where each slot of the packed rows reads its token, and which slot predicts each
+    response token. Masks are a prompt's suffix and a response's prefix (their padding)."""
+    T = prompt_mask_PT.shape[1]
+    R = response_mask_PMR.shape[2]
+    n_P1 = prompt_mask_PT.sum(-1, dtype=jnp.int32)[:, None]
+    length_PM = response_mask_PMR.sum(-1, dtype=jnp.int32)
+    start_PM = n_P1 + jnp.cumsum(length_PM, axis=1) - length_PM
+    end_P1 = n_P1 + length_PM.sum(-1, keepdims=True)
+    s_1S = jnp.arange(S)[None]
+    # A slot's response: the last one starting at or before it (an empty response starts where
+    # the next one does and is skipped over).
+    m_PS = jnp.clip((start_PM[:, None, :] <= s_1S[..., None]).sum(-1) - 1, 0, None)
+    r_PS = s_1S - jnp.take_along_axis(start_PM, m_PS, axis=1)
+    in_prompt_PS, pad_PS = s_1S < n_P1, s_1S >= end_P1
+    source_PS = jnp.where(in_prompt_PS, T - n_P1 + s_1S, T + m_PS * R + r_PS)
+    r_R = jnp.arange(R)
+    # Response m's token 0 is predicted by the prompt's last slot, token r by its own r - 1.
+    slot_PMR = jnp.where(r_R == 0, n_P1[..., None] - 1, start_PM[..., None] + r_R - 1)
+    return PackedLayout(
+        source_PS=jnp.where(pad_PS, 0, source_PS),
+        positions_PS=jnp.where(pad_PS, 0, jnp.where(in_prompt_PS, s_1S, n_P1 + r_PS)),
+        segment_PS=jnp.where(pad_PS, -1, jnp.where(in_prompt_PS, 0, m_PS + 1)),
+        mask_PS=~pad_PS,
+        slot_PMR=jnp.clip(slot_PMR, 0, S - 1),
+        end_P=end_P1[:, 0],
+    )
+
+
+def packed_length(
+    prompt_length_P: np.ndarray, length_PM: np.ndarray, multiple: int, limit: int
+) -> int:
+    """The packed row length for prompts of these real lengths and their trained responses':
+    the longest row rounded up to `multiple`, at most `limit` (T + M·R, the unpacked row)."""
+    need = int((np.asarray(prompt_length_P) + np.asarray(length_PM).sum(-1)).max())
+    return min(-(-need // multiple) * multiple, limit)
 
 
 def _token_logp_fn(logits_fn):

@@ -27,13 +27,14 @@ from typing import Any, NamedTuple
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ttrl_jax import sharding as sharding_lib
 from ttrl_jax.model import decoder as model_lib
 from ttrl_jax.model import lora as lora_lib
 from ttrl_jax.model.config import ModelConfig
-from ttrl_jax.rl import advantages, losses, rewards, vote
+from ttrl_jax.rl import advantages, logprobs, losses, rewards, vote
 from ttrl_jax.rl.batch import StepBatch
 from ttrl_jax.rl.logprobs import response_logp
 
@@ -201,6 +202,7 @@ def train_step(
     batch: StepBatch,
     key: jax.Array,
     hyper: StepHyper,
+    packed_len: int | None = None,
     *,
     cfg: ModelConfig,
     step_cfg: StepConfig,
@@ -217,6 +219,9 @@ def train_step(
       batch: the rollout and its answer ids (gold ids only for metrics).
       key: PRNG key for the response subset (and the adapters' dropout).
       hyper: traced scalars (temperature, clip range, coefficients).
+      packed_len: with shared prompts, each prompt's row packed at real lengths into this many
+        positions (`packed_length` computes it on the host from the batch); None: T + M·R.
+        Static: each new length compiles the step once.
       cfg: model architecture.
       step_cfg: static settings.
       tx, lr_fn: the optax optimizer and its schedule (for the lr metric).
@@ -229,6 +234,7 @@ def train_step(
     M = sc.n_train
     n_mini, n_micro, rows_micro = split_rows(P, sc)
     group = prompt_group(cfg, sc, batch.prompt_PT.shape[1], batch.response_PNR.shape[2], rows_micro)
+    packed_len = packed_len if group > 1 else None
 
     # 1. Vote over all N_vote responses, then choose the N_train to learn from.
     majority_P, ratio_P = vote.majority_vote(batch.answer_id_PN)
@@ -247,7 +253,7 @@ def train_step(
     # 2. Old (rollout-policy) and reference log-probs, one forward per micro-batch, no grad.
     old, logp_old_PMR, logp_ref_PMR = _old_and_ref_logp(
         _policy(cfg, state.params, ref_params), ref_params, batch, trained, take, hyper, cfg, sc,
-        rows_micro, group,
+        rows_micro, group, packed_len,
     )  # fmt: skip
 
     # 3. Rewards and advantages.
@@ -266,7 +272,7 @@ def train_step(
     )
     if _dropout(cfg):  # a key per mini-batch for the adapters' dropout masks
         minis += (jax.random.split(jax.random.fold_in(key, _DROPOUT), n_mini),)
-    update = _mini_update(cfg, sc, hyper, tx, n_micro, rows_micro, group, ref_params)
+    update = _mini_update(cfg, sc, hyper, tx, n_micro, rows_micro, group, ref_params, packed_len)
     (params, opt_state), mini_metrics = jax.lax.scan(update, (state.params, state.opt_state), minis)
     new_state = TrainState(step=state.step + n_mini, params=params, opt_state=opt_state)
 
@@ -276,11 +282,41 @@ def train_step(
     metrics["lr"] = lr_fn(new_state.step - 1) * hyper.lr_scale
     # Non-finite if any parameter is: the run checks it before saving (one reduction).
     metrics["param_norm"] = optax.tree.norm(params)
+    if packed_len is not None:  # rows longer than the host computed (a bug): the run stops
+        metrics["packed_overflow"] = (_packed_need(trained) > packed_len).sum()
     metrics.update(rollout_metrics(batch, majority_P, ratio_P, reward_PM, advantage_PM, keep_P))
     return new_state, metrics
 
 
-def _logp_rows(params, trained: _Trained, hyper, cfg, sc: StepConfig, rows_micro, group, extras):
+def _packed_need(trained: _Trained) -> jax.Array:
+    """Positions each prompt's packed row needs: its prompt and trained responses, unpadded."""
+    return trained.prompt_mask_PMT[:, 0].sum(-1) + trained.response_mask_PMR.sum((1, 2))
+
+
+def packed_length(
+    cfg: ModelConfig, sc: StepConfig, batch: StepBatch, key: jax.Array, multiple: int
+) -> int | None:
+    """On the host: the `packed_len` for `train_step(batch, key)`, or None where rows are not
+    shared or `multiple` is 0 (off). The step's own choice of responses (the same key), so the
+    rows hold the trained responses' real lengths; rounded up to `multiple` positions (each new
+    length compiles the step once)."""
+    P, N, R = batch.response_PNR.shape
+    T = batch.prompt_PT.shape[1]
+    if not multiple or prompt_group(cfg, sc, T, R, split_rows(P, sc)[2]) == 1:
+        return None
+    drawn_PN = vote.drawn(batch.answer_id_PN)
+    index_PM = advantages.select_responses(key, P, N, sc.n_train, sc.random_select, drawn_PN)
+    length_PN = np.asarray(batch.response_mask_PNR).sum(-1)
+    length_PM = np.take_along_axis(length_PN, np.asarray(index_PM), axis=1)
+    return logprobs.packed_length(
+        np.asarray(batch.prompt_mask_PT).sum(-1), length_PM, multiple, T + sc.n_train * R
+    )
+
+
+def _logp_rows(
+    params, trained: _Trained, hyper, cfg, sc: StepConfig, rows_micro, group, extras,
+    packed_len=None,
+):  # fmt: skip
     """`response_logp` of the trained rows under `params`, one micro-batch at a time; the
     self-certainty or the features too when `extras` and the reward needs them."""
 
@@ -290,7 +326,7 @@ def _logp_rows(params, trained: _Trained, hyper, cfg, sc: StepConfig, rows_micro
             cfg, params, p, pm, r, rm, hyper.temperature,
             with_self_certainty=extras and sc.reward == "self_certainty",
             with_features=extras and sc.reward == "evol_novelty",
-            logit_chunk=sc.logit_chunk, group=group,
+            logit_chunk=sc.logit_chunk, group=group, packed_len=packed_len,
         )  # fmt: skip
 
     P, M = trained.response_PMR.shape[:2]
@@ -298,14 +334,16 @@ def _logp_rows(params, trained: _Trained, hyper, cfg, sc: StepConfig, rows_micro
     return {k: v.reshape((P, M) + v.shape[2:]) for k, v in out.items()}
 
 
-def _old_and_ref_logp(params, ref_params, batch, trained, take, hyper, cfg, sc, rows_micro, group):
+def _old_and_ref_logp(
+    params, ref_params, batch, trained, take, hyper, cfg, sc, rows_micro, group, packed_len
+):
     """(the rollout policy's extras, its log-probs, the reference's log-probs), no gradient.
 
     (Named scopes label the pieces in profiles: `python -m ttrl_jax.bench train`.)
     """
     logp = functools.partial(
         _logp_rows, trained=trained, hyper=hyper, cfg=cfg, sc=sc, rows_micro=rows_micro,
-        group=group,
+        group=group, packed_len=packed_len,
     )  # fmt: skip
     with jax.named_scope("old_logp"):
         if sc.recompute_old_logp:
@@ -343,8 +381,9 @@ def _dropout(cfg: ModelConfig) -> bool:
 
 
 def _mini_update(
-    cfg, sc: StepConfig, hyper, tx, n_micro: int, rows_micro: int, group: int, ref_params
-):
+    cfg, sc: StepConfig, hyper, tx, n_micro: int, rows_micro: int, group: int, ref_params,
+    packed_len: int | None,
+):  # fmt: skip
     """The scan body of the mini-batch updates: gradients accumulated over micro-batches, one
     optimizer update, the mini-batch's loss and aux values."""
 
@@ -353,6 +392,7 @@ def _mini_update(
         out = response_logp(
             cfg, _policy(cfg, params, ref_params), p, pm, r, rm, hyper.temperature,
             with_entropy=sc.use_entropy_bonus, logit_chunk=sc.logit_chunk, group=group,
+            packed_len=packed_len,
             dropout_key=keys[0][0] if keys else None,  # its first row's: one per micro-batch
         )  # fmt: skip
         return losses.grpo_loss(
@@ -451,7 +491,7 @@ def build_train_step(
     """
     fn = functools.partial(train_step, cfg=cfg, step_cfg=step_cfg, tx=tx, lr_fn=lr_fn)
     if mesh is None:
-        return jax.jit(fn, donate_argnames=("state",))
+        return jax.jit(fn, donate_argnames=("state",), static_argnums=(5,))
     fn = sharding_lib.with_rules(fn, mesh, sharding_lib.TRAIN_RULES)
     rows = lambda ndim: sharding_lib.batch_sharding(mesh, ndim, sharding_lib.TRAIN_RULES)
     batch_shardings = StepBatch(
@@ -465,6 +505,7 @@ def build_train_step(
         in_shardings=(state_shardings, ref_shardings, batch_shardings, rep, rep),
         out_shardings=(state_shardings, rep),
         donate_argnames=("state",),
+        static_argnums=(5,),  # packed_len, passed by position (in_shardings take no kwargs)
     )
 
 

@@ -75,8 +75,15 @@ def ttrl_step(
     t_audit = time.perf_counter()
     # Vote, rewards, advantages and the GRPO updates: one compiled step.
     batch = gen.train_batch(answer_id_PN, gold_id_P, s.max_new_tokens, job.mesh)
-    job.state, metrics = job.step_fn(job.state, job.ref_params, batch, select_key, job.parts.hyper)
+    packed_len = train_lib.packed_length(
+        job.model_cfg, job.parts.step_cfg, batch, select_key, cfg.optim.pack_multiple
+    )
+    job.state, metrics = job.step_fn(
+        job.state, job.ref_params, batch, select_key, job.parts.hyper, packed_len
+    )
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if metrics.pop("packed_overflow", 0):
+        raise RuntimeError(f"packed rows of {packed_len} positions overflowed (a bug: report it)")
     if not (gold_id_P >= 0).any():  # no gold label in this batch: nothing to measure against
         metrics = {k: v for k, v in metrics.items() if k not in train_lib.GOLD_METRICS}
     t_end = time.perf_counter()
@@ -97,6 +104,8 @@ def ttrl_step(
         votes_per_prompt=vote_budget_lib.votes_drawn(answer_id_PN).tolist(),
         **audit,
     )
+    if packed_len is not None:  # positions of a prompt's row in the update (T + M·R unpacked)
+        metrics["packed_row_length"] = packed_len
     if audit:
         metrics["time_audit"] = t_audit - t_reward
     votes = rollout_lib.votes(
