@@ -382,7 +382,9 @@ class RunSection:
 
     out_dir: str = "runs/ttrl"
     seed: int = 0
-    max_steps: int | None = None  # stop early; None = the whole schedule
+    # A shorter run: the first max_steps steps of the data schedule, with the learning-rate
+    # schedule (warmup, decay) fitted to them, so it is not a prefix of the full run. None: all.
+    max_steps: int | None = None
     checkpoint_every: int = 50  # steps; 0 = only at the end (and by time, below)
     # Also checkpoint when this many minutes have passed since the last save; 0 = off. With it
     # a crash loses at most a few minutes, whatever checkpoint_every says.
