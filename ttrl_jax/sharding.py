@@ -307,6 +307,15 @@ def gather_rows(x_local: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(np.asarray(x_local), tiled=True))
 
 
+def global_value(x: jax.Array) -> np.ndarray:
+    """The whole of a global array on every process (a collective where it spans processes)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def gather_strings(strings_local: Sequence[str]) -> list[str]:
     """Every process's strings, concatenated in process order (collective): as rows of UTF-8
     bytes padded to the longest, since the all-gather moves arrays."""

@@ -40,14 +40,15 @@ def model(model_type="qwen2", **lora_kw):
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
 def test_fresh_adapters_are_the_base_model(model_type):
-    """B starts at zero: the policy's logits equal the base model's, bit for bit."""
+    """B starts at zero: the policy's logits are the base model's, to float rounding (XLA may
+    block the projections' matmuls differently once adapter matmuls sit beside them)."""
     cfg, params = model(model_type)
     adapters = lora.init_adapters(cfg, jax.random.key(1))
     assert all(not np.asarray(b).any() for n, b in _leaves(adapters) if n.endswith("_b"))
     assert all(np.asarray(a).std() > 0 for n, a in _leaves(adapters) if n.endswith("_a"))
     base = forward(cfg, params, *inputs(cfg))[0]
     policy = forward(cfg, lora.with_adapters(params, adapters), *inputs(cfg))[0]
-    np.testing.assert_array_equal(np.asarray(policy), np.asarray(base))
+    np.testing.assert_allclose(np.asarray(policy), np.asarray(base), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -304,12 +304,14 @@ def packed_length(
     T = batch.prompt_PT.shape[1]
     if not multiple or prompt_group(cfg, sc, T, R, split_rows(P, sc)[2]) == 1:
         return None
-    drawn_PN = vote.drawn(batch.answer_id_PN)
+    # Every process computes it from all prompts (the static length must agree).
+    whole = lambda x: sharding_lib.global_value(jnp.asarray(x))
+    drawn_PN = vote.drawn(whole(batch.answer_id_PN))
     index_PM = advantages.select_responses(key, P, N, sc.n_train, sc.random_select, drawn_PN)
-    length_PN = np.asarray(batch.response_mask_PNR).sum(-1)
+    length_PN = whole(batch.response_mask_PNR).sum(-1)
     length_PM = np.take_along_axis(length_PN, np.asarray(index_PM), axis=1)
     return logprobs.packed_length(
-        np.asarray(batch.prompt_mask_PT).sum(-1), length_PM, multiple, T + sc.n_train * R
+        whole(batch.prompt_mask_PT).sum(-1), length_PM, multiple, T + sc.n_train * R
     )
 
 
