@@ -307,9 +307,10 @@ def gather_rows(x_local: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(np.asarray(x_local), tiled=True))
 
 
-def global_value(x: jax.Array) -> np.ndarray:
-    """The whole of a global array on every process (a collective where it spans processes)."""
-    if x.is_fully_addressable:
+def global_value(x: jax.Array | np.ndarray) -> np.ndarray:
+    """The whole of a global array on every process (a collective where it spans processes);
+    a host or process-local array as it is."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
         return np.asarray(x)
     from jax.experimental import multihost_utils
 

@@ -286,20 +286,11 @@ def _report(cfg, size: TrainSize, run_cfg, res, machine_, args) -> None:
     sc, o = res["step_cfg"], run_cfg.optim
     use_kl = o.kl_coef > 0
     shared = train.prompt_group(cfg, sc, T, R, train.split_rows(P, sc)[2]) > 1
-    flops = {
-        "ttrl_jax": train_flops(
-            cfg,
-            P,
-            M,
-            T,
-            R,
-            with_ref=use_kl,
-            with_old=sc.recompute_old_logp,
-            shared=shared,
-            packed_len=res["packed_len"],
-        ),  # fmt: skip
-        "transformers": train_flops(cfg, P, M, T, R, with_ref=use_kl),
-    }
+    ours = train_flops(
+        cfg, P, M, T, R, with_ref=use_kl, with_old=sc.recompute_old_logp, shared=shared,
+        packed_len=res["packed_len"],
+    )  # fmt: skip
+    flops = {"ttrl_jax": ours, "transformers": train_flops(cfg, P, M, T, R, with_ref=use_kl)}
     tokens = P * M * (T + R)
     row = res["packed_len"] or T + M * R
     ours_positions = P * row if shared else tokens

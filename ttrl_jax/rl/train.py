@@ -305,7 +305,7 @@ def packed_length(
     if not multiple or prompt_group(cfg, sc, T, R, split_rows(P, sc)[2]) == 1:
         return None
     # Every process computes it from all prompts (the static length must agree).
-    whole = lambda x: sharding_lib.global_value(jnp.asarray(x))
+    whole = sharding_lib.global_value
     drawn_PN = vote.drawn(whole(batch.answer_id_PN))
     index_PM = advantages.select_responses(key, P, N, sc.n_train, sc.random_select, drawn_PN)
     length_PN = whole(batch.response_mask_PNR).sum(-1)
