@@ -31,6 +31,7 @@ from ttrl_jax.run import evaluate as evaluate_lib
 from ttrl_jax.run import from_config
 from ttrl_jax.run import logbook as logbook_lib
 from ttrl_jax.run import rollout as rollout_lib
+from ttrl_jax.sampling import sampler as sampler_lib
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -98,6 +99,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--mesh", default="auto", help="DxM device mesh")
     ap.add_argument("--dtype", default="float32", choices=typing.get_args(Dtype))
     ap.add_argument("--seed", type=at_least(0), default=0)
+    ap.add_argument(
+        "--halvings",
+        type=at_least(0),
+        default=sampler_lib.HALVINGS,
+        help="times a prompt's decoded rows may halve as they stop (as sample.halvings; "
+        "0 = every row runs to the last)",
+    )
     ap.add_argument("--limit", type=at_least(1), default=None, help="the first LIMIT items")
     ap.add_argument(
         "--match-tokens",
@@ -148,6 +156,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         buckets,
         mesh,
+        halvings=args.halvings,
     )
     timeout = args.timeout or TTRLSection().answer_timeout_s
     golds, key = [it["answer"] for it in items], jax.random.key(args.seed)

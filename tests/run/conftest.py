@@ -101,6 +101,6 @@ class FixedGenerator:
             mask_PNR=np.ones((P, n_samples, 1), bool),
             logp_PNR=np.zeros((P, n_samples, 1)), entropy_PNR=np.zeros((P, n_samples, 1)),
             length_PN=np.full((P, n_samples), 5), finish_PN=np.zeros((P, n_samples), np.int32),
-            num_steps=np.int32(1),
+            num_steps=np.int32(1), row_steps=np.int32(P * n_samples),
         )  # fmt: skip
         return rollout_lib.Generation(np.zeros((P, 1)), np.ones((P, 1), bool), rollout, texts)

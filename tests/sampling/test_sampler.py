@@ -282,6 +282,33 @@ def test_a_response_depends_only_on_its_prompt_and_sample_index(qwen3):
     )
 
 
+def test_stopped_rows_leave_the_loop_without_changing_a_response(qwen3):
+    # 16 sampled rows per prompt and 32 stop ids of 128: rows stop at scattered steps, so the
+    # loop halves its rows per prompt on the way (16 -> 8 -> 4 -> 2). Every response is the
+    # one of the loop that decodes all rows to the end; only the rows computed drop.
+    n, length = 16, 16
+    stop_ids = tuple(range(96, 128))
+
+    def run(halvings, **kw):
+        out = sampler.sample(
+            qwen3.params, qwen3.cfg, qwen3.tokens, qwen3.mask, jax.random.key(5),
+            token_draw.SamplingParams.make(temperature=1.0), n_samples=n, max_new_tokens=length,
+            stop_ids=stop_ids, pad_id=PAD, halvings=halvings, **kw,
+        )  # fmt: skip
+        return jax.tree.map(np.asarray, out)
+
+    every_row = run(0)
+    assert int(every_row.row_steps) == P * n * int(every_row.num_steps)
+    assert len(np.unique(every_row.length_PN)) > 4
+    fields = lambda r: [getattr(r, f) for f in _ROW_FIELDS]
+    running = int((every_row.mask_PNR[..., 1:]).sum())  # row steps that feed a running row
+    for halvings, kw in ((1, {}), (3, {}), (3, dict(prompt_chunk=2))):
+        out = run(halvings, **kw)
+        _assert_same_rows(fields(out), fields(every_row))
+        assert running <= int(out.row_steps) < int(run(0, **kw).row_steps)
+    assert int(run(3).row_steps) < int(run(1).row_steps)
+
+
 def test_first_tokens_follow_the_model_across_streams(qwen3, filtered_probs, check_distribution):
     # 2 x 1000 first tokens of one prompt, under two prompt indices: each prompt index's draws
     # follow softmax(logits) of the full forward, and the two streams differ.

@@ -40,17 +40,23 @@ def time_best(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 3) -> fl
 
 
 def time_best_interleaved(
-    fns: dict[str, Callable[[], Any]], *, warmup: int = 1, repeats: int = 3
+    fns: dict[str, Callable[[], Any]],
+    *,
+    warmup: int = 1,
+    repeats: int = 3,
+    say: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """Best times of several contenders, run in turn so a load spike on a shared machine hits
-    them alike rather than whichever happened to be running."""
+    them alike rather than whichever happened to be running. `say` hears each run's time."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
+    for i in range(repeats):
         for name, fn in fns.items():
             times[name].append(time_once(fn))
+            if say is not None:
+                say(f"timed run {i + 1}/{repeats}: {name} {times[name][-1]:.2f} s")
     return {name: min(t) for name, t in times.items()}
 
 

@@ -319,13 +319,20 @@ class Race:
 def race(ours: Callable[[], Any], theirs: Callable[[], Any], ours_hlo: str, args) -> Race:
     """Times ours and theirs in turn (best of args.repeats after args.warmup more runs of each),
     then profiles one call of each unless args.profile is off."""
+    say = lambda line: print(f"    ... {line}", flush=True)  # a long race is never silent
+    if args.warmup:
+        say(f"{args.warmup} untimed run(s) of each side, then {args.repeats} timed, in turn")
     probe = machine.LoadProbe().start()
     best = machine.time_best_interleaved(
-        {"ttrl_jax": ours, "transformers": theirs}, warmup=args.warmup, repeats=args.repeats
+        {"ttrl_jax": ours, "transformers": theirs},
+        warmup=args.warmup,
+        repeats=args.repeats,
+        say=say,
     )
     probe.stop()
     breakdowns = None
     if args.profile:
+        say("profiling one call of each side (slower than the timed runs)")
         breakdowns = (xla_breakdown(ours, ours_hlo), torch_breakdown(theirs))
     return Race(best, breakdowns, probe.describe(), args.top_ops)
 

@@ -241,16 +241,20 @@ def _one_size(args, cfg, params, policy, ref, size: TrainSize, run_cfg, opts) ->
     rollout = torch_peer.torch_rollout(batch, opts.n_train)
     key = jax.random.key(args.seed)
     packed_len = train.packed_length(cfg, tp.step_cfg, batch, key, run_cfg.optim.pack_multiple)
+    say = lambda line: print(f"  {P}x{M}x{T}x{R}: {line}", flush=True)  # never silent for long
     # Same loss on both sides: the first mini-batch at the initial weights, from each side's
     # pieces; then the whole first step (the first warm-up run of each, below).
+    say("the first mini-batch's loss and gradient on both sides")
     ours_check = our_first_minibatch(cfg, params, batch, tp.step_cfg, opts.rows_mini, tp.hyper)
     same = compare_first_minibatch(
         ours_check, torch_peer.torch_first_minibatch(policy, ref, rollout, opts), batch, opts
     )
     holder = {"state": train.init_state(jax.tree.map(jnp.copy, params), tp.tx)}
+    say("compiling the train step")
     t0 = time.perf_counter()
     compiled = step.lower(holder["state"], params, batch, key, tp.hyper, packed_len).compile()
     compile_s = time.perf_counter() - t0
+    say(f"compiled in {compile_s:.1f} s; the first step of each side (compared, not timed)")
 
     def ours():
         holder["state"], metrics = compiled(holder["state"], params, batch, key, tp.hyper)
@@ -264,6 +268,8 @@ def _one_size(args, cfg, params, policy, ref, size: TrainSize, run_cfg, opts) ->
     t1 = time.perf_counter()
     theirs_first = theirs()
     first_s = {"ttrl_jax": t1 - t0, "transformers": time.perf_counter() - t1}
+    say(f"first steps: ttrl_jax {first_s['ttrl_jax']:.1f} s, transformers "
+        f"{first_s['transformers']:.1f} s")  # fmt: skip
     step_loss_diff = abs(float(ours_metrics["loss"]) - float(np.mean(theirs_first["loss"])))
     timed = profile.race(ours, theirs, compiled.as_text(), args)
     real_tokens = int(np.asarray(batch.prompt_mask_PT).sum()) * M + int(

@@ -139,6 +139,11 @@ class SampleSection:
     # Prompts per sampling pass (0 = all at once): fewer rows' caches live at a time, the same
     # responses. It must divide data.batch_prompts and split over the mesh's data axis.
     prompt_chunk: int = 0
+    # Rows leave the decode loop as they stop: once no prompt has more than half of its rows
+    # still running, the loop goes on with half as many rows per prompt, at most this many
+    # times (3: 64 -> 8 rows per prompt). The same responses; 0 = every row runs to the last.
+    # Each halving compiles one more loop body; also used by the evaluation.
+    halvings: int = 3
 
     def problems(self) -> list[str]:
         out = Problems()
@@ -168,6 +173,7 @@ class SampleSection:
         )
         out.need(all(i >= 0 for i in self.stop_token_ids), "sample.stop_token_ids must be >= 0")
         out.at_least("sample.prompt_chunk", self.prompt_chunk, 0, " (0 = all)")
+        out.at_least("sample.halvings", self.halvings, 0, " (0 = rows never leave the loop)")
         return out
 
 

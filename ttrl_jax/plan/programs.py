@@ -297,8 +297,9 @@ def sample_program(
     stop_ids = from_config.stop_ids(mcfg, cfg.sample.stop_token_ids)
     new_tokens = max_new_tokens or shapes.response_len
     sampler = sampler_lib.compiled_sampler(
-        mcfg, shapes.n_vote, new_tokens, stop_ids, 0, mesh, cfg.sample.prompt_chunk
-    )
+        mcfg, shapes.n_vote, new_tokens, stop_ids, 0, mesh, cfg.sample.prompt_chunk,
+        halvings=cfg.sample.halvings,
+    )  # fmt: skip
 
     def phase(state, ref_params, params, prompt_PT, mask_PT, key, sampling):
         params = state.params if params is None else params

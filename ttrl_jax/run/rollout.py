@@ -122,6 +122,7 @@ class Generator:
     buckets: tuple[int, ...]
     mesh: Mesh | None = None
     prompt_chunk: int = 0  # prompts per sampling pass (0 = all)
+    halvings: int = sampler_lib.HALVINGS  # rows leave the decode loop as they stop
 
     def __call__(
         self,
@@ -147,6 +148,7 @@ class Generator:
             params, self.cfg, tokens, mask, key, sampling,
             n_samples=n_samples, max_new_tokens=max_new_tokens, stop_ids=self.stop_ids,
             pad_id=self.pad_id, mesh=self.mesh, prompt_chunk=self.prompt_chunk,
+            halvings=self.halvings,
         )  # fmt: skip
         rollout = sharding_lib.local_rows(rollout)
         return Generation(
@@ -235,13 +237,11 @@ class Generator:
                 params, self.cfg, prefilled, key, sampling, *args, max_new_tokens=R,
                 stop_ids=self.stop_ids, pad_id=self.pad_id, mesh=self.mesh,
                 group_chunk=_round_chunk(len(plan.group_prompt_U), self.prompt_chunk, shards),
+                halvings=self.halvings,
             )  # fmt: skip
             got = sharding_lib.local_rows(got)
-            # num_steps adds up the passes of prompt_chunk groups each.
-            U, n = plan.sample_index_UN.shape
-            sizes.append(U)
-            rows_per_pass = (_round_chunk(U, self.prompt_chunk, shards) or U) * n
-            row_steps += rows_per_pass * int(got.num_steps)
+            sizes.append(len(plan.group_prompt_U))
+            row_steps += int(got.row_steps)
             g, j = np.nonzero(block[2])
             p, n = block[0][g] - mine.start, block[1][g, j]
             out.put(p, n, got, g, j)
@@ -293,7 +293,7 @@ class Voted:
     answer_id_PN: np.ndarray  # int32, vote.NOT_DRAWN on the empty slots
     gold_id_P: np.ndarray
     round_groups: list[int]  # each round's group count U (a round is U x n_min or n_step rows)
-    row_steps: int  # rows x decode steps of the rounds' programs (idle and stopped rows too)
+    row_steps: int  # rows x decode steps the rounds' programs computed (idle rows too)
     time_reward: float  # seconds of it spent scoring answers
 
 
@@ -309,17 +309,19 @@ class _Slots:
         self.finish_PN = np.full((P, N), sampler_lib.FINISH_STOP, np.int32)
         self.texts = [[""] * N for _ in range(P)]
         self.steps = 0
+        self.row_steps = 0
 
     def put(self, p, n, got: sampler_lib.Rollout, g, j) -> None:
         for name in ("tokens_PNR", "mask_PNR", "logp_PNR", "entropy_PNR", "length_PN"):
             getattr(self, name)[p, n] = np.asarray(getattr(got, name))[g, j]
         self.finish_PN[p, n] = np.asarray(got.finish_PN)[g, j]
         self.steps += int(got.num_steps)
+        self.row_steps += int(got.row_steps)
 
     def rollout(self) -> sampler_lib.Rollout:
         return sampler_lib.Rollout(
             self.tokens_PNR, self.mask_PNR, self.logp_PNR, self.entropy_PNR, self.length_PN,
-            self.finish_PN, np.int32(self.steps),
+            self.finish_PN, np.int32(self.steps), np.int32(self.row_steps),
         )  # fmt: skip
 
 

@@ -141,6 +141,7 @@ def build(cfg: Config) -> Job:
         tuple(cfg.sample.prompt_buckets),
         mesh,
         prompt_chunk=cfg.sample.prompt_chunk,
+        halvings=cfg.sample.halvings,
     )
 
     # Data: the unlabeled prompts, in a seeded order per episode.

@@ -69,8 +69,7 @@ def ttrl_step(
         # Their final answers as ids, on the host (each process scores its own prompts).
         answer_id_PN, gold_id_P = rollout_lib.grade(gen, golds, **answers)
         t_reward = time.perf_counter()
-        chunk = min(s.prompt_chunk or len(idx), len(idx))
-        groups, row_steps = [len(idx)], chunk * s.n_vote * int(gen.rollout.num_steps)
+        groups, row_steps = [len(idx)], int(gen.rollout.row_steps)
     audit = _audit(job, gen, answer_id_PN, gold_id_P, params, prompts, golds, key, answers)
     t_audit = time.perf_counter()
     # Vote, rewards, advantages and the GRPO updates: one compiled step.

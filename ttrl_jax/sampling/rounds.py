@@ -157,6 +157,7 @@ def sample_groups(
     mesh: Mesh | None = None,
     group_chunk: int | None = None,
     kv_block: int = sampler_lib.KV_BLOCK,
+    halvings: int = sampler_lib.HALVINGS,
 ) -> sampler_lib.Rollout:
     """One round: n responses for each of U groups, decoded from the prefill.
 
@@ -174,7 +175,7 @@ def sample_groups(
         a prompt of the group's own data shard (groups and prompts split in contiguous blocks).
       sample_index_UN: int, each row's sample index within its prompt.
       live_UN: bool, rows that draw (default all); the others come out empty.
-      max_new_tokens, stop_ids, pad_id, kv_block: as for `sampler.sample`.
+      max_new_tokens, stop_ids, pad_id, kv_block, halvings: as for `sampler.sample`.
       mesh: optional (data, model) device mesh.
       group_chunk: groups per decode pass (0 or None = all), as `prompt_chunk` in `sample`.
 
@@ -203,7 +204,9 @@ def sample_groups(
             )
     if live_UN is None:
         live_UN = np.ones((U, n), bool)
-    fn = compiled_groups(cfg, n, max_new_tokens, stop_ids, pad_id, mesh, group_chunk, kv_block)
+    fn = compiled_groups(
+        cfg, n, max_new_tokens, stop_ids, pad_id, mesh, group_chunk, kv_block, halvings
+    )
     args = (group_prompt_U, sample_index_UN, live_UN)
     if mesh is not None:
         args = tuple(
@@ -224,15 +227,18 @@ def compiled_groups(
     mesh: Mesh | None = None,
     group_chunk: int | None = None,
     kv_block: int = sampler_lib.KV_BLOCK,
+    halvings: int = sampler_lib.HALVINGS,
 ):
     """The jitted round `(params, prefill, key, sampling, group_prompt_U, sample_index_UN,
     live_UN) -> Rollout` for static settings; with a mesh, what the memory plan compiles for
     abstract arguments (see `abstract_prefill`)."""
     if int(kv_block) < 1:
         raise ValueError(f"kv_block={kv_block} must be >= 1")
+    sampler_lib.check_halvings(halvings)
     static = dict(
         cfg=cfg, N=int(n_rows), R=int(max_new_tokens), stop_ids=tuple(int(s) for s in stop_ids),
         pad_id=int(pad_id), chunk=int(group_chunk or 0), kv_block=int(kv_block),
+        halvings=int(halvings),
     )  # fmt: skip
     return _build_groups(mesh, **static)
 
@@ -244,7 +250,7 @@ def _build_groups(mesh, **static):
 
 def _groups_impl(
     params, prefilled: Prefill, key, sampling, group_prompt_U, sample_index_UN, live_UN, *,
-    cfg, N, R, stop_ids, pad_id, chunk, kv_block,
+    cfg, N, R, stop_ids, pad_id, chunk, kv_block, halvings,
 ) -> sampler_lib.Rollout:  # fmt: skip
     dparams = decode.decode_params(cfg, params, fuse=decode.split_size("heads") == 1)
     P, U = prefilled.prompt_mask_PT.shape[0], group_prompt_U.shape[0]
@@ -271,7 +277,7 @@ def _groups_impl(
     )
     return sampler_lib.decode_groups(
         dparams, key, sampling, per_group, cfg=cfg, N=N, R=R, stop_ids=stop_ids, pad_id=pad_id,
-        kv_block=kv_block, chunk=chunk,
+        kv_block=kv_block, chunk=chunk, halvings=halvings,
     )  # fmt: skip
 
 

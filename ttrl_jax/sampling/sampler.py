@@ -5,9 +5,11 @@ R = max_new_tokens new tokens per row:
 
 1. **Prefill** the P prompts once, with the model's own cached forward.
 2. **Decode** all B rows in a `lax.while_loop` that exits as soon as every row has emitted a
-   stop token. The loop body is `decode.decode_step`, a one-token forward written for sampling
-   (prompt keys shared by a group's N rows, weights prepared once per call, the response cache
-   read only as far as it is filled; see there). With `prompt_chunk`, the prompts are decoded
+   stop token, and that drops stopped rows on the way: once no prompt has more than half of
+   its rows running, the loop goes on with half as many rows per prompt (`halvings`). The
+   loop body is `decode.decode_step`, a one-token forward written for sampling (prompt keys
+   shared by a group's N rows, weights prepared once per call, the response cache read only
+   as far as it is filled; see there). With `prompt_chunk`, the prompts are decoded
    in passes of that many (a `lax.map` over passes in the same program), so that only one
    pass's response caches, N·(R-1) slots per prompt, are live at a time.
 3. **Sample** with `token_draw.sample_token`: temperature, top-k, top-p, min-p and greedy,
@@ -27,7 +29,8 @@ recomputes it (verl divides by the rollout temperature the same way). It is NOT 
 the top-k/top-p/min-p-filtered distribution. `entropy_PNR` is the entropy of that same
 (unfiltered, temperature-scaled) distribution.
 
-Shape suffixes: ttrl_jax/__init__.py.
+Shape suffixes: ttrl_jax/__init__.py; b = P·n are the rows a level of the decode loop still
+computes, n per prompt (a tile of B = P·N).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from ttrl_jax.sampling.token_draw import SamplingParams, sample_scaled, sample_t
 FINISH_STOP = 0  # the row emitted a stop token
 FINISH_LENGTH = 1  # the row ran out of max_new_tokens
 KV_BLOCK = 256  # response-cache slots per decode-attention block (see `sample`)
+HALVINGS = 3  # a prompt's decoded rows may halve this often as they stop (see `_decode_pass`)
 
 # Logical axes of the decode loop's caches: keys [rows, K, H, slots], values [rows, K, slots, H].
 _KEYS = ("batch", "kv_heads", "head_dim", "cache_seq")
@@ -76,6 +80,7 @@ class Rollout:
     length_PN: jax.Array  # int32; number of True in mask_PNR (stop token included)
     finish_PN: jax.Array  # int32; FINISH_STOP or FINISH_LENGTH
     num_steps: jax.Array  # int32 scalar; decode-loop iterations run, over all passes
+    row_steps: jax.Array  # int32 scalar; rows x iterations computed (rows leave as they stop)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -98,6 +103,7 @@ def sample(
     sample_index_PN: jax.Array | None = None,
     prompt_chunk: int | None = None,
     kv_block: int = KV_BLOCK,
+    halvings: int = HALVINGS,
 ) -> Rollout:
     """Samples `n_samples` responses for each left-padded prompt.
 
@@ -129,6 +135,8 @@ def sample(
         responses either way. It must divide P (and, with a mesh, split over its 'data' axis).
       kv_block: response-cache slots per attention block: each decode step reads the blocks
         filled so far, not the whole max_new_tokens.
+      halvings: how many times a prompt's decoded rows may halve as its responses stop (N ->
+        N/2 -> ...; 0 = every row runs until the last one stops). The same responses either way.
 
     Returns:
       A Rollout with [P, N, max_new_tokens] tokens, mask, log-probs and entropies.
@@ -153,7 +161,7 @@ def sample(
         if index is not None and tuple(index.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(index.shape)}; it must be {shape}")
     fn = compiled_sampler(
-        cfg, n_samples, max_new_tokens, stop_ids, pad_id, mesh, prompt_chunk, kv_block
+        cfg, n_samples, max_new_tokens, stop_ids, pad_id, mesh, prompt_chunk, kv_block, halvings
     )
     return fn(
         params, prompt_tokens_PT, prompt_mask_PT, key, sampling, prompt_index_P, sample_index_PN
@@ -169,12 +177,14 @@ def compiled_sampler(
     mesh: Mesh | None = None,
     prompt_chunk: int | None = None,
     kv_block: int = KV_BLOCK,
+    halvings: int = HALVINGS,
 ):
     """The jitted `(params, prompt_PT, mask_PT, key, sampling[, prompt_index_P,
     sample_index_PN]) -> Rollout` for static settings (one per setting, reused: its compiled
     programs are cached per prompt shape)."""
     if int(kv_block) < 1:
         raise ValueError(f"kv_block={kv_block} must be >= 1")
+    check_halvings(halvings)
     if prompt_chunk is not None and int(prompt_chunk) < 0:
         raise ValueError(f"prompt_chunk={prompt_chunk} must be >= 0 (0 or None = all prompts)")
     static = dict(
@@ -185,8 +195,14 @@ def compiled_sampler(
         pad_id=int(pad_id),
         prompt_chunk=int(prompt_chunk or 0),
         kv_block=int(kv_block),
+        halvings=int(halvings),
     )
     return _build(mesh, **static)
+
+
+def check_halvings(halvings: int) -> None:
+    if int(halvings) < 0:
+        raise ValueError(f"halvings={halvings} must be >= 0 (0 = rows never leave the loop)")
 
 
 @functools.lru_cache(maxsize=64)
@@ -201,8 +217,8 @@ def jit_rollout(fn, mesh: Mesh | None):
         return jax.jit(fn)
     per_token = sharding.batch_sharding(mesh, 3, sharding.SAMPLE_RULES)
     per_row = sharding.batch_sharding(mesh, 2, sharding.SAMPLE_RULES)
-    # Rollout's fields in order: tokens, mask, logp, entropy; length, finish; num_steps.
-    out = Rollout(*(per_token,) * 4, per_row, per_row, sharding.replicated(mesh))
+    # Rollout's fields in order: tokens, mask, logp, entropy; length, finish; the two counts.
+    out = Rollout(*(per_token,) * 4, per_row, per_row, *(sharding.replicated(mesh),) * 2)
     return jax.jit(sharding.with_rules(fn, mesh, sharding.SAMPLE_RULES), out_shardings=out)
 
 
@@ -211,16 +227,17 @@ def jit_rollout(fn, mesh: Mesh | None):
 
 @flax.struct.dataclass
 class _DecodeState:
-    """Loop carry of the decode `lax.while_loop`."""
+    """Loop carry of the decode `lax.while_loop`, over the b = P·n rows of its level."""
 
     step: jax.Array  # int32: index of the token sampled in this iteration (1 .. R-1)
-    token_B: jax.Array  # int32: the token sampled in the previous iteration, fed now
-    done_B: jax.Array  # bool: a stop token was sampled
-    tokens_BR: jax.Array
-    logp_BR: jax.Array
-    entropy_BR: jax.Array
-    k_gen: tuple[jax.Array, ...]  # per layer [B, K, H, S]: keys of the fed response tokens
-    v_gen: tuple[jax.Array, ...]  # per layer [B, K, S, H]
+    token_b: jax.Array  # int32: the token sampled in the previous iteration, fed now
+    done_b: jax.Array  # bool: a stop token was sampled
+    key_b: jax.Array  # each row's random stream (`row_keys`)
+    tokens_bR: jax.Array
+    logp_bR: jax.Array
+    entropy_bR: jax.Array
+    k_gen: tuple[jax.Array, ...]  # per layer [b, K, H, S]: keys of the fed response tokens
+    v_gen: tuple[jax.Array, ...]  # per layer [b, K, S, H]
 
 
 def row_keys(key: jax.Array, prompt_index_P: jax.Array, sample_index_PN: jax.Array) -> jax.Array:
@@ -235,7 +252,7 @@ def row_keys(key: jax.Array, prompt_index_P: jax.Array, sample_index_PN: jax.Arr
 
 def _sample_impl(
     params, prompt_PT, prompt_mask_PT, key, sampling, prompt_index_P=None, sample_index_PN=None,
-    *, cfg, n_samples, max_new_tokens, stop_ids, pad_id, prompt_chunk, kv_block,
+    *, cfg, n_samples, max_new_tokens, stop_ids, pad_id, prompt_chunk, kv_block, halvings,
 ) -> Rollout:  # fmt: skip
     P = prompt_PT.shape[0]
     N = n_samples
@@ -257,12 +274,12 @@ def _sample_impl(
     )
     return decode_groups(
         dparams, key, sampling, per_prompt, cfg=cfg, N=N, R=max_new_tokens, stop_ids=stop_ids,
-        pad_id=pad_id, kv_block=kv_block, chunk=prompt_chunk,
+        pad_id=pad_id, kv_block=kv_block, chunk=prompt_chunk, halvings=halvings,
     )  # fmt: skip
 
 
 def decode_groups(
-    dparams, key, sampling, per_group, *, cfg, N, R, stop_ids, pad_id, kv_block, chunk
+    dparams, key, sampling, per_group, *, cfg, N, R, stop_ids, pad_id, kv_block, chunk, halvings
 ) -> Rollout:
     """Decodes the N rows of each group of `per_group` = (logits_UV, (keys, values),
     prompt_mask_UT, prompt_index_U, sample_index_UN[, live_UN]), a group being one prefilled
@@ -270,7 +287,7 @@ def decode_groups(
     U = per_group[2].shape[0]
     decode_pass = functools.partial(
         _decode_pass, dparams, key, sampling,
-        cfg=cfg, N=N, R=R, stop_ids=stop_ids, pad_id=pad_id, kv_block=kv_block,
+        cfg=cfg, N=N, R=R, stop_ids=stop_ids, pad_id=pad_id, kv_block=kv_block, halvings=halvings,
     )  # fmt: skip
     C = _passes(U, chunk, decode.split_size("batch"))
     if C == 1:
@@ -286,7 +303,9 @@ def decode_groups(
 
     out = jax.lax.map(lambda xs: decode_pass(*xs), jax.tree.map(split, per_group))
     return out.replace(
-        **{f: merge(getattr(out, f)) for f in _ROW_FIELDS}, num_steps=out.num_steps.sum()
+        **{f: merge(getattr(out, f)) for f in _ROW_FIELDS},
+        num_steps=out.num_steps.sum(),
+        row_steps=out.row_steps.sum(),
     )
 
 
@@ -304,10 +323,17 @@ def _passes(P: int, prompt_chunk: int, data_size: int) -> int:
 
 def _decode_pass(
     dparams, key, sampling, logits_PV, prompt_kv, prompt_mask_PT, prompt_index_P,
-    sample_index_PN, live_PN=None, *, cfg, N, R, stop_ids, pad_id, kv_block,
+    sample_index_PN, live_PN=None, *, cfg, N, R, stop_ids, pad_id, kv_block, halvings,
 ) -> Rollout:  # fmt: skip
     """One pass: decode the N rows of each of these prefilled prompts until all have stopped
-    (rows not `live_PN` start stopped and come out empty)."""
+    (rows not `live_PN` start stopped and come out empty).
+
+    Rows that stop leave the loop: the pass runs in levels of n = N, N/2, ... rows per prompt
+    (at most `halvings` halvings), and moves on to the next level as soon as no prompt has more
+    than n/2 rows still running, carrying each prompt's running rows (and their caches and
+    random streams) and dropping stopped ones. A row's tokens do not depend on the level it is
+    decoded in, so this changes the cost of a pass, not its responses.
+    """
     P = prompt_mask_PT.shape[0]
     B = P * N
     key_B = row_keys(key, prompt_index_P, sample_index_PN)
@@ -317,7 +343,7 @@ def _decode_pass(
         tuple(decode.constrain(v, _VALUES) for v in prompt_kv[1]),
     )
     temperature = jnp.where(sampling.temperature > 0, sampling.temperature, 1.0)
-    n_prompt_B = jnp.repeat(prompt_mask_PT.sum(-1, dtype=jnp.int32), N)
+    n_prompt_P = prompt_mask_PT.sum(-1, dtype=jnp.int32)
     live_B = None if live_PN is None else live_PN.reshape(B)  # idle rows start stopped
 
     # Token 0 comes from the prefill logits. Repeating them over the N samples costs one B×V
@@ -328,10 +354,6 @@ def _decode_pass(
     if live_B is not None:
         done_B = done_B | ~live_B
 
-    def put(buf_BR, value_B, step):
-        update_B1 = value_B[:, None].astype(buf_BR.dtype)
-        return jax.lax.dynamic_update_slice(buf_BR, update_B1, (0, step))
-
     cache_dtype = jnp.dtype(cfg.dtype)
     K, H = cfg.num_kv_heads, cfg.head_dim
     S = max(R - 1, 1)  # the last sampled token is never fed back
@@ -339,62 +361,147 @@ def _decode_pass(
     v_gen = decode.constrain(jnp.zeros((B, K, S, H), cache_dtype), _VALUES)
     state = _DecodeState(
         step=jnp.ones((), jnp.int32),
-        token_B=token_B,
-        done_B=done_B,
-        tokens_BR=put(jnp.full((B, R), pad_id, jnp.int32), token_B, 0),
-        logp_BR=put(jnp.zeros((B, R), jnp.float32), logp_B, 0),
-        entropy_BR=put(jnp.zeros((B, R), jnp.float32), entropy_B, 0),
+        token_b=token_B,
+        done_b=done_B,
+        key_b=key_B,
+        tokens_bR=_put(jnp.full((B, R), pad_id, jnp.int32), token_B, 0),
+        logp_bR=_put(jnp.zeros((B, R), jnp.float32), logp_B, 0),
+        entropy_bR=_put(jnp.zeros((B, R), jnp.float32), entropy_B, 0),
         k_gen=(k_gen,) * cfg.num_layers,
         v_gen=(v_gen,) * cfg.num_layers,
     )
+    loop = functools.partial(
+        _decode_level, dparams, sampling, prompt_kv, prompt_mask_PT, n_prompt_P, temperature,
+        cfg=cfg, R=R, stop_ids=stop_ids, kv_block=kv_block,
+    )  # fmt: skip
+    n, row_Pn, row_steps = N, None, jnp.zeros((), jnp.int32)
+    out_BR = None  # (tokens, log-probs, entropies) of every row, once a level has dropped some
+    for level in range(halvings + 1):
+        last = level == halvings or n == 1
+        start = state.step
+        state = loop(state, n=n, last=last)
+        row_steps = row_steps + P * n * (state.step - start)
+        if row_Pn is not None:  # write this level's rows back into the pass's [B, R] outputs
+            out_BR = tuple(
+                _scatter_rows(full, getattr(state, f), row_Pn)
+                for full, f in zip(out_BR, _OUT_FIELDS)
+            )
+        if last:
+            break
+        # Each prompt's running rows first (stable: in row order), then keep n/2 of them.
+        keep_Pn = jnp.argsort(state.done_b.reshape(P, n), axis=1, stable=True)[:, : n // 2]
+        if row_Pn is None:
+            out_BR = tuple(getattr(state, f) for f in _OUT_FIELDS)
+            row_Pn = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (P, N))
+        row_Pn = jax.vmap(lambda r, i: r[i])(row_Pn, keep_Pn)
+        state = _keep_rows(state, keep_Pn)
+        n //= 2
+    if out_BR is None:
+        out_BR = tuple(getattr(state, f) for f in _OUT_FIELDS)
+    return _finish(*out_BR, state.step, row_steps, P, N, stop_ids, pad_id, live_B)
+
+
+_OUT_FIELDS = ("tokens_bR", "logp_bR", "entropy_bR")
+
+
+def _decode_level(
+    dparams, sampling, prompt_kv, prompt_mask_PT, n_prompt_P, temperature, state, *, n, last,
+    cfg, R, stop_ids, kv_block,
+) -> _DecodeState:  # fmt: skip
+    """The decode loop at n rows per prompt: until every row has stopped, or R tokens, or (not
+    `last`) no prompt has more than n/2 rows running."""
+    P = prompt_mask_PT.shape[0]
+    n_prompt_b = jnp.repeat(n_prompt_P, n)
+    step_keys = jax.vmap(jax.random.fold_in, (0, None))
 
     def cond(st: _DecodeState):
-        return (st.step < R) & ~jnp.all(st.done_B)
+        go = (st.step < R) & ~jnp.all(st.done_b)
+        if last:
+            return go
+        return go & (jnp.max(jnp.sum(~st.done_b.reshape(P, n), axis=1)) > n // 2)
 
     def body(st: _DecodeState):
         slot = st.step - 1  # the fed token sits in response slot `slot`
-        z_BV, k_gen, v_gen = decode.decode_step(
-            cfg, dparams, st.token_B, n_prompt_B + slot, slot, st.k_gen, st.v_gen,
-            prompt_kv, prompt_mask_PT, N, temperature, kv_block,
+        z_bV, k_gen, v_gen = decode.decode_step(
+            cfg, dparams, st.token_b, n_prompt_b + slot, slot, st.k_gen, st.v_gen,
+            prompt_kv, prompt_mask_PT, n, temperature, kv_block,
         )  # fmt: skip
-        token_B, logp_B, entropy_B = sample_scaled(z_BV, step_keys(key_B, st.step), sampling)
-        return _DecodeState(
+        token_b, logp_b, entropy_b = sample_scaled(z_bV, step_keys(st.key_b, st.step), sampling)
+        return st.replace(
             step=st.step + 1,
-            token_B=token_B,
-            done_B=st.done_B | _is_stop(token_B, stop_ids),
-            tokens_BR=put(st.tokens_BR, token_B, st.step),
-            logp_BR=put(st.logp_BR, logp_B, st.step),
-            entropy_BR=put(st.entropy_BR, entropy_B, st.step),
+            token_b=token_b,
+            done_b=st.done_b | _is_stop(token_b, stop_ids),
+            tokens_bR=_put(st.tokens_bR, token_b, st.step),
+            logp_bR=_put(st.logp_bR, logp_b, st.step),
+            entropy_bR=_put(st.entropy_bR, entropy_b, st.step),
             k_gen=k_gen,
             v_gen=v_gen,
         )
 
-    final = jax.lax.while_loop(cond, body, state)
-    return _finish(final, P, N, stop_ids, pad_id, live_B)
+    return jax.lax.while_loop(cond, body, state)
+
+
+def _put(buf_bR, value_b, step):
+    update_b1 = value_b[:, None].astype(buf_bR.dtype)
+    return jax.lax.dynamic_update_slice(buf_bR, update_b1, (0, step))
+
+
+def _keep_rows(state: _DecodeState, keep_Pm) -> _DecodeState:
+    """The state of rows `keep_Pm` (indices among each prompt's n rows) only: m per prompt."""
+    P = keep_Pm.shape[0]
+
+    def keep(x_b, names=None):
+        x_Pn = x_b.reshape((P, -1) + x_b.shape[1:])
+        x_Pm = jax.vmap(lambda x, i: x[i])(x_Pn, keep_Pm)
+        x_b = x_Pm.reshape((-1,) + x_b.shape[1:])
+        return x_b if names is None else decode.constrain(x_b, names)
+
+    return state.replace(
+        token_b=keep(state.token_b),
+        done_b=keep(state.done_b),
+        key_b=keep(state.key_b),
+        tokens_bR=keep(state.tokens_bR),
+        logp_bR=keep(state.logp_bR),
+        entropy_bR=keep(state.entropy_bR),
+        k_gen=tuple(keep(k, _KEYS) for k in state.k_gen),
+        v_gen=tuple(keep(v, _VALUES) for v in state.v_gen),
+    )
+
+
+def _scatter_rows(full_BR, level_bR, row_Pn):
+    """`full_BR` with each prompt's rows `row_Pn` (indices among its N) set to `level_bR`."""
+    P, n = row_Pn.shape
+    full_PNR = full_BR.reshape((P, -1) + full_BR.shape[1:])
+    level_PnR = level_bR.reshape((P, n) + level_bR.shape[1:])
+    out = jax.vmap(lambda f, i, v: f.at[i].set(v))(full_PNR, row_Pn, level_PnR)
+    return out.reshape(full_BR.shape)
 
 
 _ROW_FIELDS = ("tokens_PNR", "mask_PNR", "logp_PNR", "entropy_PNR", "length_PN", "finish_PN")
 
 
-def _finish(st: _DecodeState, P: int, N: int, stop_ids, pad_id, live_B=None) -> Rollout:
+def _finish(
+    tokens_BR, logp_BR, entropy_BR, step, row_steps, P: int, N: int, stop_ids, pad_id, live_B=None
+) -> Rollout:
     """Masks everything after the first stop token (cumulative-sum trick), and idle rows, and
     reshapes."""
-    B, R = st.tokens_BR.shape
-    stop_BR = _is_stop(st.tokens_BR, stop_ids).astype(jnp.int32)
+    B, R = tokens_BR.shape
+    stop_BR = _is_stop(tokens_BR, stop_ids).astype(jnp.int32)
     stops_before_BR = jnp.cumsum(stop_BR, axis=1) - stop_BR
-    sampled_R = jnp.arange(R) < st.step  # slots filled before the loop exited
+    sampled_R = jnp.arange(R) < step  # slots filled before the loop exited
     mask_BR = (stops_before_BR == 0) & sampled_R[None, :]
     if live_B is not None:
         mask_BR = mask_BR & live_B[:, None]
     stopped_B = jnp.any(mask_BR & (stop_BR > 0), axis=1)
     rollout = Rollout(
-        tokens_PNR=jnp.where(mask_BR, st.tokens_BR, pad_id).reshape(P, N, R),
+        tokens_PNR=jnp.where(mask_BR, tokens_BR, pad_id).reshape(P, N, R),
         mask_PNR=mask_BR.reshape(P, N, R),
-        logp_PNR=jnp.where(mask_BR, st.logp_BR, 0.0).reshape(P, N, R),
-        entropy_PNR=jnp.where(mask_BR, st.entropy_BR, 0.0).reshape(P, N, R),
+        logp_PNR=jnp.where(mask_BR, logp_BR, 0.0).reshape(P, N, R),
+        entropy_PNR=jnp.where(mask_BR, entropy_BR, 0.0).reshape(P, N, R),
         length_PN=mask_BR.sum(1, dtype=jnp.int32).reshape(P, N),
         finish_PN=jnp.where(stopped_B, FINISH_STOP, FINISH_LENGTH).astype(jnp.int32).reshape(P, N),
-        num_steps=st.step - 1,
+        num_steps=step - 1,
+        row_steps=row_steps,
     )
     chex.assert_shape([rollout.tokens_PNR, rollout.mask_PNR, rollout.logp_PNR], (P, N, R))
     chex.assert_shape([rollout.entropy_PNR], (P, N, R))
