@@ -41,6 +41,7 @@ def test_config_is_frozen():
         (["sample.top_k=-1"], "sample.top_k=-1"),
         (["sample.prompt_buckets=[256,128]"], "sample.prompt_buckets"),
         (["sample.prompt_chunk=-1"], "sample.prompt_chunk=-1"),
+        (["sample.halvings=-1"], "sample.halvings=-1 must be at least 0"),
         (["sample.prompt_chunk=3"], "sample.prompt_chunk=3 must divide data.batch_prompts=8"),
         (["sample.prompt_chunk=2", "mesh.shape=4x1"], "sampling pass (sample.prompt_chunk) = 2"),
         (["data.max_prompt_tokens=2048"], "data.max_prompt_tokens (2048)"),
