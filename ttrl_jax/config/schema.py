@@ -141,8 +141,8 @@ class SampleSection:
     prompt_chunk: int = 0
     # Rows leave the decode loop as they stop: once no prompt has more than half of its rows
     # still running, the loop goes on with half as many rows per prompt, at most this many
-    # times (3: 64 -> 8 rows per prompt). The same responses; 0 = every row runs to the last.
-    # Each halving compiles one more loop body; also used by the evaluation.
+    # times (3: 64 -> 8 rows per prompt). The same responses up to float rounding; 0 = every
+    # row runs to the last. Each halving compiles one more loop body; also used by evaluation.
     halvings: int = 3
 
     def problems(self) -> list[str]:

@@ -136,7 +136,8 @@ def sample(
       kv_block: response-cache slots per attention block: each decode step reads the blocks
         filled so far, not the whole max_new_tokens.
       halvings: how many times a prompt's decoded rows may halve as its responses stop (N ->
-        N/2 -> ...; 0 = every row runs until the last one stops). The same responses either way.
+        N/2 -> ...; 0 = every row runs until the last one stops). The same responses either way,
+        up to float rounding (a level's matmuls have fewer rows, which can round differently).
 
     Returns:
       A Rollout with [P, N, max_new_tokens] tokens, mask, log-probs and entropies.
@@ -331,8 +332,10 @@ def _decode_pass(
     Rows that stop leave the loop: the pass runs in levels of n = N, N/2, ... rows per prompt
     (at most `halvings` halvings), and moves on to the next level as soon as no prompt has more
     than n/2 rows still running, carrying each prompt's running rows (and their caches and
-    random streams) and dropping stopped ones. A row's tokens do not depend on the level it is
-    decoded in, so this changes the cost of a pass, not its responses.
+    random streams) and dropping stopped ones. A row's random stream does not depend on the
+    level it is decoded in, so this changes the cost of a pass, not its responses (up to float
+    rounding: the logits of a row come from matmuls over fewer rows, which XLA may block
+    differently; a token drawn right at a boundary of the inverse CDF can then flip).
     """
     P = prompt_mask_PT.shape[0]
     B = P * N
