@@ -268,8 +268,7 @@ def _one_size(args, cfg, params, policy, ref, size: TrainSize, run_cfg, opts) ->
     t1 = time.perf_counter()
     theirs_first = theirs()
     first_s = {"ttrl_jax": t1 - t0, "transformers": time.perf_counter() - t1}
-    say(f"first steps: ttrl_jax {first_s['ttrl_jax']:.1f} s, transformers "
-        f"{first_s['transformers']:.1f} s")  # fmt: skip
+    say(", ".join(f"first step of {name}: {s:.1f} s" for name, s in first_s.items()))
     step_loss_diff = abs(float(ours_metrics["loss"]) - float(np.mean(theirs_first["loss"])))
     timed = profile.race(ours, theirs, compiled.as_text(), args)
     real_tokens = int(np.asarray(batch.prompt_mask_PT).sum()) * M + int(

@@ -222,7 +222,6 @@ class Generator:
         if order_PN is None:
             order_PN = vote_budget_lib.slot_order(P, N)
         plan = vote_budget_lib.first_round(order_PN, budget.n_min)
-        row_steps = 0
         time_score, sizes = 0.0, []
         while plan is not None:
             # This process's groups: they draw for its own prompts (vote_budget.next_round).
@@ -241,7 +240,6 @@ class Generator:
             )  # fmt: skip
             got = sharding_lib.local_rows(got)
             sizes.append(len(plan.group_prompt_U))
-            row_steps += int(got.row_steps)
             g, j = np.nonzero(block[2])
             p, n = block[0][g] - mine.start, block[1][g, j]
             out.put(p, n, got, g, j)
@@ -274,7 +272,7 @@ class Generator:
             length_PN=sharding_lib.gather_rows(rollout.length_PN),
             finish_PN=sharding_lib.gather_rows(rollout.finish_PN),
         )
-        return Voted(gen, answer_id_PN, gold_id_P, sizes, row_steps, time_score)
+        return Voted(gen, answer_id_PN, gold_id_P, sizes, time_score)
 
 
 def _round_chunk(groups: int, prompt_chunk: int, shards: int) -> int:
@@ -293,7 +291,6 @@ class Voted:
     answer_id_PN: np.ndarray  # int32, vote.NOT_DRAWN on the empty slots
     gold_id_P: np.ndarray
     round_groups: list[int]  # each round's group count U (a round is U x n_min or n_step rows)
-    row_steps: int  # rows x decode steps the rounds' programs computed (idle rows too)
     time_reward: float  # seconds of it spent scoring answers
 
 

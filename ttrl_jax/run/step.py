@@ -61,7 +61,7 @@ def ttrl_step(
         gen, answer_id_PN, gold_id_P = voted.gen, voted.answer_id_PN, voted.gold_id_P
         t_reward = time.perf_counter()
         t_sample = t_reward - voted.time_reward
-        groups, row_steps = voted.round_groups, voted.row_steps
+        groups = voted.round_groups
     else:
         # Sample n_vote responses per prompt with the current policy.
         gen = job.generator(params, prompts, key, job.parts.sampling, s.n_vote, s.max_new_tokens)
@@ -69,7 +69,7 @@ def ttrl_step(
         # Their final answers as ids, on the host (each process scores its own prompts).
         answer_id_PN, gold_id_P = rollout_lib.grade(gen, golds, **answers)
         t_reward = time.perf_counter()
-        groups, row_steps = [len(idx)], int(gen.rollout.row_steps)
+        groups = [len(idx)]
     audit = _audit(job, gen, answer_id_PN, gold_id_P, params, prompts, golds, key, answers)
     t_audit = time.perf_counter()
     # Vote, rewards, advantages and the GRPO updates: one compiled step.
@@ -96,7 +96,7 @@ def ttrl_step(
         sample_tokens_per_s=tokens / (t_sample - t0),
         truncated=float((gen.finish_PN == sampler_lib.FINISH_LENGTH)[drawn_PN].mean()),
         sample_tokens=tokens,
-        sample_row_steps=row_steps,
+        sample_row_steps=int(gen.rollout.row_steps),  # rounds: summed (idle rows too)
         vote_rounds=len(groups),
         vote_round_groups=groups,
         votes_saved=1.0 - float(drawn_PN.mean()),

@@ -202,6 +202,7 @@ def compiled_sampler(
 
 
 def check_halvings(halvings: int) -> None:
+    """A clear error for a negative `halvings` (shared with rounds.py)."""
     if int(halvings) < 0:
         raise ValueError(f"halvings={halvings} must be >= 0 (0 = rows never leave the loop)")
 
@@ -377,30 +378,27 @@ def _decode_pass(
         _decode_level, dparams, sampling, prompt_kv, prompt_mask_PT, n_prompt_P, temperature,
         cfg=cfg, R=R, stop_ids=stop_ids, kv_block=kv_block,
     )  # fmt: skip
-    n, row_Pn, row_steps = N, None, jnp.zeros((), jnp.int32)
-    out_BR = None  # (tokens, log-probs, entropies) of every row, once a level has dropped some
+    n, row_steps = N, jnp.zeros((), jnp.int32)
+    row_Pn = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (P, N))
     for level in range(halvings + 1):
         last = level == halvings or n == 1
         start = state.step
         state = loop(state, n=n, last=last)
         row_steps = row_steps + P * n * (state.step - start)
-        if row_Pn is not None:  # write this level's rows back into the pass's [B, R] outputs
-            out_BR = tuple(
-                _scatter_rows(full, getattr(state, f), row_Pn)
-                for full, f in zip(out_BR, _OUT_FIELDS)
-            )
+        # (tokens, log-probs, entropies) of the pass's B rows; a later level's n rows per prompt
+        # are written back where they came from (row_Pn: their indices among the prompt's N).
+        level_bR = tuple(getattr(state, f) for f in _OUT_FIELDS)
+        if level == 0:
+            out_BR = level_bR
+        else:
+            out_BR = tuple(_scatter_rows(o, x, row_Pn) for o, x in zip(out_BR, level_bR))
         if last:
             break
         # Each prompt's running rows first (stable: in row order), then keep n/2 of them.
         keep_Pn = jnp.argsort(state.done_b.reshape(P, n), axis=1, stable=True)[:, : n // 2]
-        if row_Pn is None:
-            out_BR = tuple(getattr(state, f) for f in _OUT_FIELDS)
-            row_Pn = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (P, N))
         row_Pn = jax.vmap(lambda r, i: r[i])(row_Pn, keep_Pn)
         state = _keep_rows(state, keep_Pn)
         n //= 2
-    if out_BR is None:
-        out_BR = tuple(getattr(state, f) for f in _OUT_FIELDS)
     return _finish(*out_BR, state.step, row_steps, P, N, stop_ids, pad_id, live_B)
 
 
